@@ -1,0 +1,79 @@
+//! PCI Express emulation: configuration space with standard and extended
+//! capability chains, BAR sizing, MSI-X, and a bus keyed by full
+//! bus/device/function with ECAM and port 0xCF8/0xCFC decoding.
+//!
+//! This crate knows nothing about virtio or KVM. Devices implement
+//! [`PciDevice`]; interrupts leave a device through an
+//! [`InterruptSourceGroup`], which the VMM backs with KVM irqfds and a unit
+//! test backs with a recorder.
+
+use std::fmt;
+
+/// A PCI routing ID: bus, device and function.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Bdf(u16);
+
+impl Bdf {
+    /// Builds a routing ID. `device` is 0..32, `function` is 0..8.
+    pub const fn new(bus: u8, device: u8, function: u8) -> Self {
+        Bdf(((bus as u16) << 8) | (((device & 0x1f) as u16) << 3) | ((function & 0x7) as u16))
+    }
+    /// Builds a routing ID from its 16-bit encoding.
+    pub const fn from_rid(rid: u16) -> Self {
+        Bdf(rid)
+    }
+    /// The 16-bit routing ID.
+    pub const fn rid(self) -> u16 {
+        self.0
+    }
+    pub const fn bus(self) -> u8 {
+        (self.0 >> 8) as u8
+    }
+    pub const fn device(self) -> u8 {
+        ((self.0 >> 3) & 0x1f) as u8
+    }
+    pub const fn function(self) -> u8 {
+        (self.0 & 0x7) as u8
+    }
+}
+
+impl fmt::Debug for Bdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Bdf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:02x}:{:02x}.{}",
+            self.bus(),
+            self.device(),
+            self.function()
+        )
+    }
+}
+
+/// An MSI message as programmed into an MSI-X table entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    pub address: u64,
+    pub data: u32,
+}
+
+/// Where a device's interrupts go. The device (through its MSI-X state)
+/// calls `update` whenever a vector's message or mask changes and `trigger`
+/// to deliver an unmasked vector.
+pub trait InterruptSourceGroup: Send + Sync {
+    /// Delivers vector `vector` now.
+    fn trigger(&self, vector: u16) -> std::io::Result<()>;
+    /// The message of `vector` changed, or its effective mask did.
+    fn update(&self, vector: u16, msg: MsiMessage, masked: bool) -> std::io::Result<()>;
+}
+
+pub mod device;
+
+pub use device::{
+    BarKind, BarRange, Doorbell, FunctionChange, InterruptManager, PciDevice, SharedPciDevice,
+};

@@ -1,0 +1,10 @@
+//! Snapshot and migration traits, and the guest-memory dirty log.
+//!
+//! Every write a device makes into guest memory goes through
+//! [`GuestMemoryMmap`], whose bitmap records the pages touched. The VMM reads
+//! that bitmap for its own live migration; the virtio-pf members read their
+//! write records from the same path.
+
+pub mod dirty;
+
+pub use dirty::{DirtyBitmap, GuestMemoryMmap, GuestRegionMmap};
