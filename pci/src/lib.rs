@@ -72,8 +72,15 @@ pub trait InterruptSourceGroup: Send + Sync {
     fn update(&self, vector: u16, msg: MsiMessage, masked: bool) -> std::io::Result<()>;
 }
 
+pub mod configuration;
 pub mod device;
+pub mod msix;
 
+pub use configuration::{
+    ConfigError, PciConfiguration, PciConfigurationState, PciHeaderParams, NUM_BARS,
+    PCI_CONFIG_SPACE_SIZE,
+};
 pub use device::{
     BarKind, BarRange, Doorbell, FunctionChange, InterruptManager, PciDevice, SharedPciDevice,
 };
+pub use msix::{MsixConfig, MsixConfigState, MsixError, MsixLayout, MsixTableEntry};
