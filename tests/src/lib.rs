@@ -1,1 +1,56 @@
-//! Integration test support: see tests/tests/.
+//! Real-guest test support for the `cloud-hypervisor` VMM.
+//!
+//! A [`Scenario`] names VMM arguments (paths relative to its scenario
+//! directory), a shell script the inner Debian guest runs as its /init payload,
+//! and files (disk images). A [`Runner`] runs it:
+//!
+//! * **direct**: the host's `/dev/kvm` is hardware KVM (kvm_intel or kvm_amd
+//!   loaded, vmx/svm in /proc/cpuinfo): the VMM runs on the host.
+//! * **nested**: any other `/dev/kvm` (here: kvm_pvm, which cannot run Linux):
+//!   the VMM runs inside a QEMU TCG host VM (`-cpu max`, nested SVM) whose
+//!   /init loads kvm + kvm_amd; see [`runner`] for how files travel.
+//! * **qemu-reference** (`CH_TEST_MODE=qemu-reference`): QEMU TCG stands in
+//!   for the VMM, to check scenarios and guest images against a known-good
+//!   VMM.
+//!
+//! No `/dev/kvm` at all, a failed image build or VMM build, a timeout: each is
+//! an [`Error`], and the tests fail with it. Nothing is skipped.
+//!
+//! Environment: `CH_TEST_MODE` (auto|direct|nested|qemu-reference),
+//! `CH_BINARY` (the VMM; default: `cargo build --release -p vmm` into the
+//! workspace's target/), `CH_GUEST_DIR` (prebuilt images; default: run
+//! scripts/build-guest-image.sh, cached in build/guest), `CH_TEST_RUN_DIR`
+//! (default build/runs), `CH_TEST_TIMEOUT_SECS`.
+
+pub mod cpio;
+pub mod error;
+pub mod host;
+pub mod pattern;
+pub mod runner;
+pub mod scenario;
+
+pub use error::{Error, Result};
+pub use host::Mode;
+pub use runner::Runner;
+pub use scenario::{RunOutput, Scenario};
+
+/// A runner for this host, or a panic with the reason (for tests: a missing
+/// prerequisite FAILS the test, it is never skipped).
+pub fn runner() -> Runner {
+    match Runner::from_env() {
+        Ok(r) => {
+            eprintln!("real-guest runner: mode {} ({})", r.mode(), r.detected.reason);
+            r
+        }
+        Err(e) => panic!("cannot run real-guest tests: {e}"),
+    }
+}
+
+/// Runs `scenario`, panicking with the error (timeouts include the tail of
+/// the output).
+pub fn run(runner: &Runner, scenario: &Scenario) -> RunOutput {
+    match runner.run(scenario) {
+        Ok(out) => out,
+        Err(e) => panic!("scenario {} failed to run: {e}", scenario.name),
+    }
+}

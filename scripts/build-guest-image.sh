@@ -1,0 +1,399 @@
+#!/usr/bin/env bash
+# Build the guest images used by the real-guest tests, the benchmark and the demo.
+#
+# Fetches Debian's 6.12 kernel package and busybox-static with `apt-get
+# download`, unpacks them with `dpkg-deb -x` and builds, in build/guest/ (or
+# $GUEST_DIR):
+#
+#   bzImage             the guest kernel (used for the inner guest, and for the
+#                       outer QEMU TCG host VM when the host has no hardware KVM)
+#   inner-base.cpio.gz  busybox + inner modules + /init. /init loads the modules,
+#                       prints "@@CH-TEST:INIT@@", runs /scenario.sh if present,
+#                       prints "@@CH-TEST:SCENARIO-EXIT=<rc>@@" and powers off.
+#                       The test runner appends a second (uncompressed) cpio
+#                       archive with /scenario.sh; Linux unpacks both.
+#   outer-base.cpio.gz  busybox + kvm/kvm-amd/virtio_blk (with dependencies) +
+#                       the outer /init (see the runner in tests/src/ for the
+#                       protocol). The runner appends the VMM, its libraries,
+#                       the inner kernel/initramfs and the scenario files.
+#   info                key=value lines: kernel version, module load orders.
+#
+# Cached: everything is rebuilt only when an input changes (this script, the
+# kernel or busybox package version, the module lists).
+#
+# Options / environment:
+#   --inner-modules "a b"   INNER_MODULES   modules for the inner guest
+#                                           (default: virtio_blk pci-pf-stub)
+#   --outer-modules "a b"   OUTER_MODULES   modules for the outer host VM
+#                                           (default: kvm kvm-amd virtio_blk)
+#   --kernel-package NAME   KERNEL_PACKAGE  force a kernel package name
+#   --guest-dir DIR         GUEST_DIR       output directory
+#   --force                                 rebuild even if cached
+#   --quiet                                 print only errors and the result
+# Dependencies of the listed modules are added automatically (from each
+# module's `depends=` in .modinfo), and modules are loaded in dependency order.
+#
+# Needs root for apt-get install of missing tools (xz-utils, cpio, zstd,
+# qemu-system-x86 for the outer VM). Runs `apt-get update` once if apt knows
+# no 6.12 kernel package.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GUEST_DIR="${GUEST_DIR:-$REPO_ROOT/build/guest}"
+INNER_MODULES="${INNER_MODULES:-virtio_blk pci-pf-stub}"
+OUTER_MODULES="${OUTER_MODULES:-kvm kvm-amd virtio_blk}"
+KERNEL_PACKAGE="${KERNEL_PACKAGE:-}"
+FORCE=0
+QUIET=0
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --inner-modules) INNER_MODULES="$2"; shift 2 ;;
+        --outer-modules) OUTER_MODULES="$2"; shift 2 ;;
+        --kernel-package) KERNEL_PACKAGE="$2"; shift 2 ;;
+        --guest-dir) GUEST_DIR="$2"; shift 2 ;;
+        --force) FORCE=1; shift ;;
+        --quiet) QUIET=1; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//;$d'; exit 0 ;;
+        *) echo "build-guest-image.sh: unknown option: $1" >&2; exit 2 ;;
+    esac
+done
+
+log() { [ "$QUIET" = 1 ] || echo "build-guest-image: $*" >&2; }
+die() { echo "build-guest-image: error: $*" >&2; exit 1; }
+
+mkdir -p "$GUEST_DIR"
+GUEST_DIR="$(cd "$GUEST_DIR" && pwd)"
+# One builder at a time (tests running in parallel all call this script).
+exec 9>"$GUEST_DIR/.lock"
+flock 9
+
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=0
+apt_update_once() {
+    if [ "$APT_UPDATED" = 0 ]; then
+        log "apt-get update"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+}
+
+# Tools: command -> Debian package.
+need_tool() {
+    local cmd="$1" pkg="$2"
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        [ "$(id -u)" = 0 ] || die "'$cmd' is missing and not running as root: apt-get install $pkg"
+        log "installing $pkg (for $cmd)"
+        if ! apt-get install -y -qq --no-install-recommends "$pkg" >&2; then
+            apt_update_once
+            apt-get install -y -qq --no-install-recommends "$pkg" >&2 || die "apt-get install $pkg failed"
+        fi
+    fi
+}
+need_tool dpkg-deb dpkg
+need_tool xz xz-utils
+need_tool zstd zstd
+need_tool cpio cpio
+need_tool gzip gzip
+# Only needed when the host has no hardware KVM, but cheap and expected by the
+# runner's nested path: install it here so that a fresh machine needs one step.
+need_tool qemu-system-x86_64 qemu-system-x86
+
+# --- Pick the packages -------------------------------------------------------
+newest_kernel_package() {
+    apt-cache pkgnames linux-image-6.12. 2>/dev/null \
+        | grep -E '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$' \
+        | sort -V | tail -n 1 || true
+}
+if [ -z "$KERNEL_PACKAGE" ]; then
+    KERNEL_PACKAGE="$(newest_kernel_package)"
+    if [ -z "$KERNEL_PACKAGE" ]; then
+        apt_update_once
+        KERNEL_PACKAGE="$(newest_kernel_package)"
+    fi
+    [ -n "$KERNEL_PACKAGE" ] || die "apt-cache lists no linux-image-6.12.*+deb12-amd64-unsigned package"
+fi
+package_version() { apt-cache show --no-all-versions "$1" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1; }
+KERNEL_PKG_VERSION="$(package_version "$KERNEL_PACKAGE")"
+if [ -z "$KERNEL_PKG_VERSION" ]; then
+    apt_update_once
+    KERNEL_PKG_VERSION="$(package_version "$KERNEL_PACKAGE")"
+fi
+[ -n "$KERNEL_PKG_VERSION" ] || die "apt-cache knows no package $KERNEL_PACKAGE"
+BUSYBOX_VERSION="$(package_version busybox-static)"
+if [ -z "$BUSYBOX_VERSION" ]; then
+    apt_update_once
+    BUSYBOX_VERSION="$(package_version busybox-static)"
+fi
+[ -n "$BUSYBOX_VERSION" ] || die "apt-cache knows no package busybox-static"
+KREL="${KERNEL_PACKAGE#linux-image-}"
+KREL="${KREL%-unsigned}"
+
+# --- Cache check ---------------------------------------------------------------
+SCRIPT_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
+STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] outer=[$OUTER_MODULES]"
+if [ "$FORCE" = 0 ] && [ -f "$GUEST_DIR/stamp" ] && [ "$(cat "$GUEST_DIR/stamp")" = "$STAMP" ] \
+    && [ -f "$GUEST_DIR/bzImage" ] && [ -f "$GUEST_DIR/inner-base.cpio.gz" ] && [ -f "$GUEST_DIR/outer-base.cpio.gz" ]; then
+    log "up to date: $GUEST_DIR ($KERNEL_PACKAGE)"
+    echo "$GUEST_DIR"
+    exit 0
+fi
+rm -f "$GUEST_DIR/stamp"
+
+# --- Download and unpack -------------------------------------------------------
+DEB_DIR="$GUEST_DIR/debs"
+mkdir -p "$DEB_DIR"
+fetch_deb() {
+    local pkg="$1" version="$2" file
+    # apt-get download names the file PKG_VERSION_ARCH.deb with ':' escaped.
+    file="$(ls "$DEB_DIR/${pkg}_"*"${version#*:}"_*.deb 2>/dev/null | head -n 1 || true)"
+    if [ -z "$file" ]; then
+        log "apt-get download $pkg=$version"
+        rm -f "$DEB_DIR/${pkg}_"*.deb
+        (cd "$DEB_DIR" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$version" >&2) \
+            || { apt_update_once; (cd "$DEB_DIR" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$version" >&2); } \
+            || die "apt-get download $pkg failed"
+        file="$(ls "$DEB_DIR/${pkg}_"*.deb | head -n 1)"
+    fi
+    echo "$file"
+}
+KERNEL_DEB="$(fetch_deb "$KERNEL_PACKAGE" "$KERNEL_PKG_VERSION")"
+BUSYBOX_DEB="$(fetch_deb busybox-static "$BUSYBOX_VERSION")"
+
+unpack() {
+    local deb="$1" dest="$2"
+    if [ ! -f "$dest/.unpacked" ] || [ "$(cat "$dest/.unpacked")" != "$(basename "$deb")" ]; then
+        log "unpacking $(basename "$deb")"
+        rm -rf "$dest"
+        mkdir -p "$dest"
+        dpkg-deb -x "$deb" "$dest"
+        basename "$deb" >"$dest/.unpacked"
+    fi
+}
+unpack "$KERNEL_DEB" "$GUEST_DIR/kernel-pkg"
+unpack "$BUSYBOX_DEB" "$GUEST_DIR/busybox-pkg"
+
+KPKG="$GUEST_DIR/kernel-pkg"
+BZIMAGE="$KPKG/boot/vmlinuz-$KREL"
+[ -f "$BZIMAGE" ] || die "no $BZIMAGE in $KERNEL_DEB"
+MODDIR="$KPKG/lib/modules/$KREL"
+[ -d "$MODDIR" ] || die "no module directory $MODDIR in $KERNEL_DEB"
+BUSYBOX="$GUEST_DIR/busybox-pkg/bin/busybox"
+[ -x "$BUSYBOX" ] || die "no static busybox in $BUSYBOX_DEB"
+
+# --- Modules -------------------------------------------------------------------
+# Index: module name with '-' as '_' -> compressed file.
+declare -A MOD_PATH=()
+while IFS= read -r -d '' f; do
+    b="$(basename "$f")"
+    b="${b%.xz}"; b="${b%.zst}"; b="${b%.gz}"; b="${b%.ko}"
+    MOD_PATH["${b//-/_}"]="$f"
+done < <(find "$MODDIR" -name '*.ko*' -print0)
+[ "${#MOD_PATH[@]}" -gt 0 ] || die "no modules found under $MODDIR"
+
+KO_CACHE="$GUEST_DIR/ko"
+mkdir -p "$KO_CACHE"
+# Decompressed .ko for a module name (cached).
+module_ko() {
+    local name="${1//-/_}" src out
+    src="${MOD_PATH[$name]:-}"
+    [ -n "$src" ] || die "module '$1' is not in $KERNEL_PACKAGE (is it built in? then drop it from the list)"
+    out="$KO_CACHE/$name.ko"
+    if [ ! -f "$out" ]; then
+        case "$src" in
+            *.ko.xz) xz -dc "$src" >"$out.tmp" ;;
+            *.ko.zst) zstd -qdc "$src" >"$out.tmp" ;;
+            *.ko.gz) gzip -dc "$src" >"$out.tmp" ;;
+            *.ko) cp "$src" "$out.tmp" ;;
+            *) die "unknown module compression: $src" ;;
+        esac
+        mv "$out.tmp" "$out"
+    fi
+    echo "$out"
+}
+# The `depends=` field of a module, read from its .modinfo section: modinfo(8)
+# when kmod is installed, else the NUL-separated strings of the .ko itself.
+module_depends() {
+    local ko
+    ko="$(module_ko "$1")"
+    if command -v modinfo >/dev/null 2>&1; then
+        modinfo -F depends "$ko"
+    else
+        tr '\0' '\n' <"$ko" | sed -n 's/^depends=//p' | head -n 1
+    fi
+}
+# Appends to ORDER the module and its dependencies, dependencies first.
+declare -A VISITING=() DONE=()
+ORDER=()
+resolve() {
+    local name="${1//-/_}" deps d
+    [ -z "${DONE[$name]:-}" ] || return 0
+    [ -z "${VISITING[$name]:-}" ] || die "module dependency cycle at $name"
+    VISITING[$name]=1
+    deps="$(module_depends "$name")"
+    for d in ${deps//,/ }; do
+        resolve "$d"
+    done
+    DONE[$name]=1
+    ORDER+=("$name")
+}
+resolve_list() {
+    VISITING=(); DONE=(); ORDER=()
+    local m
+    for m in $1; do resolve "$m"; done
+}
+
+# --- initramfs trees -------------------------------------------------------------
+install_busybox() {
+    local root="$1" applet
+    mkdir -p "$root/bin" "$root/sbin" "$root/usr/bin" "$root/usr/sbin" "$root/dev" "$root/proc" \
+        "$root/sys" "$root/tmp" "$root/run" "$root/etc" "$root/root" "$root/lib/modules"
+    cp "$BUSYBOX" "$root/bin/busybox"
+    for applet in $("$BUSYBOX" --list); do
+        [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+    done
+    # Device nodes for before devtmpfs is mounted (cpio -R keeps them).
+    echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
+}
+install_modules() {
+    local root="$1" list="$2" m
+    resolve_list "$list"
+    : >"$root/lib/modules/order"
+    for m in "${ORDER[@]}"; do
+        cp "$(module_ko "$m")" "$root/lib/modules/$m.ko"
+        echo "$m" >>"$root/lib/modules/order"
+    done
+    echo "${ORDER[*]}"
+}
+make_cpio() {
+    local root="$1" out="$2"
+    (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible) \
+        | gzip -9n >"$out.tmp"
+    mv "$out.tmp" "$out"
+}
+
+# Shared /init prologue.
+INIT_PROLOGUE='#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mkdir -p /dev/pts /dev/shm
+mount -t tmpfs tmpfs /tmp
+load_modules() {
+    for m in $(cat /lib/modules/order); do
+        if ! insmod /lib/modules/$m.ko 2>/tmp/insmod.err; then
+            # Already loaded (built in or loaded as a dependency) is fine.
+            grep -q "File exists" /tmp/insmod.err || { echo "@@CH-TEST:MODULE-FAILED=$m@@"; cat /tmp/insmod.err; }
+        fi
+    done
+}
+'
+
+INNER_INIT="$INIT_PROLOGUE"'
+load_modules
+echo "@@CH-TEST:INIT@@"
+rc=0
+if [ -f /scenario.sh ]; then
+    sh /scenario.sh
+    rc=$?
+fi
+echo "@@CH-TEST:SCENARIO-EXIT=$rc@@"
+sync
+poweroff -f
+# poweroff -f does not return; if it does, stop here (panic=-1 reboots).
+sleep 5
+exit 1
+'
+
+# The outer init: see tests/src/nested.rs for the other side of the protocol.
+#   /scenario/            files shipped in the initramfs (VMM args, kernel, initrd)
+#   /scenario.files       lines "SERIAL NAME SIZE": a file carried on the outer
+#                         virtio-blk disk whose serial is SERIAL; copied into
+#                         /scenario/NAME before the run and back after it
+#   /scenario.args        VMM arguments, one per line
+#   /vmm/cloud-hypervisor the VMM (libraries in /lib, /lib64)
+OUTER_INIT="$INIT_PROLOGUE"'
+fail() { echo "@@CH-TEST:OUTER-ERROR=$*@@"; sync; poweroff -f; sleep 5; exit 1; }
+echo "@@CH-TEST:OUTER-INIT@@"
+load_modules
+[ -c /dev/kvm ] || fail "no /dev/kvm after loading kvm modules"
+echo "@@CH-TEST:OUTER-KVM=$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null || echo none)@@"
+mkdir -p /scenario
+if [ -f /scenario.files ]; then
+    while read -r serial name size; do
+        dev=""
+        for b in /sys/block/vd*; do
+            [ -e "$b/serial" ] || continue
+            if [ "$(cat $b/serial)" = "$serial" ]; then dev=/dev/${b##*/}; fi
+        done
+        [ -n "$dev" ] || fail "no disk with serial $serial for $name"
+        mkdir -p "$(dirname "/scenario/$name")"
+        head -c "$size" "$dev" >"/scenario/$name" || fail "cannot copy $dev to $name"
+        echo "$dev" >"/tmp/dev.$serial"
+    done </scenario.files
+fi
+if [ -f /scenario.selfcheck ]; then
+    echo "@@CH-TEST:OUTER-SELFCHECK@@"
+    sh /scenario.selfcheck
+fi
+if [ -x /vmm/cloud-hypervisor ]; then
+    set --
+    if [ -f /scenario.args ]; then
+        while IFS= read -r a; do set -- "$@" "$a"; done </scenario.args
+    fi
+    cd /scenario
+    echo "@@CH-TEST:VMM-START@@"
+    /vmm/cloud-hypervisor "$@" </dev/null
+    rc=$?
+    cd /
+    echo
+    echo "@@CH-TEST:VMM-EXIT=$rc@@"
+fi
+if [ -f /scenario.files ]; then
+    while read -r serial name size; do
+        dev="$(cat /tmp/dev.$serial)"
+        dd if="/scenario/$name" of="$dev" bs=65536 conv=notrunc,fsync 2>/dev/null \
+            || echo "@@CH-TEST:OUTER-ERROR=cannot copy $name back to $dev@@"
+    done </scenario.files
+fi
+sync
+echo "@@CH-TEST:OUTER-DONE@@"
+poweroff -f
+sleep 5
+exit 1
+'
+
+WORK="$GUEST_DIR/work"
+rm -rf "$WORK"
+mkdir -p "$WORK/inner" "$WORK/outer"
+
+log "building inner initramfs (modules: $INNER_MODULES)"
+install_busybox "$WORK/inner"
+INNER_ORDER="$(install_modules "$WORK/inner" "$INNER_MODULES")"
+printf '%s' "$INNER_INIT" >"$WORK/inner/init"
+chmod 755 "$WORK/inner/init"
+make_cpio "$WORK/inner" "$GUEST_DIR/inner-base.cpio.gz"
+
+log "building outer initramfs (modules: $OUTER_MODULES)"
+install_busybox "$WORK/outer"
+OUTER_ORDER="$(install_modules "$WORK/outer" "$OUTER_MODULES")"
+mkdir -p "$WORK/outer/vmm" "$WORK/outer/lib64" "$WORK/outer/lib/x86_64-linux-gnu"
+printf '%s' "$OUTER_INIT" >"$WORK/outer/init"
+chmod 755 "$WORK/outer/init"
+make_cpio "$WORK/outer" "$GUEST_DIR/outer-base.cpio.gz"
+
+cp "$BZIMAGE" "$GUEST_DIR/bzImage.tmp"
+mv "$GUEST_DIR/bzImage.tmp" "$GUEST_DIR/bzImage"
+cat >"$GUEST_DIR/info" <<EOF
+kernel_package=$KERNEL_PACKAGE
+kernel_version=$KERNEL_PKG_VERSION
+kernel_release=$KREL
+busybox_version=$BUSYBOX_VERSION
+inner_modules=$INNER_ORDER
+outer_modules=$OUTER_ORDER
+EOF
+rm -rf "$WORK"
+echo "$STAMP" >"$GUEST_DIR/stamp"
+log "done: $GUEST_DIR (kernel $KREL; inner modules: $INNER_ORDER; outer modules: $OUTER_ORDER)"
+echo "$GUEST_DIR"

@@ -1,0 +1,616 @@
+//! Runs a [`Scenario`] with the VMM, directly on hardware KVM or nested in a
+//! QEMU TCG host VM, and collects its output.
+//!
+//! # Nested mode protocol (see also scripts/build-guest-image.sh)
+//! The outer initramfs is `outer-base.cpio.gz` followed by an uncompressed
+//! cpio archive written here, holding:
+//! * `/vmm/cloud-hypervisor` and the shared libraries `ldd` lists, at their
+//!   host paths;
+//! * `/scenario/guest-bzImage`, `/scenario/guest-initrd`;
+//! * `/scenario.args`: the VMM arguments, one per line;
+//! * `/scenario.files`: `SERIAL NAME SIZE` per scenario file.
+//!
+//! Each scenario file travels on its own raw virtio-blk disk of the outer VM
+//! (`-drive file=...,format=raw` with `serial=SERIAL`): the scenario file
+//! itself when its size is a multiple of 512, else a zero-padded copy. The
+//! outer /init copies each disk's first SIZE bytes to `/scenario/NAME` (a
+//! tmpfs file, so the VMM sees an ordinary file of the same size), runs the
+//! VMM in `/scenario` with the same arguments as on the host, prints
+//! `@@CH-TEST:VMM-EXIT=<status>@@`, copies every file back onto its disk
+//! (fsync), prints `@@CH-TEST:OUTER-DONE@@` and powers off. Padded copies
+//! are copied back into the scenario file afterwards.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::cpio::{concat, CpioWriter};
+use crate::error::{Error, Result};
+use crate::host::{self, Detected, GuestImages, Mode};
+use crate::scenario::{
+    Line, RunOutput, Scenario, GUEST_INITRD, GUEST_KERNEL, KEY_OUTER_ERROR, KEY_VMM_EXIT,
+    MARK_VMM_START,
+};
+
+/// The outer QEMU TCG host VM's command line (before -kernel/-initrd/drives).
+pub const OUTER_QEMU_ARGS: &[&str] = &[
+    "-machine",
+    "q35,accel=tcg",
+    "-cpu",
+    "max",
+    "-m",
+    "2048",
+    "-smp",
+    "2",
+    "-nodefaults",
+    "-no-user-config",
+    "-display",
+    "none",
+    "-serial",
+    "stdio",
+    "-no-reboot",
+];
+/// The outer VM's kernel command line.
+pub const OUTER_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+const MARK_OUTER_DONE: &str = "@@CH-TEST:OUTER-DONE@@";
+
+/// One VM at a time per test process: the machine has 2 cores, and a nested
+/// run already uses both.
+static RUN_LOCK: Mutex<()> = Mutex::new(());
+
+/// Runs scenarios in the mode detected for this host.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    pub detected: Detected,
+    pub images: GuestImages,
+    /// The VMM binary (in qemu-reference mode: unused).
+    pub vmm: PathBuf,
+}
+
+fn qemu_program() -> &'static str {
+    "qemu-system-x86_64"
+}
+
+impl Runner {
+    /// Detects the mode (`CH_TEST_MODE`, default auto), builds or finds the
+    /// guest images and the VMM (`CH_BINARY`, else `cargo build --release -p
+    /// vmm`).
+    pub fn from_env() -> Result<Self> {
+        let detected = Self::detect()?;
+        let images = host::guest_images()?;
+        let vmm = if detected.mode == Mode::QemuReference {
+            PathBuf::from(qemu_program())
+        } else {
+            host::vmm_binary()?
+        };
+        Ok(Runner {
+            detected,
+            images,
+            vmm,
+        })
+    }
+
+    /// Like [`Runner::from_env`] but with the given program standing in for
+    /// the VMM (used to check the runner itself).
+    pub fn with_vmm(vmm: &Path) -> Result<Self> {
+        let detected = Self::detect()?;
+        let images = host::guest_images()?;
+        Ok(Runner {
+            detected,
+            images,
+            vmm: vmm.to_path_buf(),
+        })
+    }
+
+    fn detect() -> Result<Detected> {
+        let requested = std::env::var("CH_TEST_MODE").ok();
+        let detected = host::choose_mode(requested.as_deref(), &host::HostFacts::read())?;
+        if detected.mode != Mode::Direct && !host::in_path(qemu_program()) {
+            return Err(Error::MissingTool {
+                tool: qemu_program().into(),
+                why: format!("mode {}: {}", detected.mode, detected.reason),
+            });
+        }
+        Ok(detected)
+    }
+
+    /// The mode in use.
+    pub fn mode(&self) -> Mode {
+        self.detected.mode
+    }
+
+    fn time_limit(&self, scenario: &Scenario) -> Duration {
+        if let Some(t) = scenario.timeout {
+            return t;
+        }
+        if let Some(secs) = std::env::var("CH_TEST_TIMEOUT_SECS")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            return Duration::from_secs(secs);
+        }
+        Duration::from_secs(match self.mode() {
+            Mode::Direct => 60,
+            Mode::Nested => 180,
+            Mode::QemuReference => 300,
+        })
+    }
+
+    /// Runs `scenario` and returns its output. A run that times out, or
+    /// whose outer VM fails, is an error; a VMM that exits non-zero is not
+    /// (see [`RunOutput::vmm_exit`]).
+    pub fn run(&self, scenario: &Scenario) -> Result<RunOutput> {
+        scenario.validate()?;
+        let _guard = RUN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = host::runs_dir().join(&scenario.name);
+        self.prepare_dir(scenario, &dir)?;
+        let limit = self.time_limit(scenario);
+        match self.mode() {
+            Mode::Direct => self.run_direct(scenario, &dir, limit),
+            Mode::Nested => self.run_nested(scenario, &dir, limit),
+            Mode::QemuReference => self.run_reference(scenario, &dir, limit),
+        }
+    }
+
+    fn prepare_dir(&self, scenario: &Scenario, dir: &Path) -> Result<()> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io("removing old run", dir, e))?;
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating run dir", dir, e))?;
+        for (name, data) in &scenario.files {
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| Error::io("creating dir", parent, e))?;
+            }
+            std::fs::write(&path, data).map_err(|e| Error::io("writing scenario file", &path, e))?;
+        }
+        let kernel = dir.join(GUEST_KERNEL);
+        std::fs::copy(&self.images.bzimage, &kernel)
+            .map_err(|e| Error::io("copying guest kernel", &kernel, e))?;
+        let base = read(&self.images.inner_base)?;
+        let mut extra = CpioWriter::new();
+        extra.file("scenario.sh", 0o755, scenario.script.as_bytes());
+        for (path, data) in &scenario.guest_files {
+            extra.file(path, 0o755, data);
+        }
+        let initrd = dir.join(GUEST_INITRD);
+        std::fs::write(&initrd, concat(&base, &extra.finish()))
+            .map_err(|e| Error::io("writing guest initramfs", &initrd, e))
+    }
+
+    fn run_direct(&self, scenario: &Scenario, dir: &Path, limit: Duration) -> Result<RunOutput> {
+        let mut cmd = Command::new(&self.vmm);
+        cmd.args(scenario.full_args()).current_dir(dir);
+        let what = format!("VMM {} (scenario {})", self.vmm.display(), scenario.name);
+        let cap = capture(cmd, &what, limit)?;
+        Ok(RunOutput {
+            mode: Mode::Direct,
+            dir: dir.to_path_buf(),
+            vmm_exit: cap.status,
+            vmm_started: Duration::ZERO,
+            vmm_exited: cap.exited_at,
+            lines: cap.lines,
+        })
+    }
+
+    fn run_reference(&self, scenario: &Scenario, dir: &Path, limit: Duration) -> Result<RunOutput> {
+        let args = reference_qemu_args(scenario)?;
+        let mut cmd = Command::new(qemu_program());
+        cmd.args(&args).current_dir(dir);
+        let what = format!("reference QEMU (scenario {})", scenario.name);
+        let cap = capture(cmd, &what, limit)?;
+        Ok(RunOutput {
+            mode: Mode::QemuReference,
+            dir: dir.to_path_buf(),
+            vmm_exit: cap.status,
+            vmm_started: Duration::ZERO,
+            vmm_exited: cap.exited_at,
+            lines: cap.lines,
+        })
+    }
+
+    fn run_nested(&self, scenario: &Scenario, dir: &Path, limit: Duration) -> Result<RunOutput> {
+        let xfer = dir.join(".outer");
+        std::fs::create_dir_all(&xfer).map_err(|e| Error::io("creating dir", &xfer, e))?;
+
+        // The payload archive.
+        let mut cpio = CpioWriter::new();
+        cpio.file("vmm/cloud-hypervisor", 0o755, &vmm_bytes(&self.vmm, &xfer)?);
+        for lib in host::shared_libraries(&self.vmm) {
+            let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+            cpio.file(&rel, 0o755, &read(&lib)?);
+        }
+        cpio.file(
+            &format!("scenario/{GUEST_KERNEL}"),
+            0o644,
+            &read(&dir.join(GUEST_KERNEL))?,
+        );
+        cpio.file(
+            &format!("scenario/{GUEST_INITRD}"),
+            0o644,
+            &read(&dir.join(GUEST_INITRD))?,
+        );
+        let mut args_file = String::new();
+        for a in scenario.full_args() {
+            args_file.push_str(&a);
+            args_file.push('\n');
+        }
+        cpio.file("scenario.args", 0o644, args_file.as_bytes());
+        if let Some(script) = &scenario.outer_script {
+            cpio.file("scenario.selfcheck", 0o755, script.as_bytes());
+        }
+
+        // One outer disk per scenario file.
+        let mut files_list = String::new();
+        let mut drives: Vec<String> = Vec::new();
+        let mut padded: Vec<(PathBuf, PathBuf, usize)> = Vec::new();
+        for (i, (name, data)) in scenario.files.iter().enumerate() {
+            let serial = format!("chtest{i}");
+            let path = dir.join(name);
+            let disk = if data.len() % 512 == 0 && !data.is_empty() {
+                path.clone()
+            } else {
+                let copy = xfer.join(format!("{serial}.img"));
+                let mut bytes = data.clone();
+                bytes.resize(data.len().div_ceil(512).max(1) * 512, 0);
+                std::fs::write(&copy, &bytes).map_err(|e| Error::io("writing", &copy, e))?;
+                padded.push((copy.clone(), path.clone(), data.len()));
+                copy
+            };
+            files_list.push_str(&format!("{serial} {name} {}\n", data.len()));
+            drives.push("-drive".into());
+            drives.push(format!(
+                "file={},if=none,id={serial},format=raw,cache=writeback",
+                qemu_escape(&disk)
+            ));
+            drives.push("-device".into());
+            drives.push(format!("virtio-blk-pci,drive={serial},serial={serial}"));
+        }
+        cpio.file("scenario.files", 0o644, files_list.as_bytes());
+
+        let outer_initrd = xfer.join("outer-initrd");
+        let base = read(&self.images.outer_base)?;
+        std::fs::write(&outer_initrd, concat(&base, &cpio.finish()))
+            .map_err(|e| Error::io("writing outer initramfs", &outer_initrd, e))?;
+
+        let mut cmd = Command::new(qemu_program());
+        cmd.args(OUTER_QEMU_ARGS)
+            .arg("-kernel")
+            .arg(&self.images.bzimage)
+            .arg("-initrd")
+            .arg(&outer_initrd)
+            .arg("-append")
+            .arg(OUTER_CMDLINE)
+            .args(&drives)
+            .current_dir(dir);
+        let what = format!("outer QEMU host VM (scenario {})", scenario.name);
+        let cap = capture(cmd, &what, limit)?;
+        let tail = tail_lines(&cap.lines, 60);
+
+        let find = |text: &str| cap.lines.iter().find(|l| l.text.contains(text));
+        if let Some(why) = cap
+            .lines
+            .iter()
+            .find_map(|l| crate::scenario::marker_in(&l.text, KEY_OUTER_ERROR))
+        {
+            return Err(Error::Outer {
+                why: why.to_string(),
+                tail,
+            });
+        }
+        let exit_line = cap
+            .lines
+            .iter()
+            .find_map(|l| crate::scenario::marker_in(&l.text, KEY_VMM_EXIT).map(|v| (l.at, v)));
+        let Some((exited_at, status)) = exit_line else {
+            return Err(Error::MissingMarker {
+                what: format!(
+                    "the outer VM ended without reporting the VMM's exit status (QEMU status {})",
+                    cap.status
+                ),
+                marker: format!("@@{KEY_VMM_EXIT}=...@@"),
+                tail,
+            });
+        };
+        let vmm_exit: i32 = status.parse().map_err(|_| Error::Outer {
+            why: format!("bad VMM exit status {status:?}"),
+            tail: tail.clone(),
+        })?;
+        if find(MARK_OUTER_DONE).is_none() {
+            return Err(Error::MissingMarker {
+                what: "the outer VM did not finish copying the scenario files back".into(),
+                marker: MARK_OUTER_DONE.into(),
+                tail,
+            });
+        }
+        let vmm_started = find(MARK_VMM_START).map(|l| l.at).unwrap_or(Duration::ZERO);
+        for (copy, path, len) in padded {
+            let mut bytes = read(&copy)?;
+            bytes.truncate(len);
+            std::fs::write(&path, bytes).map_err(|e| Error::io("copying back", &path, e))?;
+        }
+        Ok(RunOutput {
+            mode: Mode::Nested,
+            dir: dir.to_path_buf(),
+            vmm_exit,
+            vmm_started,
+            vmm_exited: exited_at,
+            lines: cap.lines,
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io("reading", path, e))
+}
+
+/// The VMM's bytes, with debug information stripped when `strip` can (the
+/// outer VM unpacks its initramfs under TCG: smaller is faster).
+fn vmm_bytes(vmm: &Path, scratch: &Path) -> Result<Vec<u8>> {
+    let stripped = scratch.join("cloud-hypervisor.stripped");
+    let ok = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(vmm)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        read(&stripped)
+    } else {
+        read(vmm)
+    }
+}
+
+/// QEMU option values separate with ',': a comma in a path is doubled.
+fn qemu_escape(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+fn parse_kv(value: &str) -> Vec<(String, String)> {
+    value
+        .split(',')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect()
+}
+
+/// The QEMU command line equivalent to a scenario's VMM arguments, for the
+/// qemu-reference mode (virtio-blk as modern-only virtio-pci, 1af4:1042).
+pub fn reference_qemu_args(scenario: &Scenario) -> Result<Vec<String>> {
+    let bad = |why: String| Error::BadScenario {
+        scenario: scenario.name.clone(),
+        why,
+    };
+    let mut out: Vec<String> = vec![
+        "-machine".into(),
+        "q35,accel=tcg".into(),
+        "-cpu".into(),
+        "max".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-serial".into(),
+        "stdio".into(),
+        "-no-reboot".into(),
+    ];
+    let args = scenario.full_args();
+    let mut it = args.iter();
+    let mut disks = 0;
+    while let Some(opt) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| bad(format!("{opt} without a value")))?;
+        match opt.as_str() {
+            "--kernel" => out.extend(["-kernel".into(), value.clone()]),
+            "--initramfs" => out.extend(["-initrd".into(), value.clone()]),
+            "--cmdline" => out.extend(["-append".into(), value.clone()]),
+            "--serial" | "--console" => {}
+            "--cpus" => {
+                let n = parse_kv(value)
+                    .into_iter()
+                    .find(|(k, _)| k == "boot")
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| bad(format!("--cpus {value}: no boot=")))?;
+                out.extend(["-smp".into(), n]);
+            }
+            "--memory" => {
+                let size = parse_kv(value)
+                    .into_iter()
+                    .find(|(k, _)| k == "size")
+                    .map(|(_, v)| v)
+                    .ok_or_else(|| bad(format!("--memory {value}: no size=")))?;
+                out.extend(["-m".into(), size]);
+            }
+            "--disk" => {
+                let kv = parse_kv(value);
+                let path = kv
+                    .iter()
+                    .find(|(k, _)| k == "path")
+                    .map(|(_, v)| v.clone())
+                    .ok_or_else(|| bad(format!("--disk {value}: no path=")))?;
+                let ro = kv.iter().any(|(k, v)| k == "readonly" && v == "on");
+                let id = format!("disk{disks}");
+                disks += 1;
+                out.push("-drive".into());
+                out.push(format!(
+                    "file={},if=none,id={id},format=raw{}",
+                    qemu_escape(Path::new(&path)),
+                    if ro { ",readonly=on" } else { "" }
+                ));
+                out.push("-device".into());
+                out.push(format!("virtio-blk-pci,drive={id},disable-legacy=on"));
+            }
+            other => return Err(bad(format!("qemu-reference mode does not know {other}"))),
+        }
+    }
+    Ok(out)
+}
+
+struct Captured {
+    lines: Vec<Line>,
+    status: i32,
+    exited_at: Duration,
+}
+
+fn tail_lines(lines: &[Line], n: usize) -> String {
+    let start = lines.len().saturating_sub(n);
+    lines[start..]
+        .iter()
+        .map(|l| l.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `cmd` with stdin from /dev/null, stdout and stderr captured line by
+/// line with host timestamps; kills it after `limit`.
+fn capture(mut cmd: Command, what: &str, limit: Duration) -> Result<Captured> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        program: format!("{:?}", cmd.get_program()),
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let mut readers = Vec::new();
+    let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+    let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+    for stream in [stdout, stderr].into_iter().flatten() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || read_lines(stream, tx)));
+    }
+    drop(tx);
+
+    let deadline = start + limit;
+    let mut lines = Vec::new();
+    let collect = |lines: &mut Vec<Line>, rx: &mpsc::Receiver<(Instant, String)>| {
+        while let Ok((at, text)) = rx.try_recv() {
+            lines.push(Line {
+                at: at.duration_since(start),
+                text,
+            });
+        }
+    };
+    let status = loop {
+        collect(&mut lines, &rx);
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(Error::io("waiting for", what.to_string(), e)),
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            for r in readers {
+                let _ = r.join();
+            }
+            collect(&mut lines, &rx);
+            return Err(Error::Timeout {
+                what: what.to_string(),
+                limit,
+                tail: tail_lines(&lines, 60),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let exited_at = start.elapsed();
+    for r in readers {
+        let _ = r.join();
+    }
+    collect(&mut lines, &rx);
+    use std::os::unix::process::ExitStatusExt;
+    let status = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(Captured {
+        lines,
+        status,
+        exited_at,
+    })
+}
+
+fn read_lines(mut stream: Box<dyn Read + Send>, tx: mpsc::Sender<(Instant, String)>) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    let emit = |bytes: &[u8], tx: &mpsc::Sender<(Instant, String)>| {
+        let text = String::from_utf8_lossy(bytes);
+        let _ = tx.send((Instant::now(), text.trim_end_matches('\r').to_string()));
+    };
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                    emit(&pending[..i], &tx);
+                    pending.drain(..=i);
+                }
+            }
+        }
+    }
+    if !pending.is_empty() {
+        emit(&pending, &tx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_args_translate() {
+        let s = Scenario::new("t").args([
+            "--cpus",
+            "boot=2",
+            "--disk",
+            "path=a,b.img,readonly=on",
+        ]);
+        // "a,b.img" cannot be expressed in CH syntax either; use a plain one.
+        let s2 = Scenario::new("t").args([
+            "--cpus",
+            "boot=2",
+            "--disk",
+            "path=d.img,readonly=on",
+        ]);
+        assert!(reference_qemu_args(&s).is_ok());
+        let a = reference_qemu_args(&s2).unwrap();
+        assert!(a.windows(2).any(|w| w[0] == "-smp" && w[1] == "2"));
+        assert!(a.windows(2).any(|w| w[0] == "-m" && w[1] == "512M"));
+        assert!(a
+            .iter()
+            .any(|x| x == "file=d.img,if=none,id=disk0,format=raw,readonly=on"));
+        let bad = Scenario::new("t").args(["--device", "x"]);
+        assert!(reference_qemu_args(&bad).is_err());
+    }
+
+    #[test]
+    fn capture_reports_status_and_timeout() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo one; echo two >&2; printf 'three\\r\\n'; exit 3"]);
+        let cap = capture(cmd, "sh", Duration::from_secs(20)).unwrap();
+        assert_eq!(cap.status, 3);
+        let texts: Vec<&str> = cap.lines.iter().map(|l| l.text.as_str()).collect();
+        assert!(texts.contains(&"one") && texts.contains(&"two") && texts.contains(&"three"));
+
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo started; exec sleep 30"]);
+        let t0 = Instant::now();
+        match capture(cmd, "sleeper", Duration::from_millis(500)) {
+            Err(Error::Timeout { tail, .. }) => assert!(tail.contains("started")),
+            other => panic!("expected a timeout, got {:?}", other.map(|c| c.status)),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,321 @@
+//! A scenario (what to run) and its output (what came out).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::host::Mode;
+
+/// Marker printed by the inner /init once userspace runs.
+pub const MARK_INIT: &str = "@@CH-TEST:INIT@@";
+/// Key of the marker the inner /init prints with the scenario script's status.
+pub const KEY_SCENARIO_EXIT: &str = "CH-TEST:SCENARIO-EXIT";
+/// Marker printed by the outer /init right before it starts the VMM.
+pub const MARK_VMM_START: &str = "@@CH-TEST:VMM-START@@";
+/// Key of the marker the outer /init prints with the VMM's exit status.
+pub const KEY_VMM_EXIT: &str = "CH-TEST:VMM-EXIT";
+/// Key of the marker the outer /init prints when it cannot go on.
+pub const KEY_OUTER_ERROR: &str = "CH-TEST:OUTER-ERROR";
+
+/// The file names under which the runner places the inner guest's kernel and
+/// initramfs in the scenario directory.
+pub const GUEST_KERNEL: &str = "guest-bzImage";
+pub const GUEST_INITRD: &str = "guest-initrd";
+
+/// The default guest kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// What to run: VMM arguments (with paths relative to the scenario directory),
+/// a script the inner guest's /init runs, and files placed in the scenario
+/// directory (disk images) that the test can read back after the run.
+///
+/// The runner adds `--kernel guest-bzImage --initramfs guest-initrd
+/// --cmdline ... --serial tty --console off`, and `--cpus boot=1` and
+/// `--memory size=512M` unless the scenario gives `--cpus` / `--memory`.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub vmm_args: Vec<String>,
+    pub script: String,
+    pub files: Vec<(String, Vec<u8>)>,
+    pub guest_files: Vec<(String, Vec<u8>)>,
+    pub cmdline: String,
+    pub timeout: Option<Duration>,
+    pub outer_script: Option<String>,
+}
+
+impl Scenario {
+    /// A scenario whose guest boots, runs nothing and powers off.
+    pub fn new(name: &str) -> Self {
+        Scenario {
+            name: name.to_string(),
+            vmm_args: Vec::new(),
+            script: String::new(),
+            files: Vec::new(),
+            guest_files: Vec::new(),
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            timeout: None,
+            outer_script: None,
+        }
+    }
+
+    /// Appends VMM arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.vmm_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// The shell script (busybox sh) the inner guest runs after booting. The
+    /// guest powers off when it returns.
+    pub fn script(mut self, script: &str) -> Self {
+        self.script = script.to_string();
+        self
+    }
+
+    /// A file in the scenario directory (e.g. a disk image), readable after
+    /// the run with [`RunOutput::read_file`].
+    pub fn file(mut self, name: &str, contents: Vec<u8>) -> Self {
+        self.files.push((name.to_string(), contents));
+        self
+    }
+
+    /// A file placed in the inner guest's initramfs at `/path`.
+    pub fn guest_file(mut self, path: &str, contents: Vec<u8>) -> Self {
+        self.guest_files.push((path.to_string(), contents));
+        self
+    }
+
+    /// Replaces the guest kernel command line.
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = cmdline.to_string();
+        self
+    }
+
+    /// Overrides the run's time limit.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// A script the OUTER host VM runs (nested mode only) after loading KVM
+    /// and before starting the VMM: for checking the runner itself.
+    pub fn outer_script(mut self, script: &str) -> Self {
+        self.outer_script = Some(script.to_string());
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |why: String| Error::BadScenario {
+            scenario: self.name.clone(),
+            why,
+        };
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad("name must be [A-Za-z0-9_-]+".into()));
+        }
+        for (name, _) in &self.files {
+            let ok = !name.is_empty()
+                && !name.starts_with('/')
+                && !name.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+            if !ok || name == GUEST_KERNEL || name == GUEST_INITRD {
+                return Err(bad(format!("bad file name {name:?}")));
+            }
+        }
+        if self.vmm_args.iter().any(|a| a.contains('\n')) {
+            return Err(bad("VMM arguments cannot contain newlines".into()));
+        }
+        Ok(())
+    }
+
+    /// The full VMM argument list (runner's arguments first).
+    pub fn full_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--kernel",
+            GUEST_KERNEL,
+            "--initramfs",
+            GUEST_INITRD,
+            "--cmdline",
+            &self.cmdline,
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !self.vmm_args.iter().any(|a| a == "--cpus") {
+            args.extend(["--cpus".to_string(), "boot=1".to_string()]);
+        }
+        if !self.vmm_args.iter().any(|a| a == "--memory") {
+            args.extend(["--memory".to_string(), "size=512M".to_string()]);
+        }
+        args.extend(self.vmm_args.iter().cloned());
+        args
+    }
+}
+
+/// One line of output with the time it reached the host, from process start.
+#[derive(Clone, Debug)]
+pub struct Line {
+    pub at: Duration,
+    pub text: String,
+}
+
+/// What a run produced.
+#[derive(Clone, Debug)]
+pub struct RunOutput {
+    pub mode: Mode,
+    /// The scenario directory; files given with [`Scenario::file`] are here.
+    pub dir: PathBuf,
+    /// Every line of stdout and stderr (both guests' serial consoles, the
+    /// VMM's own messages, and in nested mode the outer VM's).
+    pub lines: Vec<Line>,
+    /// The VMM's exit status (128 + signal number when killed by a signal).
+    pub vmm_exit: i32,
+    /// When the VMM started, from process start (0 unless nested).
+    pub vmm_started: Duration,
+    /// When the VMM had exited, from process start.
+    pub vmm_exited: Duration,
+}
+
+/// The value of the marker `@@KEY=VALUE@@` in `line`.
+pub fn marker_in<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = format!("@@{key}=");
+    let i = line.find(&start)? + start.len();
+    let len = line[i..].find("@@")?;
+    Some(&line[i..i + len])
+}
+
+impl RunOutput {
+    /// All output, one line per line.
+    pub fn serial(&self) -> String {
+        let mut s = String::new();
+        for l in &self.lines {
+            s.push_str(&l.text);
+            s.push('\n');
+        }
+        s
+    }
+
+    /// The last `n` lines of output.
+    pub fn tail(&self, n: usize) -> String {
+        let start = self.lines.len().saturating_sub(n);
+        self.lines[start..]
+            .iter()
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The value of the first `@@KEY=VALUE@@` marker.
+    pub fn marker(&self, key: &str) -> Option<String> {
+        self.lines
+            .iter()
+            .find_map(|l| marker_in(&l.text, key).map(str::to_string))
+    }
+
+    /// The values of every `@@KEY=VALUE@@` marker, in order.
+    pub fn markers(&self, key: &str) -> Vec<String> {
+        self.lines
+            .iter()
+            .filter_map(|l| marker_in(&l.text, key).map(str::to_string))
+            .collect()
+    }
+
+    /// When the first line containing `text` arrived.
+    pub fn time_of(&self, text: &str) -> Option<Duration> {
+        self.lines.iter().find(|l| l.text.contains(text)).map(|l| l.at)
+    }
+
+    /// Whether the inner guest's /init ran.
+    pub fn reached_init(&self) -> bool {
+        self.time_of(MARK_INIT).is_some()
+    }
+
+    /// The exit status of the scenario script in the guest.
+    pub fn scenario_exit(&self) -> Option<i32> {
+        self.marker(KEY_SCENARIO_EXIT).and_then(|v| v.parse().ok())
+    }
+
+    /// Time from VMM start to the inner guest's /init.
+    pub fn time_to_init(&self) -> Option<Duration> {
+        self.time_of(MARK_INIT)
+            .map(|t| t.saturating_sub(self.vmm_started))
+    }
+
+    /// Time from VMM start to VMM exit.
+    pub fn time_to_exit(&self) -> Duration {
+        self.vmm_exited.saturating_sub(self.vmm_started)
+    }
+
+    /// Reads back a file of the scenario directory.
+    pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
+        let path = self.dir.join(name);
+        std::fs::read(&path).map_err(|e| Error::io("reading scenario file", path, e))
+    }
+
+    /// A short report for assertion messages: mode, status, last lines.
+    pub fn summary(&self) -> String {
+        format!(
+            "mode: {}\nVMM exit status: {}\nscenario dir: {}\nlast output:\n{}",
+            self.mode,
+            self.vmm_exit,
+            self.dir.display(),
+            self.tail(60)
+        )
+    }
+
+    /// The scenario directory's path for `name`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        Path::new(&self.dir).join(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_parse() {
+        assert_eq!(marker_in("x @@A=1@@ y", "A"), Some("1"));
+        assert_eq!(marker_in("@@A=@@", "A"), Some(""));
+        assert_eq!(marker_in("@@A=1", "A"), None);
+        assert_eq!(marker_in("@@AB=1@@", "A"), None);
+        assert_eq!(
+            marker_in("[  1.0] foo @@CH-TEST:VMM-EXIT=0@@", KEY_VMM_EXIT),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn default_args_added_once() {
+        let s = Scenario::new("t").args(["--cpus", "boot=2", "--disk", "path=d.img"]);
+        let a = s.full_args();
+        assert_eq!(a.iter().filter(|x| *x == "--cpus").count(), 1);
+        assert_eq!(a.iter().filter(|x| *x == "--memory").count(), 1);
+        assert!(a.windows(2).any(|w| w[0] == "--kernel" && w[1] == GUEST_KERNEL));
+        assert!(a.windows(2).any(|w| w[0] == "--cpus" && w[1] == "boot=2"));
+    }
+
+    #[test]
+    fn scenario_validation() {
+        assert!(Scenario::new("ok-1").file("d/x.img", vec![]).validate().is_ok());
+        assert!(Scenario::new("bad name").validate().is_err());
+        assert!(Scenario::new("t").file("../x", vec![]).validate().is_err());
+        assert!(Scenario::new("t").file("/x", vec![]).validate().is_err());
+        assert!(Scenario::new("t").file(GUEST_KERNEL, vec![]).validate().is_err());
+        assert!(Scenario::new("t").args(["a\nb"]).validate().is_err());
+    }
+}
