@@ -72,10 +72,14 @@ pub trait InterruptSourceGroup: Send + Sync {
     fn update(&self, vector: u16, msg: MsiMessage, masked: bool) -> std::io::Result<()>;
 }
 
+pub mod bus;
 pub mod configuration;
 pub mod device;
 pub mod msix;
+pub mod pcie;
+pub mod sriov;
 
+pub use bus::{BusError, ConfigWriteResult, DecodedBar, PciBus};
 pub use configuration::{
     ConfigError, PciConfiguration, PciConfigurationState, PciHeaderParams, NUM_BARS,
     PCI_CONFIG_SPACE_SIZE,
@@ -84,3 +88,7 @@ pub use device::{
     BarKind, BarRange, Doorbell, FunctionChange, InterruptManager, PciDevice, SharedPciDevice,
 };
 pub use msix::{MsixConfig, MsixConfigState, MsixError, MsixLayout, MsixTableEntry};
+pub use pcie::{PcieCapability, PcieCapabilityBuilder, PcieDeviceType};
+pub use sriov::{
+    SriovCapability, SriovError, SriovParams, SriovRegs, SriovWriteEffect, VfEnableChange,
+};
