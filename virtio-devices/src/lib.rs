@@ -1,1 +1,3 @@
 //! virtio devices.
+
+pub mod pf;

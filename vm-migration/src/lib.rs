@@ -3,8 +3,11 @@
 //! Every write a device makes into guest memory goes through
 //! [`GuestMemoryMmap`], whose bitmap records the pages touched. The VMM reads
 //! that bitmap for its own live migration; the virtio-pf members read their
-//! write records from the same path.
+//! write records from the same path (see [`dirty`]).
 
 pub mod dirty;
 
-pub use dirty::{DirtyBitmap, GuestMemoryMmap, GuestRegionMmap};
+pub use dirty::{
+    take_dirty_log, DirtyBitmap, DirtyError, GuestMemoryMmap, GuestRegionMmap, PageBitmap,
+    RecordError, RecordRange, RecorderState, RegionDirtyLog, WriteRecorder,
+};
