@@ -1,1 +1,150 @@
-fn main() {}
+//! `cloud-hypervisor`: boots a Linux guest on KVM, with virtio-blk disks and
+//! the virtio-pf SR-IOV physical function.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod arch;
+mod config;
+mod device_manager;
+mod devices;
+mod firmware;
+mod interrupts;
+mod platform;
+mod stdin;
+mod vcpu;
+mod vm;
+mod wiring;
+
+use config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, OutputConfig};
+
+/// Command line, in Cloud Hypervisor's syntax.
+#[derive(Parser, Debug)]
+#[command(
+    name = "cloud-hypervisor",
+    version,
+    about = "A KVM virtual machine monitor with an emulated virtio SR-IOV physical function",
+    long_about = None
+)]
+struct Cli {
+    /// Kernel to boot: a bzImage (64-bit boot protocol).
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initial ramdisk to load with the kernel.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    cmdline: String,
+
+    /// vCPUs: "boot=<count>" (1..64).
+    #[arg(long, value_name = "boot=N", default_value = "boot=1")]
+    cpus: String,
+
+    /// Guest RAM: "size=<size>" with K, M, G or T suffix.
+    #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
+    memory: String,
+
+    /// virtio-blk disk: "path=<file>[,readonly=on|off][,id=<name>]".
+    /// Repeatable; one option may also list several disks.
+    #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME]", num_args = 1.., action = clap::ArgAction::Append)]
+    disk: Vec<String>,
+
+    /// Serial port (COM1): "tty", "off" or "file=<path>".
+    #[arg(long, value_name = "tty|off|file=PATH", default_value = "tty")]
+    serial: String,
+
+    /// virtio-console: only "off" is supported.
+    #[arg(long, value_name = "off", default_value = "off")]
+    console: String,
+
+    /// More logging to standard error (-v info, -vv debug, -vvv trace).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--kernel {0}: no such file")]
+    NoKernel(String),
+    #[error("--initramfs {0}: no such file")]
+    NoInitramfs(String),
+    #[error("--console: only 'off' is supported (got '{0}')")]
+    Console(String),
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+}
+
+fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
+    if !cli.kernel.is_file() {
+        return Err(MainError::NoKernel(cli.kernel.display().to_string()));
+    }
+    if let Some(i) = &cli.initramfs {
+        if !i.is_file() {
+            return Err(MainError::NoInitramfs(i.display().to_string()));
+        }
+    }
+    let console = OutputConfig::parse("--console", &cli.console)?;
+    if console != OutputConfig::Off {
+        return Err(MainError::Console(cli.console.clone()));
+    }
+    Ok(vm::VmConfig {
+        kernel: cli.kernel.clone(),
+        initramfs: cli.initramfs.clone(),
+        cmdline: cli.cmdline.clone(),
+        cpus: CpusConfig::parse(&cli.cpus)?,
+        memory: MemoryConfig::parse(&cli.memory)?,
+        disks: cli
+            .disk
+            .iter()
+            .map(|d| DiskConfig::parse(d))
+            .collect::<Result<_, _>>()?,
+        serial: OutputConfig::parse("--serial", &cli.serial)?,
+        console,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line names the problem.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid command line");
+            eprintln!("{first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
+
+    let result = build_config(&cli).and_then(|cfg| Ok(vm::run(&cfg)?));
+    match result {
+        Ok(reason) => {
+            log::info!("VM stopped: {reason:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Parsing of the Cloud Hypervisor style `key=value,key=value` option strings.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Errors in command-line option values.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{option}: unknown parameter '{key}' (accepted: {accepted})")]
+    UnknownKey {
+        option: &'static str,
+        key: String,
+        accepted: &'static str,
+    },
+    #[error("{option}: parameter '{key}' given twice")]
+    DuplicateKey { option: &'static str, key: String },
+    #[error("{option}: '{item}' is not of the form key=value")]
+    NotKeyValue { option: &'static str, item: String },
+    #[error("{option}: missing required parameter '{key}'")]
+    MissingKey {
+        option: &'static str,
+        key: &'static str,
+    },
+    #[error("{option}: invalid value '{value}' for '{key}': {reason}")]
+    InvalidValue {
+        option: &'static str,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// The parameters of one option string, checked against the accepted keys.
+pub struct OptionParser {
+    option: &'static str,
+    pairs: Vec<(String, String)>,
+}
+
+impl OptionParser {
+    /// Splits `input` (e.g. `path=a.img,readonly=on`) and rejects keys not in
+    /// `accepted`. A bare item without `=` is taken as the value of
+    /// `bare_key` when one is given (`--serial tty` means `mode=tty`).
+    pub fn parse(
+        option: &'static str,
+        input: &str,
+        accepted: &'static [&'static str],
+        bare_key: Option<&'static str>,
+    ) -> Result<Self, ConfigError> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for item in input.split(',').filter(|s| !s.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => match bare_key {
+                    Some(k) => (k.to_string(), item.to_string()),
+                    None => {
+                        return Err(ConfigError::NotKeyValue {
+                            option,
+                            item: item.to_string(),
+                        })
+                    }
+                },
+            };
+            if !accepted.contains(&key.as_str()) {
+                return Err(ConfigError::UnknownKey {
+                    option,
+                    key,
+                    accepted: leak_join(accepted),
+                });
+            }
+            if pairs.iter().any(|(k, _)| *k == key) {
+                return Err(ConfigError::DuplicateKey { option, key });
+            }
+            pairs.push((key, value));
+        }
+        Ok(OptionParser { option, pairs })
+    }
+
+    /// The raw value of `key`, if given.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of a required key.
+    pub fn required(&self, key: &'static str) -> Result<&str, ConfigError> {
+        self.get(key).ok_or(ConfigError::MissingKey {
+            option: self.option,
+            key,
+        })
+    }
+
+    fn invalid(&self, key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::InvalidValue {
+            option: self.option,
+            key,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// `on`/`off` (also `true`/`false`), `default` when absent.
+    pub fn toggle(&self, key: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some("on") | Some("true") => Ok(true),
+            Some("off") | Some("false") => Ok(false),
+            Some(v) => Err(self.invalid(key, v, "expected on or off")),
+        }
+    }
+
+    /// An unsigned integer (decimal or 0x hex), `default` when absent.
+    pub fn number(&self, key: &'static str, default: u64) -> Result<u64, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => parse_number(v).ok_or_else(|| self.invalid(key, v, "expected a number")),
+        }
+    }
+
+    /// A size with an optional K/M/G/T suffix (powers of 1024).
+    pub fn size(&self, key: &'static str) -> Result<Option<u64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => parse_size(v)
+                .map(Some)
+                .ok_or_else(|| self.invalid(key, v, "expected a size such as 512M or 2G")),
+        }
+    }
+}
+
+fn leak_join(keys: &'static [&'static str]) -> &'static str {
+    // The accepted-key list is static and an error ends the program, so a
+    // small leak for a readable message is acceptable.
+    Box::leak(keys.join(", ").into_boxed_str())
+}
+
+/// Parses `123`, `0x7b`.
+pub fn parse_number(s: &str) -> Option<u64> {
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16).ok()
+    } else {
+        s.parse().ok()
+    }
+}
+
+/// Parses `4096`, `4K`, `512M`, `2G`, `1T`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 10),
+        'M' | 'm' => (&s[..s.len() - 1], 20),
+        'G' | 'g' => (&s[..s.len() - 1], 30),
+        'T' | 't' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+/// `--cpus boot=N`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpusConfig {
+    pub boot: u8,
+}
+
+/// The largest vCPU count this VMM supports (one IOAPIC, xAPIC IDs).
+pub const MAX_VCPUS: u64 = 64;
+
+impl CpusConfig {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--cpus", s, &["boot"], None)?;
+        let boot = p.number("boot", 1)?;
+        if boot == 0 || boot > MAX_VCPUS {
+            return Err(p.invalid("boot", p.get("boot").unwrap_or(""), "must be 1..64"));
+        }
+        Ok(CpusConfig { boot: boot as u8 })
+    }
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig { boot: 1 }
+    }
+}
+
+/// `--memory size=S`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    pub size: u64,
+}
+
+impl MemoryConfig {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--memory", s, &["size"], None)?;
+        let size = p.size("size")?.unwrap_or(512 << 20);
+        if size < (64 << 20) || size % 4096 != 0 {
+            return Err(p.invalid(
+                "size",
+                p.get("size").unwrap_or(""),
+                "must be a multiple of 4K and at least 64M",
+            ));
+        }
+        if size > (1 << 40) {
+            return Err(p.invalid("size", p.get("size").unwrap_or(""), "at most 1T"));
+        }
+        Ok(MemoryConfig { size })
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { size: 512 << 20 }
+    }
+}
+
+/// `--disk path=P[,readonly=on][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub id: Option<String>,
+}
+
+impl DiskConfig {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--disk", s, &["path", "readonly", "id"], None)?;
+        Ok(DiskConfig {
+            path: PathBuf::from(p.required("path")?),
+            readonly: p.toggle("readonly", false)?,
+            id: p.get("id").map(str::to_string),
+        })
+    }
+}
+
+/// Where the serial port (or console) goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputConfig {
+    Off,
+    Tty,
+    File(PathBuf),
+}
+
+impl OutputConfig {
+    pub fn parse(option: &'static str, s: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(option, s, &["mode", "file"], Some("mode"))?;
+        match (p.get("mode"), p.get("file")) {
+            (None, Some(f)) | (Some("file"), Some(f)) => Ok(OutputConfig::File(PathBuf::from(f))),
+            (Some("off"), None) | (Some("null"), None) => Ok(OutputConfig::Off),
+            (Some("tty"), None) => Ok(OutputConfig::Tty),
+            (Some(m), _) => Err(p.invalid("mode", m, "expected tty, off or file=PATH")),
+            (None, None) => Err(ConfigError::MissingKey {
+                option,
+                key: "mode",
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("12X"), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999T"), None);
+    }
+
+    #[test]
+    fn disk_options() {
+        let d = DiskConfig::parse("path=/a.img,readonly=on,id=d0").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a.img"));
+        assert!(d.readonly);
+        assert_eq!(d.id.as_deref(), Some("d0"));
+        assert!(matches!(
+            DiskConfig::parse("path=/a,bogus=1"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            DiskConfig::parse("readonly=on"),
+            Err(ConfigError::MissingKey { key: "path", .. })
+        ));
+        assert!(matches!(
+            DiskConfig::parse("path=/a,readonly=maybe"),
+            Err(ConfigError::InvalidValue { .. })
+        ));
+        assert!(matches!(
+            DiskConfig::parse("path=/a,path=/b"),
+            Err(ConfigError::DuplicateKey { .. })
+        ));
+    }
+
+    #[test]
+    fn cpus_and_memory() {
+        assert_eq!(CpusConfig::parse("boot=2").unwrap().boot, 2);
+        assert!(CpusConfig::parse("boot=0").is_err());
+        assert!(CpusConfig::parse("boot=x").is_err());
+        assert_eq!(MemoryConfig::parse("size=1G").unwrap().size, 1 << 30);
+        assert!(MemoryConfig::parse("size=1X").is_err());
+        assert!(MemoryConfig::parse("size=1M").is_err());
+    }
+
+    #[test]
+    fn serial_modes() {
+        assert_eq!(
+            OutputConfig::parse("--serial", "tty").unwrap(),
+            OutputConfig::Tty
+        );
+        assert_eq!(
+            OutputConfig::parse("--serial", "off").unwrap(),
+            OutputConfig::Off
+        );
+        assert_eq!(
+            OutputConfig::parse("--serial", "file=/tmp/x").unwrap(),
+            OutputConfig::File(PathBuf::from("/tmp/x"))
+        );
+        assert!(OutputConfig::parse("--serial", "pty").is_err());
+    }
+}

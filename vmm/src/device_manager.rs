@@ -1,0 +1,261 @@
+//! Device wiring: the PCI bus and its functions, BAR placement, doorbell
+//! ioeventfds and the device thread that serves them.
+//!
+//! Device logic lives in `virtio-devices`; this module only connects it to
+//! KVM and threads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use pci::{Bdf, ConfigWriteResult, PciBus, SharedPciDevice};
+use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::firmware::{self, BarAllocator};
+
+#[derive(Debug, Error)]
+pub enum DeviceManagerError {
+    #[error("cannot add PCI function {bdf}: {reason}")]
+    AddFunction { bdf: Bdf, reason: String },
+    #[error("epoll: {0}")]
+    Epoll(std::io::Error),
+    #[error("cannot create eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot spawn the device thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("cannot place BARs of {bdf}: {reason}")]
+    Bars { bdf: Bdf, reason: String },
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A doorbell as registered with KVM and epoll.
+struct Registered {
+    address: u64,
+    event: Arc<EventFd>,
+    device: SharedPciDevice,
+    index: u16,
+}
+
+/// Doorbells keyed by epoll token.
+#[derive(Default)]
+struct Doorbells {
+    next_token: u64,
+    by_token: HashMap<u64, Registered>,
+}
+
+/// The PCI side of the machine.
+pub struct DeviceManager {
+    vm: Arc<VmFd>,
+    bus: PciBus,
+    epoll: Epoll,
+    doorbells: Mutex<Doorbells>,
+    stop_evt: EventFd,
+    allocator: Mutex<BarAllocator>,
+}
+
+/// epoll token of the stop event.
+const STOP_TOKEN: u64 = u64::MAX;
+
+impl DeviceManager {
+    pub fn new(vm: Arc<VmFd>, allocator: BarAllocator) -> Result<Self, DeviceManagerError> {
+        let epoll = Epoll::new().map_err(DeviceManagerError::Epoll)?;
+        let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(&stop_evt),
+                EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            )
+            .map_err(DeviceManagerError::Epoll)?;
+        Ok(DeviceManager {
+            vm,
+            bus: PciBus::new(),
+            epoll,
+            doorbells: Mutex::new(Doorbells::default()),
+            stop_evt,
+            allocator: Mutex::new(allocator),
+        })
+    }
+
+    pub fn bus(&self) -> &PciBus {
+        &self.bus
+    }
+
+    /// Adds a function at `bdf`, places its BARs as firmware would and
+    /// enables memory decoding.
+    pub fn add_function(&self, bdf: Bdf, dev: SharedPciDevice) -> Result<(), DeviceManagerError> {
+        {
+            let mut d = lock(&dev);
+            firmware::assign_bars(&mut *d, &mut lock(&self.allocator)).map_err(|reason| {
+                DeviceManagerError::Bars {
+                    bdf,
+                    reason: reason.to_string(),
+                }
+            })?;
+        }
+        self.bus
+            .add_function(bdf, dev)
+            .map_err(|e| DeviceManagerError::AddFunction {
+                bdf,
+                reason: e.to_string(),
+            })?;
+        self.refresh_doorbells();
+        Ok(())
+    }
+
+    /// Re-registers every function's doorbells at their current addresses.
+    /// Called after any configuration write that changed BAR decoding or
+    /// the set of functions.
+    pub fn refresh_doorbells(&self) {
+        let mut db = lock(&self.doorbells);
+        // Drop every registration, then register what the functions report.
+        for (token, r) in db.by_token.drain() {
+            let _ = self.vm.unregister_ioevent(
+                &*r.event,
+                &IoEventAddress::Mmio(r.address),
+                NoDatamatch,
+            );
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                std::os::fd::AsRawFd::as_raw_fd(&*r.event),
+                EpollEvent::new(EventSet::IN, token),
+            );
+        }
+        for (bdf, dev) in self.bus.functions() {
+            let list = lock(&dev).doorbells();
+            for d in list {
+                let token = db.next_token;
+                db.next_token += 1;
+                if let Err(e) = self.vm.register_ioevent(
+                    &*d.event,
+                    &IoEventAddress::Mmio(d.address),
+                    NoDatamatch,
+                ) {
+                    log::warn!("{bdf}: ioeventfd at {:#x}: {e}", d.address);
+                }
+                if let Err(e) = self.epoll.ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(&*d.event),
+                    EpollEvent::new(EventSet::IN, token),
+                ) {
+                    log::warn!("{bdf}: epoll add of doorbell {}: {e}", d.index);
+                    let _ = self.vm.unregister_ioevent(
+                        &*d.event,
+                        &IoEventAddress::Mmio(d.address),
+                        NoDatamatch,
+                    );
+                    continue;
+                }
+                db.by_token.insert(
+                    token,
+                    Registered {
+                        address: d.address,
+                        event: d.event,
+                        device: dev.clone(),
+                        index: d.index,
+                    },
+                );
+            }
+        }
+    }
+
+    fn after_config_write(&self, r: ConfigWriteResult) {
+        if !r.added.is_empty() || !r.removed.is_empty() {
+            log::info!("PCI functions added {:?}, removed {:?}", r.added, r.removed);
+        }
+        if r.decode_changed || !r.added.is_empty() || !r.removed.is_empty() {
+            self.refresh_doorbells();
+        }
+    }
+
+    /// Ports 0xCF8..0xCFF (configuration mechanism #1) or a BAR in I/O
+    /// space.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if (0xcf8..0xd00).contains(&port) {
+            self.bus.config_port_read(port, data);
+        } else if !self.bus.pio_read(port, data) {
+            data.fill(0xff);
+        }
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        if (0xcf8..0xd00).contains(&port) {
+            let r = self.bus.config_port_write(port, data);
+            self.after_config_write(r);
+        } else {
+            self.bus.pio_write(port, data);
+        }
+    }
+
+    pub fn ecam_read(&self, offset: u64, data: &mut [u8]) {
+        self.bus.ecam_read(offset, data);
+    }
+
+    pub fn ecam_write(&self, offset: u64, data: &[u8]) {
+        let r = self.bus.ecam_write(offset, data);
+        self.after_config_write(r);
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.bus.mmio_read(addr, data)
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.bus.mmio_write(addr, data)
+    }
+
+    /// Starts the device thread: it waits on every doorbell and runs the
+    /// owning function's `doorbell()`.
+    pub fn start_thread(
+        self: &Arc<Self>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<JoinHandle<()>, DeviceManagerError> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || me.run(&stop))
+            .map_err(DeviceManagerError::Spawn)
+    }
+
+    /// Ends the device thread.
+    pub fn stop_thread(&self) {
+        let _ = self.stop_evt.write(1);
+    }
+
+    fn run(&self, stop: &AtomicBool) {
+        let mut events = vec![EpollEvent::default(); 64];
+        while !stop.load(Ordering::Acquire) {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    log::error!("device thread: epoll_wait: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token == STOP_TOKEN {
+                    return;
+                }
+                let target = {
+                    let db = lock(&self.doorbells);
+                    db.by_token.get(&token).map(|r| {
+                        let _ = r.event.read();
+                        (r.device.clone(), r.index)
+                    })
+                };
+                if let Some((dev, index)) = target {
+                    lock(&dev).doorbell(index);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! vCPU threads: configuration for boot and the KVM_RUN loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_lapic_state, kvm_msr_entry, Msrs};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use thiserror::Error;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::arch::{boot, cpuid};
+use crate::platform::Platform;
+
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {id}: {source}")]
+    Create { id: u8, source: kvm_ioctls::Error },
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot configure vCPU {id} ({what}): {source}")]
+    Configure {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("cannot spawn vCPU thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// The signal used to kick a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of the kick signal, so that the signal only
+/// interrupts KVM_RUN with EINTR.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+
+fn lapic_reg(l: &kvm_lapic_state, off: usize) -> u32 {
+    let b = &l.regs[off..off + 4];
+    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+}
+
+fn set_lapic_reg(l: &mut kvm_lapic_state, off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        l.regs[off + i] = *b as _;
+    }
+}
+
+fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
+    (reg & !0x700) | (mode << 8)
+}
+
+/// One vCPU before it runs.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `count` and gives it its CPUID and local APIC
+    /// LINT setup; the boot vCPU also gets the 64-bit entry state.
+    pub fn new(
+        kvm: &Kvm,
+        vm: &VmFd,
+        id: u8,
+        count: u8,
+        entry: Option<boot::EntryPoint>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(|source| VcpuError::Create { id, source })?;
+        let cfg = |what: &'static str| move |source| VcpuError::Configure { id, what, source };
+        let mut cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(VcpuError::SupportedCpuid)?;
+        cpuid::adjust(&mut cpuid, id, count);
+        fd.set_cpuid2(&cpuid).map_err(cfg("CPUID"))?;
+
+        let mut lapic = fd.get_lapic().map_err(cfg("get LAPIC"))?;
+        let lvt0 = lapic_reg(&lapic, APIC_LVT0);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT0,
+            set_delivery_mode(lvt0, APIC_MODE_EXTINT),
+        );
+        let lvt1 = lapic_reg(&lapic, APIC_LVT1);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT1,
+            set_delivery_mode(lvt1, APIC_MODE_NMI),
+        );
+        fd.set_lapic(&lapic).map_err(cfg("set LAPIC"))?;
+
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_MISC_ENABLE,
+            data: 1,
+            ..Default::default()
+        }])
+        .map_err(|_| VcpuError::Configure {
+            id,
+            what: "MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        fd.set_msrs(&msrs).map_err(cfg("MSRs"))?;
+
+        if let Some(entry) = entry {
+            let sregs = fd.get_sregs().map_err(cfg("get sregs"))?;
+            fd.set_sregs(&boot::boot_sregs(sregs))
+                .map_err(cfg("set sregs"))?;
+            fd.set_regs(&boot::boot_regs(entry))
+                .map_err(cfg("set regs"))?;
+            fd.set_fpu(&boot::boot_fpu()).map_err(cfg("set FPU"))?;
+        }
+        Ok(Vcpu { id, fd })
+    }
+
+    /// Runs the vCPU on its own thread until `stop` is set (the thread is
+    /// kicked with [`kick_signal`]) or the guest powers off, resets or fails.
+    pub fn spawn(
+        self,
+        platform: Arc<Platform>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run(&platform, &stop))
+            .map_err(VcpuError::Spawn)
+    }
+
+    fn run(mut self, platform: &Platform, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => platform.pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => platform.pio_write(port, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => platform.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => platform.mmio_write(addr, data),
+                Ok(VcpuExit::Hlt) => {}
+                Ok(VcpuExit::Shutdown) => {
+                    log::info!(
+                        "vCPU {}: triple fault or shutdown: treating as reset",
+                        self.id
+                    );
+                    platform.request_exit(crate::platform::ExitReason::Reset);
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    log::info!("vCPU {}: system event {kind}", self.id);
+                    platform.request_exit(crate::platform::ExitReason::Reset);
+                }
+                Ok(VcpuExit::InternalError) => {
+                    platform.request_exit(crate::platform::ExitReason::Error(format!(
+                        "vCPU {}: KVM internal error",
+                        self.id
+                    )));
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    platform.request_exit(crate::platform::ExitReason::Error(format!(
+                        "vCPU {}: KVM entry failure, reason {reason:#x} on host CPU {cpu}",
+                        self.id
+                    )));
+                }
+                Ok(other) => {
+                    platform.request_exit(crate::platform::ExitReason::Error(format!(
+                        "vCPU {}: unexpected exit {other:?}",
+                        self.id
+                    )));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    platform.request_exit(crate::platform::ExitReason::Error(format!(
+                        "vCPU {}: KVM_RUN failed: {e}",
+                        self.id
+                    )));
+                }
+            }
+            if platform.exit_requested() {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lint_delivery_modes() {
+        assert_eq!(
+            set_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
+            0x0001_0700
+        );
+        assert_eq!(set_delivery_mode(0x0000_0700, APIC_MODE_NMI), 0x0000_0400);
+        let mut l = kvm_lapic_state::default();
+        set_lapic_reg(&mut l, APIC_LVT0, 0xdead_beef);
+        assert_eq!(lapic_reg(&l, APIC_LVT0), 0xdead_beef);
+    }
+}

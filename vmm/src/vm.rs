@@ -1,0 +1,234 @@
+//! Building a VM from its configuration and running it to the end.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vm_migration::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::{acpi, boot, layout};
+use crate::config::{CpusConfig, DiskConfig, MemoryConfig, OutputConfig};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::devices::serial::{FlushingWriter, SerialPort};
+use crate::firmware::{BarAllocator, FirmwareError};
+use crate::interrupts::{InterruptError, KvmInterruptManager, MsiManager};
+use crate::platform::{ExitReason, Platform};
+use crate::vcpu::{self, Vcpu, VcpuError};
+
+/// Everything needed to build a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: CpusConfig,
+    pub memory: MemoryConfig,
+    pub disks: Vec<DiskConfig>,
+    pub serial: OutputConfig,
+    pub console: OutputConfig,
+}
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmVersion(i32),
+    #[error("cannot create the VM: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("cannot set up KVM ({what}): {source}")]
+    KvmSetup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {size} bytes of guest memory: {reason}")]
+    Memory { size: u64, reason: String },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Interrupts(#[from] InterruptError),
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
+    #[error("cannot open serial output file {path}: {source}")]
+    SerialFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("disk {path}: {reason}")]
+    Disk { path: String, reason: String },
+    #[error("cannot create eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot register irqfd for the serial port: {0}")]
+    SerialIrq(kvm_ioctls::Error),
+    #[error("the guest stopped with an error: {0}")]
+    Guest(String),
+}
+
+/// Creates the guest memory and registers it with KVM.
+fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let ranges: Vec<_> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(a, s)| (a, s as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+        size,
+        reason: e.to_string(),
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory {
+                size,
+                reason: e.to_string(),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        let _ = KVM_MEM_LOG_DIRTY_PAGES;
+        // SAFETY: the region's host mapping is owned by `mem`, which the
+        // VM keeps alive until after every vCPU has stopped; the range
+        // does not overlap any other slot.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| VmError::KvmSetup {
+            what: "memory region",
+            source,
+        })?;
+    }
+    Ok(mem)
+}
+
+fn output(cfg: &OutputConfig) -> Result<Option<Box<dyn Write + Send>>, VmError> {
+    Ok(match cfg {
+        OutputConfig::Off => None,
+        OutputConfig::Tty => Some(Box::new(FlushingWriter(std::io::stdout()))),
+        OutputConfig::File(p) => Some(Box::new(FlushingWriter(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmError::SerialFile {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        ))),
+    })
+}
+
+/// Builds the VM described by `cfg`, runs it until the guest powers off,
+/// resets or fails, and returns why it stopped.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::KvmVersion(version));
+    }
+    let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+    let setup = |what: &'static str| move |source| VmError::KvmSetup { what, source };
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(setup("TSS address"))?;
+    vm.set_identity_map_address(0xfffb_c000)
+        .map_err(setup("identity map address"))?;
+    vm.create_irq_chip().map_err(setup("in-kernel irqchip"))?;
+
+    let mem_size = cfg.memory.size;
+    let mem = create_memory(&vm, mem_size)?;
+    let mmio64 = layout::pci_mmio64_window(mem_size);
+
+    let max_gsi = kvm.get_nr_memslots().max(1024) as u32;
+    let irq = KvmInterruptManager::new(vm.clone(), max_gsi.min(4096))?;
+    let msi = Arc::new(MsiManager(irq.clone()));
+
+    // Serial port on GSI 4.
+    let serial = match output(&cfg.serial)? {
+        Some(out) => {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm.register_irqfd(&evt, layout::SERIAL_IRQ)
+                .map_err(VmError::SerialIrq)?;
+            Some(SerialPort::new(evt, out))
+        }
+        None => None,
+    };
+
+    let allocator = BarAllocator::new(
+        (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+        (mmio64.0, mmio64.1 - mmio64.0),
+    )?;
+    let devices = DeviceManager::new(vm.clone(), allocator)?;
+    crate::wiring::add_disks(&devices, &mem, &msi, &cfg.disks)?;
+
+    acpi::create_acpi_tables(
+        &mem,
+        &acpi::AcpiConfig {
+            cpus: cfg.cpus.boot,
+            mmio64,
+        },
+    )?;
+    let entry = boot::load_linux(
+        &mem,
+        mem_size,
+        &cfg.kernel,
+        cfg.initramfs.as_deref(),
+        &cfg.cmdline,
+    )?;
+
+    let exit_evt = EventFd::new(0).map_err(VmError::EventFd)?;
+    let exit_wait = exit_evt.try_clone().map_err(VmError::EventFd)?;
+    let platform = Arc::new(Platform::new(serial, devices, exit_evt));
+
+    vcpu::install_kick_handler()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.cpus.boot {
+        vcpus.push(Vcpu::new(
+            &kvm,
+            &vm,
+            id,
+            cfg.cpus.boot,
+            (id == 0).then_some(entry),
+        )?);
+    }
+    let dev_mgr = platform.devices_arc();
+    let dev_thread = dev_mgr.start_thread(stop.clone())?;
+    let mut handles = Vec::new();
+    for v in vcpus {
+        handles.push(v.spawn(platform.clone(), stop.clone())?);
+    }
+    crate::stdin::spawn_serial_input(platform.clone(), &cfg.serial);
+
+    // Wait for the guest to stop.
+    let _ = exit_wait.read();
+    stop.store(true, Ordering::Release);
+    for h in handles {
+        while !h.is_finished() {
+            let _ = h.kill(vcpu::kick_signal());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = h.join();
+    }
+    dev_mgr.stop_thread();
+    let _ = dev_thread.join();
+    drop(mem);
+    match platform.exit_reason() {
+        Some(ExitReason::Error(e)) => Err(VmError::Guest(e)),
+        Some(r) => Ok(r),
+        None => Ok(ExitReason::PowerOff),
+    }
+}
