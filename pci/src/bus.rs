@@ -410,6 +410,28 @@ impl PciBus {
             .collect()
     }
 
+    /// The BARs of `bdf` the bus currently routes.
+    pub fn decoded_bars_of(&self, bdf: Bdf) -> Vec<BarRange> {
+        let inner = self.read_inner();
+        inner
+            .mmio
+            .iter()
+            .chain(inner.io.iter())
+            .filter(|e| e.decoded.bdf == bdf)
+            .map(|e| e.decoded.bar)
+            .collect()
+    }
+
+    /// The 0xCF8 address register (for snapshots).
+    pub fn config_address(&self) -> u32 {
+        self.config_address.load(Ordering::Acquire)
+    }
+
+    /// Restores the 0xCF8 address register.
+    pub fn set_config_address(&self, value: u32) {
+        self.config_address.store(value & !0x3, Ordering::Release);
+    }
+
     /// Asks every function for its decoded BARs and installs the result.
     /// Returns whether the routed set changed. Called by the bus itself
     /// after configuration writes and function changes; the VMM calls it
@@ -665,6 +687,24 @@ mod tests {
         let r = ecam_w32(&bus, f, COMMAND, 3);
         assert!(r.decode_changed);
         assert_eq!(bus.decoded_bars().len(), 2);
+        assert_eq!(
+            bus.decoded_bars_of(f),
+            vec![
+                BarRange {
+                    index: 0,
+                    kind: BarKind::Memory32,
+                    base: 0xe000_0000,
+                    size: 0x1000
+                },
+                BarRange {
+                    index: 1,
+                    kind: BarKind::Io,
+                    base: 0xc000,
+                    size: 0x20
+                }
+            ]
+        );
+        assert!(bus.decoded_bars_of(Bdf::new(0, 2, 0)).is_empty());
         assert!(bus.mmio_write(0xe000_0010, &[1, 2, 3, 4]));
         let mut d = [0u8; 4];
         assert!(bus.mmio_read(0xe000_0ffc, &mut d));

@@ -626,6 +626,9 @@ impl PciConfiguration {
         if version > 0xf {
             return Err(ConfigError::CapabilityVersion(version));
         }
+        if body.len() > PCI_CONFIG_SPACE_SIZE {
+            return Err(ConfigError::CapabilitySpaceFull(body.len()));
+        }
         let len = align4((4 + body.len()) as u16) as usize;
         let offset = self.next_extended_capability;
         if offset as usize + len > PCI_CONFIG_SPACE_SIZE {

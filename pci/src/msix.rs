@@ -370,7 +370,7 @@ impl MsixConfig {
     ) -> bool {
         let mc = u32::from(cap_offset) + u32::from(MSIX_MESSAGE_CONTROL_OFFSET);
         let start = u32::from(offset);
-        let end = start + len as u32;
+        let end = start.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
         if start < mc + 2 && end > mc {
             self.set_message_control(config.read_u16(mc as u16));
             true

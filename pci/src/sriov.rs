@@ -59,7 +59,7 @@ pub const SRIOV_SUPPORTED_PAGE_SIZES_4K: u32 = 1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SriovError {
-    #[error("TotalVFs must be at least 1 and InitialVFs at most TotalVFs")]
+    #[error("TotalVFs must be at least 1 and InitialVFs equal to TotalVFs")]
     VfCount,
     #[error("First VF Offset must be at least 1 and VF Stride at least 1 with several VFs")]
     OffsetStride,
@@ -162,7 +162,9 @@ impl SriovCapability {
     /// Validates `params` and appends the capability to `config` (at 0x100
     /// if it is the first extended capability).
     pub fn add_to(config: &mut PciConfiguration, params: SriovParams) -> Result<Self, SriovError> {
-        if params.total_vfs == 0 || params.initial_vfs > params.total_vfs {
+        // Without VF Migration Capable, InitialVFs must equal TotalVFs
+        // (Linux refuses to enable VFs otherwise).
+        if params.total_vfs == 0 || params.initial_vfs != params.total_vfs {
             return Err(SriovError::VfCount);
         }
         if params.first_vf_offset == 0 || (params.total_vfs > 1 && params.vf_stride == 0) {
@@ -250,7 +252,7 @@ impl SriovCapability {
     /// Whether an access of `len` bytes at `offset` overlaps the capability.
     pub fn overlaps(&self, offset: u16, len: usize) -> bool {
         let start = u32::from(offset);
-        let end = start + len as u32;
+        let end = start.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
         let cap = u32::from(self.offset);
         start < cap + SRIOV_CAPABILITY_SIZE as u32 && end > cap
     }
@@ -441,6 +443,14 @@ mod tests {
         ));
         let bad = SriovParams {
             initial_vfs: 5,
+            ..params()
+        };
+        assert_eq!(
+            SriovCapability::add_to(&mut c2, bad),
+            Err(SriovError::VfCount)
+        );
+        let bad = SriovParams {
+            initial_vfs: 3,
             ..params()
         };
         assert_eq!(
