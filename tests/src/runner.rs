@@ -448,8 +448,14 @@ pub fn reference_qemu_args(scenario: &Scenario) -> Result<Vec<String>> {
                     qemu_escape(Path::new(&path)),
                     if ro { ",readonly=on" } else { "" }
                 ));
+                // Behind a PCIe root port, so that QEMU gives the function a
+                // PCI Express capability (4 KiB configuration space).
                 out.push("-device".into());
-                out.push(format!("virtio-blk-pci,drive={id},disable-legacy=on"));
+                out.push(format!("pcie-root-port,id=rp{id},chassis={disks}"));
+                out.push("-device".into());
+                out.push(format!(
+                    "virtio-blk-pci,drive={id},bus=rp{id},disable-legacy=on"
+                ));
             }
             other => return Err(bad(format!("qemu-reference mode does not know {other}"))),
         }

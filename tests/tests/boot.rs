@@ -1,0 +1,302 @@
+//! Real Debian 6.12 guests booted by `cloud-hypervisor`, directly on hardware
+//! KVM or nested in a QEMU TCG host VM (see the `tests` crate docs). Each test
+//! asserts what the guest reports between `@@T:KEY=VALUE@@` markers.
+
+use std::sync::OnceLock;
+
+use tests::pattern::pattern;
+use tests::{RunOutput, Runner, Scenario};
+
+const MIB: usize = 1024 * 1024;
+
+fn runner() -> &'static Runner {
+    static RUNNER: OnceLock<Runner> = OnceLock::new();
+    RUNNER.get_or_init(tests::runner)
+}
+
+/// Runs a scenario and checks that the guest reached /init, ran the script
+/// to the end and powered off with VMM exit status 0.
+fn boot(scenario: Scenario) -> RunOutput {
+    let out = tests::run(runner(), &scenario);
+    assert!(
+        out.reached_init(),
+        "the guest never reached /init\n{}",
+        out.summary()
+    );
+    assert_eq!(
+        out.scenario_exit(),
+        Some(0),
+        "the scenario script did not finish with status 0\n{}",
+        out.summary()
+    );
+    assert_eq!(
+        out.vmm_exit,
+        0,
+        "the VMM did not exit with status 0 after the guest powered off\n{}",
+        out.summary()
+    );
+    out
+}
+
+fn marker(out: &RunOutput, key: &str) -> String {
+    out.marker(&format!("T:{key}"))
+        .unwrap_or_else(|| panic!("the guest printed no @@T:{key}=...@@\n{}", out.summary()))
+}
+
+#[test]
+fn boots_to_init_and_powers_off() {
+    let out = boot(Scenario::new("boot-poweroff").script(
+        r#"echo "@@T:KERNEL=$(uname -r)@@"
+echo "@@T:PID1=$(cat /proc/1/comm)@@""#,
+    ));
+    assert!(
+        marker(&out, "KERNEL").starts_with("6.12."),
+        "{}",
+        out.summary()
+    );
+    assert_eq!(marker(&out, "PID1"), "init");
+}
+
+#[test]
+fn two_vcpus_are_online() {
+    let out = boot(
+        Scenario::new("two-vcpus")
+            .args(["--cpus", "boot=2"])
+            .script(
+                r#"echo "@@T:ONLINE=$(cat /sys/devices/system/cpu/online)@@"
+echo "@@T:PROCESSORS=$(grep -c '^processor' /proc/cpuinfo)@@""#,
+            ),
+    );
+    assert_eq!(marker(&out, "ONLINE"), "0-1", "{}", out.summary());
+    assert_eq!(marker(&out, "PROCESSORS"), "2", "{}", out.summary());
+}
+
+/// Prints, for the virtio-blk PCI function, its address, configuration space
+/// size, driver, virtio device name and MSI vectors; then reads the whole
+/// disk with O_DIRECT so that its request queue interrupts; then prints the
+/// virtio lines of /proc/interrupts.
+const PCI_SCRIPT: &str = r#"for d in /sys/bus/pci/devices/*; do
+  id="$(cat $d/vendor):$(cat $d/device)"
+  echo "@@T:PCI=${d##*/} $id@@"
+  [ "$id" = "0x1af4:0x1042" ] || continue
+  echo "@@T:BLK=${d##*/}@@"
+  echo "@@T:CONFIG-SIZE=$(wc -c < $d/config)@@"
+  echo "@@T:DRIVER=$(basename "$(readlink $d/driver)")@@"
+  echo "@@T:MSI-VECTORS=$(ls $d/msi_irqs 2>/dev/null | wc -l)@@"
+  for v in $d/virtio*; do [ -d "$v" ] && echo "@@T:VIRTIO=${v##*/}@@"; done
+done
+dd if=/dev/vda of=/dev/null bs=65536 iflag=direct 2>/dev/null
+echo "@@T:DIRECT-READ=$?@@"
+grep virtio /proc/interrupts | while read -r line; do echo "@@T:IRQ=$line@@"; done
+"#;
+
+/// (name, total count over all CPUs, whole line) of /proc/interrupts lines.
+fn irq_lines(out: &RunOutput) -> Vec<(String, u64, String)> {
+    out.markers("T:IRQ")
+        .into_iter()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let counts: Vec<u64> = fields
+                .iter()
+                .skip(1)
+                .map_while(|f| f.parse::<u64>().ok())
+                .collect();
+            let name = fields.last().copied().unwrap_or("").to_string();
+            (name, counts.iter().sum(), line)
+        })
+        .collect()
+}
+
+#[test]
+fn virtio_blk_is_a_modern_pci_function_with_msix() {
+    let out = boot(
+        Scenario::new("virtio-blk-pci")
+            .args(["--disk", "path=disk.img"])
+            .file("disk.img", vec![0u8; 8 * MIB])
+            .script(PCI_SCRIPT),
+    );
+    let blk = out.markers("T:BLK");
+    assert_eq!(
+        blk.len(),
+        1,
+        "expected exactly one 1af4:1042 function, PCI devices: {:?}\n{}",
+        out.markers("T:PCI"),
+        out.summary()
+    );
+    assert_eq!(
+        marker(&out, "CONFIG-SIZE"),
+        "4096",
+        "configuration space is not 4 KiB (no PCI Express capability or no ECAM?)\n{}",
+        out.summary()
+    );
+    assert_eq!(marker(&out, "DRIVER"), "virtio-pci", "{}", out.summary());
+    let msi: usize = marker(&out, "MSI-VECTORS").parse().unwrap();
+    assert!(
+        msi >= 2,
+        "expected MSI-X vectors for config + request queue, got {msi}\n{}",
+        out.summary()
+    );
+    assert_eq!(marker(&out, "DIRECT-READ"), "0", "{}", out.summary());
+
+    let virtio = marker(&out, "VIRTIO");
+    let irqs = irq_lines(&out);
+    let mine: Vec<_> = irqs
+        .iter()
+        .filter(|(name, _, _)| name.starts_with(&format!("{virtio}-")))
+        .collect();
+    assert!(
+        mine.iter().any(|(n, _, _)| *n == format!("{virtio}-config")),
+        "no {virtio}-config vector in /proc/interrupts: {irqs:?}\n{}",
+        out.summary()
+    );
+    let queues: Vec<_> = mine
+        .iter()
+        .filter(|(n, _, _)| n.starts_with(&format!("{virtio}-req.")))
+        .collect();
+    assert!(
+        !queues.is_empty(),
+        "no {virtio}-req.N vector in /proc/interrupts: {irqs:?}\n{}",
+        out.summary()
+    );
+    for (_, _, line) in &mine {
+        assert!(
+            line.contains("MSI"),
+            "vector not delivered as MSI-X: {line}\n{}",
+            out.summary()
+        );
+    }
+    let total: u64 = queues.iter().map(|(_, c, _)| c).sum();
+    assert!(
+        total > 0,
+        "request queue vectors counted no interrupts after reading 8 MiB: {queues:?}\n{}",
+        out.summary()
+    );
+}
+
+#[test]
+fn disk_data_survives_both_directions() {
+    // Host pattern in the first MiB; the guest writes its pattern at 2 MiB.
+    let host_pattern = pattern(1, MIB);
+    let guest_pattern = pattern(2, MIB);
+    let mut disk = vec![0u8; 4 * MIB];
+    disk[..MIB].copy_from_slice(&host_pattern);
+    let out = boot(
+        Scenario::new("disk-data")
+            .args(["--disk", "path=disk.img"])
+            .file("disk.img", disk.clone())
+            .guest_file("expected-host.bin", host_pattern.clone())
+            .guest_file("guest-pattern.bin", guest_pattern.clone())
+            .script(
+                r#"if dd if=/dev/vda bs=65536 count=16 2>/dev/null | cmp - /expected-host.bin; then
+  echo "@@T:HOST-PATTERN=intact@@"
+else
+  echo "@@T:HOST-PATTERN=differs@@"
+fi
+dd if=/guest-pattern.bin of=/dev/vda bs=65536 seek=32 conv=fsync 2>/dev/null
+echo "@@T:WRITE=$?@@"
+sync
+echo 3 > /proc/sys/vm/drop_caches
+if dd if=/dev/vda bs=65536 skip=32 count=16 2>/dev/null | cmp - /guest-pattern.bin; then
+  echo "@@T:READBACK=intact@@"
+else
+  echo "@@T:READBACK=differs@@"
+fi
+"#,
+            ),
+    );
+    assert_eq!(
+        marker(&out, "HOST-PATTERN"),
+        "intact",
+        "the guest read something else than the host wrote\n{}",
+        out.summary()
+    );
+    assert_eq!(marker(&out, "WRITE"), "0", "{}", out.summary());
+    assert_eq!(marker(&out, "READBACK"), "intact", "{}", out.summary());
+
+    let after = out.read_file("disk.img").unwrap();
+    assert_eq!(after.len(), disk.len(), "the disk file changed size");
+    assert!(
+        after[..MIB] == host_pattern[..],
+        "the host pattern was altered"
+    );
+    assert!(
+        after[MIB..2 * MIB].iter().all(|&b| b == 0),
+        "bytes the guest never wrote changed"
+    );
+    let found = &after[2 * MIB..3 * MIB];
+    let first_bad = found.iter().zip(&guest_pattern).position(|(a, b)| a != b);
+    assert!(
+        first_bad.is_none(),
+        "the guest's pattern is not in the file after the VMM exited (first difference at byte {:?} of the 1 MiB written at 2 MiB)",
+        first_bad
+    );
+    assert!(after[3 * MIB..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn readonly_disk_refuses_writes() {
+    let contents = pattern(3, MIB);
+    let out = boot(
+        Scenario::new("disk-readonly")
+            .args(["--disk", "path=ro.img,readonly=on"])
+            .file("ro.img", contents.clone())
+            .guest_file("expected.bin", contents.clone())
+            .script(
+                r#"echo "@@T:RO=$(cat /sys/block/vda/ro)@@"
+if dd if=/dev/vda bs=65536 2>/dev/null | cmp - /expected.bin; then echo "@@T:READ=intact@@"; else echo "@@T:READ=differs@@"; fi
+if dd if=/dev/zero of=/dev/vda bs=4096 count=16 conv=fsync 2>/tmp/dd.err; then
+  echo "@@T:WRITE=accepted@@"
+else
+  echo "@@T:WRITE=refused@@"
+fi
+cat /tmp/dd.err
+"#,
+            ),
+    );
+    assert_eq!(marker(&out, "READ"), "intact", "{}", out.summary());
+    assert_eq!(
+        marker(&out, "RO"),
+        "1",
+        "the guest does not see the disk as read-only (VIRTIO_BLK_F_RO)\n{}",
+        out.summary()
+    );
+    assert_eq!(
+        marker(&out, "WRITE"),
+        "refused",
+        "a write to a readonly=on disk succeeded\n{}",
+        out.summary()
+    );
+    assert!(
+        out.read_file("ro.img").unwrap() == contents,
+        "the readonly=on disk file was modified"
+    );
+}
+
+/// `dmesg | grep -i 'ACPI.*\(error\|bug\)'` must be empty, but for the line
+/// every x86 kernel prints ("PCI: Using host bridge windows from ACPI; if
+/// necessary, use "pci=nocrs" and report a bug"), which is not an error.
+#[test]
+fn no_acpi_errors_in_kernel_log() {
+    let out = boot(Scenario::new("acpi-log").script(
+        r#"dmesg > /tmp/dmesg
+echo "@@T:ACPI-LINES=$(grep -c 'ACPI' /tmp/dmesg)@@"
+grep 'ACPI' /tmp/dmesg | while read -r l; do echo "@@T:ACPI=$l@@"; done
+grep -i 'ACPI.*\(error\|bug\)' /tmp/dmesg | grep -v 'Using host bridge windows from ACPI' | while read -r l; do echo "@@T:ACPI-ERROR=$l@@"; done
+echo "@@T:DONE=1@@"
+"#,
+    ));
+    assert_eq!(marker(&out, "DONE"), "1");
+    let lines: usize = marker(&out, "ACPI-LINES").parse().unwrap();
+    assert!(
+        lines > 0,
+        "the kernel log never mentions ACPI: were the tables found?\n{}",
+        out.summary()
+    );
+    let errors = out.markers("T:ACPI-ERROR");
+    assert!(
+        errors.is_empty(),
+        "ACPI errors in the guest kernel log:\n{}\n{}",
+        errors.join("\n"),
+        out.summary()
+    );
+}
