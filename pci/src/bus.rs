@@ -23,6 +23,11 @@
 //!
 //! Devices hold no reference to the bus; a configuration write that creates
 //! or removes functions returns a [`FunctionChange`] which the bus applies.
+//! Callers must not call into the bus while holding a device's mutex (a
+//! rebuild would wait for that mutex).
+//!
+//! ECAM offsets are relative to the window's base, which decodes bus 0; a
+//! VMM whose MCFG starts at another bus adds `start_bus << 20`.
 //!
 //! The decode map is rebuilt after every configuration write and every
 //! function added or removed. Overlapping BARs: the one with the lowest
@@ -484,7 +489,10 @@ impl PciBus {
         let mmio: Vec<_> = mmio.into_iter().filter(present).collect();
         let io: Vec<_> = io.into_iter().filter(present).collect();
         let same = |a: &[DecodeEntry], b: &[DecodeEntry]| {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.decoded == y.decoded)
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| {
+                    x.decoded == y.decoded && std::sync::Arc::ptr_eq(&x.device, &y.device)
+                })
         };
         let changed = !same(&inner.mmio, &mmio) || !same(&inner.io, &io);
         inner.mmio = mmio;

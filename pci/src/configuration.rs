@@ -340,7 +340,10 @@ impl PciConfiguration {
         }
     }
 
-    /// Sets the guest write mask of `mask.len()` bytes at `offset`.
+    /// Sets the guest write mask of `mask.len()` bytes at `offset`. Like
+    /// the other building methods (`add_bar`, `add_capability`, ...), it
+    /// records the current bytes as reset defaults, so call it while
+    /// building the space, not at run time.
     pub fn set_write_mask(&mut self, offset: u16, mask: &[u8]) -> Result<(), ConfigError> {
         self.check_span(offset, mask.len())?;
         self.put_mask(offset, mask, MaskKind::Write);

@@ -665,6 +665,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn message_updates_while_unmasked() {
+        let (mut m, r) = setup(2);
+        m.set_message_control(MSIX_ENABLE);
+        w32(&mut m, 16 + 12, 0);
+        assert_eq!(
+            r.take(),
+            vec![Event::Update(1, MsiMessage::default(), false)]
+        );
+        // One 8-byte write of the address: one update.
+        m.write_table(16, &0x2_fee0_0000u64.to_le_bytes());
+        let msg = MsiMessage {
+            address: 0x2_fee0_0000,
+            data: 0,
+        };
+        assert_eq!(r.take(), vec![Event::Update(1, msg, false)]);
+        // 8-byte write of data + control: new data and masked at once.
+        m.write_table(24, &((1u64 << 32) | 7).to_le_bytes());
+        assert_eq!(
+            r.take(),
+            vec![Event::Update(1, MsiMessage { data: 7, ..msg }, true)]
+        );
+        // Vector 0 was never touched.
+        assert_eq!(m.entry(0), Some(MsixTableEntry::default()));
+    }
+
+    #[test]
     fn function_mask_and_enable() {
         let (mut m, r) = setup(70);
         program(&mut m, 0, MSG.address, MSG.data);

@@ -143,8 +143,9 @@ impl PcieCapabilityBuilder {
             // Link Control 2: target link speed 2.5 GT/s.
             put16(&mut body, PCIE_LINK_CONTROL_2, 1);
         }
-        // Device Control 2: completion timeout value (3:0) and disable (4).
-        put16(&mut mask, PCIE_DEVICE_CONTROL_2, 0x001f);
+        // Device Capabilities 2 advertises nothing (no completion timeout
+        // ranges, no timeout disable, no LTR/OBFF/10-bit tags), so Device
+        // Control 2 is hardwired to zero.
         (body, mask)
     }
 
@@ -270,6 +271,10 @@ mod tests {
         c.set_u16(ds, 0b1011 | (1 << 5));
         c.write(ds, &0b0011u16.to_le_bytes());
         assert_eq!(c.read_u16(ds), 0b1000 | (1 << 5));
+        // Device Control 2 is hardwired to zero (nothing advertised).
+        let dc2 = cap.offset() + PCIE_DEVICE_CONTROL_2;
+        c.write(dc2, &[0xff, 0xff]);
+        assert_eq!(c.read_u16(dc2), 0);
         // Device capabilities are read-only.
         let dcap = cap.offset() + PCIE_DEVICE_CAPABILITIES;
         let before = c.read_u32(dcap);
