@@ -1,0 +1,291 @@
+//! The interface between a virtio device model and its transport.
+//!
+//! A device model (block, the PF, ...) knows its device type, its queues,
+//! its feature bits and its device-specific configuration structure. It does
+//! not know PCI, MSI-X or threads: the transport
+//! ([`crate::transport::VirtioPciDevice`]) owns the virtqueues, negotiates
+//! features with the driver, and calls [`VirtioDevice::process_queue`] when a
+//! queue was notified. The call is a plain method call, so a unit test can
+//! drive a device with no threads at all.
+//!
+//! # Queue numbering
+//!
+//! Queues `0..queue_max_sizes().len()` are the device-type queues. A device
+//! with administration virtqueues (virtio 1.3 §2.12, `VIRTIO_F_ADMIN_VQ`)
+//! declares them with [`VirtioDevice::admin_queue_max_sizes`]; they are
+//! placed right after the device-type queues, so the first admin queue has
+//! index `queue_max_sizes().len()` (reported to the driver as
+//! `admin_queue_index`), and their count is reported as `admin_queue_num`.
+//! Notifications of admin queues reach [`VirtioDevice::process_admin_queue`]
+//! with the admin queue's number (0 for the first admin queue).
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::chain::ChainBuffers;
+
+use vm_migration::GuestMemoryMmap;
+
+/// virtio device type of a network device.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// virtio device type of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+
+/// Feature bit: the device complies with virtio 1.0 or later.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: the device supports the packed virtqueue layout.
+pub const VIRTIO_F_RING_PACKED: u32 = 34;
+/// Feature bit: the device is an SR-IOV physical function.
+pub const VIRTIO_F_SR_IOV: u32 = 37;
+/// Feature bit: the driver may reset queues individually (`queue_reset`).
+pub const VIRTIO_F_RING_RESET: u32 = 40;
+/// Feature bit: the device has administration virtqueues.
+pub const VIRTIO_F_ADMIN_VQ: u32 = 41;
+/// Feature bit: descriptors may refer to indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// Feature bit: `used_event` / `avail_event` notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Errors a device model reports to its transport.
+///
+/// A device returns an error only when it cannot go on serving a queue (for
+/// example, the rings are not in guest memory). A malformed request is not
+/// an error: the device completes it with an error status, or with used
+/// length 0, and keeps serving the queue. On an error the transport sets
+/// `DEVICE_NEEDS_RESET` in the device status and raises a configuration
+/// change interrupt.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("failed to read the available ring of queue {queue}: {source}")]
+    AvailRing {
+        queue: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("failed to write the used ring of queue {queue}: {source}")]
+    UsedRing {
+        queue: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("queue {0} does not exist on this device")]
+    NoSuchQueue(u16),
+    #[error("failed to activate the device: {0}")]
+    Activate(String),
+    #[error("device backend failed: {0}")]
+    Backend(String),
+}
+
+/// Result of device operations.
+pub type Result<T> = std::result::Result<T, DeviceError>;
+
+/// A virtio device model, independent of its transport.
+///
+/// Every method may be reached by guest-controlled input (through the
+/// transport) and must never panic.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (1 = net, 2 = block, ...).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each device-type queue, in queue order. Sizes
+    /// are powers of two no larger than 32768. Admin queues are not listed
+    /// here.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// The maximum size of each administration virtqueue; empty (the
+    /// default) when the device has none. Admin queues follow the
+    /// device-type queues.
+    fn admin_queue_max_sizes(&self) -> &[u16] {
+        &[]
+    }
+
+    /// The feature bits the device offers. The transport adds the bits it
+    /// implements itself (`VIRTIO_F_VERSION_1`, and `VIRTIO_F_RING_RESET`
+    /// when enabled); a device must not offer transport bits it does not
+    /// know the transport supports.
+    fn features(&self) -> u64;
+
+    /// Length in bytes of the device-specific configuration structure.
+    fn config_len(&self) -> usize;
+
+    /// Reads `data.len()` bytes of device configuration at `offset`. Bytes
+    /// beyond [`VirtioDevice::config_len`] read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes device configuration at `offset`. Read-only fields and
+    /// out-of-range writes are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// The driver set DRIVER_OK after negotiating `features`. The queues
+    /// the driver enabled are passed to `process_queue` from now on.
+    fn activate(&mut self, features: u64) -> Result<()>;
+
+    /// The driver reset the device (wrote 0 to `device_status`) or the
+    /// function was reset. The device forgets its negotiated state; the
+    /// transport resets the queues itself.
+    fn reset(&mut self);
+
+    /// Queue `index` (a device-type queue) was reset on its own through
+    /// `queue_reset`. The device drops whatever it holds of that queue.
+    fn queue_reset(&mut self, _index: u16) {}
+
+    /// Queue `index` (a device-type queue) was notified: take the available
+    /// descriptor chains from `queue`, serve them and put them on the used
+    /// ring. Returns whether at least one used element was written (the
+    /// transport then decides, from the queue's suppression state, whether
+    /// to interrupt the driver).
+    fn process_queue(
+        &mut self,
+        index: u16,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool>;
+
+    /// Admin queue `admin_index` (0 for the first admin queue) was
+    /// notified. Same contract as [`VirtioDevice::process_queue`]. Devices
+    /// without admin queues never see this call.
+    fn process_admin_queue(
+        &mut self,
+        admin_index: u16,
+        _queue: &mut Queue,
+        _mem: &GuestMemoryMmap,
+    ) -> Result<bool> {
+        Err(DeviceError::NoSuchQueue(admin_index))
+    }
+}
+
+impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn admin_queue_max_sizes(&self) -> &[u16] {
+        (**self).admin_queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn config_len(&self) -> usize {
+        (**self).config_len()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(&mut self, features: u64) -> Result<()> {
+        (**self).activate(features)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+    fn queue_reset(&mut self, index: u16) {
+        (**self).queue_reset(index)
+    }
+    fn process_queue(
+        &mut self,
+        index: u16,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool> {
+        (**self).process_queue(index, queue, mem)
+    }
+    fn process_admin_queue(
+        &mut self,
+        admin_index: u16,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool> {
+        (**self).process_admin_queue(admin_index, queue, mem)
+    }
+}
+
+/// Copies `src` (a device's configuration structure) into `data` starting
+/// at `offset`; bytes past the end of `src` read as zero. Never panics.
+pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= src.len() {
+        return;
+    }
+    let n = data.len().min(src.len() - start);
+    data[..n].copy_from_slice(&src[start..start + n]);
+}
+
+/// Upper bound of notification-enable rounds per [`serve_queue`] call, so a
+/// driver that keeps adding buffers cannot hold the device thread forever.
+const MAX_ROUNDS: usize = 64;
+
+/// Serves every available chain of `queue` with `serve`, which returns the
+/// used length of a chain. Handles notification suppression (both the
+/// `VRING_USED_F_NO_NOTIFY` flag and `avail_event`) around the loop.
+/// Returns whether a used element was written.
+pub fn serve_queue<F>(
+    index: u16,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut serve: F,
+) -> Result<bool>
+where
+    F: FnMut(&ChainBuffers) -> u32,
+{
+    let mut used = false;
+    for _ in 0..MAX_ROUNDS {
+        queue
+            .disable_notification(mem)
+            .map_err(|source| DeviceError::UsedRing {
+                queue: index,
+                source,
+            })?;
+        loop {
+            let chain = {
+                let mut iter = queue.iter(mem).map_err(|source| DeviceError::AvailRing {
+                    queue: index,
+                    source,
+                })?;
+                iter.next()
+            };
+            let Some(chain) = chain else { break };
+            let bufs = ChainBuffers::from_chain(chain);
+            let len = serve(&bufs);
+            queue
+                .add_used(mem, bufs.head_index(), len)
+                .map_err(|source| DeviceError::UsedRing {
+                    queue: index,
+                    source,
+                })?;
+            used = true;
+        }
+        let more = queue
+            .enable_notification(mem)
+            .map_err(|source| DeviceError::UsedRing {
+                queue: index,
+                source,
+            })?;
+        if !more {
+            break;
+        }
+    }
+    Ok(used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_bytes_are_bounds_checked() {
+        let src = [1u8, 2, 3, 4];
+        let mut out = [0xffu8; 4];
+        read_config_bytes(&src, 2, &mut out);
+        assert_eq!(out, [3, 4, 0, 0]);
+        read_config_bytes(&src, 4, &mut out);
+        assert_eq!(out, [0; 4]);
+        read_config_bytes(&src, u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+}
