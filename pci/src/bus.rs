@@ -862,17 +862,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sriov_vfs_appear_and_decode_through_the_bus() {
-        let bus = PciBus::new();
-        let log = Log::default();
-        let pf_bdf = Bdf::new(0, 3, 0);
+    /// Puts a PF with 3 VFs (offset 1, stride 1, 16 KiB VF BAR0) and a 4 KiB
+    /// BAR0 of its own at `pf_bdf`; returns the SR-IOV capability offset.
+    fn add_pf(bus: &PciBus, log: &Log, pf_bdf: Bdf) -> u16 {
         let mut config = PciConfiguration::new(&PciHeaderParams {
             vendor_id: 0x1af4,
             device_id: 0x1042,
             multifunction: true,
             ..Default::default()
         });
+        config.add_bar(0, BarKind::Memory64, 0x1000, false).unwrap();
         let sriov = SriovCapability::add_to(
             &mut config,
             SriovParams {
@@ -894,6 +893,15 @@ mod tests {
             log: log.clone(),
         }));
         bus.add_function(pf_bdf, pf).unwrap();
+        off
+    }
+
+    #[test]
+    fn sriov_vfs_appear_and_decode_through_the_bus() {
+        let bus = PciBus::new();
+        let log = Log::default();
+        let pf_bdf = Bdf::new(0, 3, 0);
+        let off = add_pf(&bus, &log, pf_bdf);
 
         // Linux: NumVFs, VF BAR, then VF Enable | VF MSE.
         bus.ecam_write(
@@ -971,5 +979,87 @@ mod tests {
         let mut d = [0u8; 4];
         assert!(bus.mmio_read(0xe100_0000, &mut d));
         assert!(!bus.mmio_read(0xe000_0000, &mut d));
+    }
+
+    /// Deterministic pseudo-random guest accesses of every kind: nothing
+    /// panics, the function set stays consistent with the PF's SR-IOV
+    /// registers.
+    #[test]
+    fn random_guest_accesses_do_not_panic() {
+        let bus = PciBus::new();
+        let log = Log::default();
+        let pf_bdf = Bdf::new(0, 3, 0);
+        let off = add_pf(&bus, &log, pf_bdf);
+        let t = Bdf::new(1, 0, 7);
+        bus.add_function(t, TestDev::new(t, &log)).unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut saw_vfs = 0;
+        for _ in 0..20_000 {
+            let r = next();
+            let len = [1usize, 2, 4, 2, 4, 3, 8, 0][(next() % 8) as usize];
+            // Half the values small, so NumVFs and VF Enable writes land.
+            let v = if next() % 2 == 0 {
+                (next() % 4).to_le_bytes()
+            } else {
+                next().to_le_bytes()
+            };
+            let mut buf = [0u8; 8];
+            let target = [pf_bdf, t, Bdf::new(0, 3, 1), Bdf::new(0, 3, 2)][(next() % 4) as usize];
+            // Mostly header, BARs and SR-IOV, sometimes anywhere.
+            let reg = match next() % 4 {
+                0 => (r >> 16) as u16 % 0x40,
+                1 => {
+                    off + [
+                        SRIOV_CONTROL,
+                        SRIOV_NUM_VFS,
+                        SRIOV_VF_BAR0,
+                        SRIOV_VF_BAR0 + 4,
+                    ][((r >> 16) % 4) as usize]
+                }
+                2 => (r >> 16) as u16 % 0x1100,
+                _ => (r >> 16) as u16,
+            };
+            match next() % 6 {
+                0 => {
+                    bus.ecam_write(ecam_offset(target, reg & 0xfff), &v[..len]);
+                }
+                1 => bus.ecam_read((r >> 16) % (ECAM_SIZE + 0x1000), &mut buf[..len]),
+                2 => {
+                    bus.config_port_write(0xcf8 + (r >> 48) as u16 % 9, &v[..len]);
+                }
+                3 => bus.config_port_read(0xcf8 + (r >> 48) as u16 % 9, &mut buf[..len]),
+                4 => {
+                    let addr = (next() & 0x3_ffff) | 0x8000_0000;
+                    bus.mmio_write(addr, &v[..len]);
+                    bus.pio_write(addr as u16, &v[..len]);
+                }
+                _ => {
+                    let addr = next();
+                    bus.mmio_read(addr, &mut buf[..len]);
+                    bus.pio_read(addr as u16, &mut buf[..len]);
+                }
+            }
+            // VFs on the bus are exactly those the PF's registers say.
+            let mut b = [0u8; 2];
+            bus.config_read(pf_bdf, off + SRIOV_CONTROL, &mut b);
+            let enabled = u16::from_le_bytes(b) & 1 != 0;
+            bus.config_read(pf_bdf, off + SRIOV_NUM_VFS, &mut b);
+            let num = if enabled { u16::from_le_bytes(b) } else { 0 };
+            let vfs = bus
+                .function_ids()
+                .into_iter()
+                .filter(|b| b.bus() == 0 && b.device() == 3 && b.function() > 0)
+                .count();
+            assert_eq!(vfs, usize::from(num));
+            assert!(num <= 3);
+            saw_vfs += usize::from(num > 0);
+        }
+        assert!(saw_vfs > 1000, "VFs appeared in {saw_vfs} steps");
     }
 }
