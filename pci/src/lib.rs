@@ -6,6 +6,24 @@
 //! [`PciDevice`]; interrupts leave a device through an
 //! [`InterruptSourceGroup`], which the VMM backs with KVM irqfds and a unit
 //! test backs with a recorder.
+//!
+//! Modules, each with its tests beside the code:
+//! * [`configuration`]: [`PciConfiguration`], a 4 KiB type 0 space with
+//!   per-byte write and write-1-to-clear masks, BAR registration and sizing,
+//!   the decoded-BAR list, and the standard and extended capability chains.
+//! * [`pcie`]: the PCI Express Capability (v2 endpoint, optional FLR) and
+//!   FLR-request detection on configuration writes.
+//! * [`msix`]: [`MsixConfig`], the MSI-X table, PBA and capability, with
+//!   per-vector and function masking and pending-bit delivery on unmask.
+//! * [`sriov`]: the SR-IOV Extended Capability register block, its write
+//!   rules, and VF routing ID / VF BAR0 computation.
+//! * [`bus`]: [`PciBus`], functions keyed by [`Bdf`], ECAM and 0xCF8/0xCFC
+//!   configuration access, and MMIO/port dispatch to decoded BARs. It is
+//!   internally synchronized (share it as `Arc<PciBus>`); see the module
+//!   documentation for the locking rules.
+//!
+//! Guest-reachable paths never panic: bad offsets and lengths read as
+//! all-ones and writes to them are dropped.
 
 use std::fmt;
 
