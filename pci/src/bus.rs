@@ -24,7 +24,11 @@
 //! Devices hold no reference to the bus; a configuration write that creates
 //! or removes functions returns a [`FunctionChange`] which the bus applies.
 //! Callers must not call into the bus while holding a device's mutex (a
-//! rebuild would wait for that mutex).
+//! rebuild would wait for that mutex). A device model whose functions share
+//! state (a PF and its VFs) must keep one lock order: if a VF's
+//! `decoded_bars` locks the PF's shared state, the PF must not lock a VF's
+//! mutex while holding that state, since a rebuild may be holding the VF's
+//! mutex and waiting for it.
 //!
 //! ECAM offsets are relative to the window's base, which decodes bus 0; a
 //! VMM whose MCFG starts at another bus adds `start_bus << 20`.
