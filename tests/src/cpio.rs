@@ -56,7 +56,7 @@ impl CpioWriter {
     }
 
     fn pad4(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -89,7 +89,7 @@ impl CpioWriter {
     pub fn finish(mut self) -> Vec<u8> {
         self.header("TRAILER!!!", 0, 0);
         // Block-align, as cpio(1) does.
-        while self.buf.len() % 512 != 0 {
+        while !self.buf.len().is_multiple_of(512) {
             self.buf.push(0);
         }
         self.buf
@@ -102,7 +102,7 @@ impl CpioWriter {
 pub fn concat(base: &[u8], extra: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(base.len() + extra.len() + 512);
     out.extend_from_slice(base);
-    while out.len() % 512 != 0 {
+    while !out.len().is_multiple_of(512) {
         out.push(0);
     }
     out.extend_from_slice(extra);

@@ -199,10 +199,12 @@ fn build_guest_images() -> Result<GuestImages> {
         return GuestImages::at(PathBuf::from(dir));
     }
     let script = repo_root().join("scripts/build-guest-image.sh");
-    let (status, output) = run_captured(Command::new("bash").arg(&script).arg("--quiet"))
-        .map_err(|source| Error::Spawn {
-            program: script.display().to_string(),
-            source,
+    let (status, output) =
+        run_captured(Command::new("bash").arg(&script).arg("--quiet")).map_err(|source| {
+            Error::Spawn {
+                program: script.display().to_string(),
+                source,
+            }
         })?;
     if !status.success() {
         return Err(Error::ImageBuild {
@@ -250,7 +252,14 @@ fn build_vmm() -> Result<PathBuf> {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
         .env("CARGO_TARGET_DIR", &target)
-        .args(["build", "--release", "-p", "vmm", "--bin", "cloud-hypervisor"]);
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vmm",
+            "--bin",
+            "cloud-hypervisor",
+        ]);
     let (status, output) = run_captured(&mut cmd).map_err(|source| Error::Spawn {
         program: "cargo".into(),
         source,
@@ -321,7 +330,10 @@ mod tests {
         let amd = facts(true, &["kvm", "kvm_amd"], true);
         assert_eq!(choose_mode(None, &amd).unwrap().mode, Mode::Direct);
         let intel = facts(true, &["kvm", "kvm_intel"], true);
-        assert_eq!(choose_mode(Some("auto"), &intel).unwrap().mode, Mode::Direct);
+        assert_eq!(
+            choose_mode(Some("auto"), &intel).unwrap().mode,
+            Mode::Direct
+        );
         // A module without the CPU flag (or the reverse) is not hardware KVM.
         assert_eq!(
             choose_mode(None, &facts(true, &["kvm_amd"], false))

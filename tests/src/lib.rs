@@ -39,7 +39,11 @@ pub use scenario::{RunOutput, Scenario};
 pub fn runner() -> Runner {
     match Runner::from_env() {
         Ok(r) => {
-            eprintln!("real-guest runner: mode {} ({})", r.mode(), r.detected.reason);
+            eprintln!(
+                "real-guest runner: mode {} ({})",
+                r.mode(),
+                r.detected.reason
+            );
             r
         }
         Err(e) => panic!("cannot run real-guest tests: {e}"),

@@ -55,6 +55,9 @@ pub const OUTER_QEMU_ARGS: &[&str] = &[
 ];
 /// The outer VM's kernel command line.
 pub const OUTER_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// Every run writes its output, with host timestamps, to this file of the
+/// scenario directory.
+pub const OUTPUT_LOG: &str = "output.log";
 const MARK_OUTER_DONE: &str = "@@CH-TEST:OUTER-DONE@@";
 
 /// One VM at a time per test process: the machine has 2 cores, and a nested
@@ -68,6 +71,8 @@ pub struct Runner {
     pub images: GuestImages,
     /// The VMM binary (in qemu-reference mode: unused).
     pub vmm: PathBuf,
+    /// Print each output line to stdout as it arrives (for interactive use).
+    pub echo: bool,
 }
 
 fn qemu_program() -> &'static str {
@@ -90,6 +95,7 @@ impl Runner {
             detected,
             images,
             vmm,
+            echo: false,
         })
     }
 
@@ -102,6 +108,7 @@ impl Runner {
             detected,
             images,
             vmm: vmm.to_path_buf(),
+            echo: false,
         })
     }
 
@@ -166,7 +173,8 @@ impl Runner {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| Error::io("creating dir", parent, e))?;
             }
-            std::fs::write(&path, data).map_err(|e| Error::io("writing scenario file", &path, e))?;
+            std::fs::write(&path, data)
+                .map_err(|e| Error::io("writing scenario file", &path, e))?;
         }
         let kernel = dir.join(GUEST_KERNEL);
         std::fs::copy(&self.images.bzimage, &kernel)
@@ -186,7 +194,7 @@ impl Runner {
         let mut cmd = Command::new(&self.vmm);
         cmd.args(scenario.full_args()).current_dir(dir);
         let what = format!("VMM {} (scenario {})", self.vmm.display(), scenario.name);
-        let cap = capture(cmd, &what, limit)?;
+        let cap = capture(cmd, &what, limit, Some(&dir.join(OUTPUT_LOG)), self.echo)?;
         Ok(RunOutput {
             mode: Mode::Direct,
             dir: dir.to_path_buf(),
@@ -202,7 +210,7 @@ impl Runner {
         let mut cmd = Command::new(qemu_program());
         cmd.args(&args).current_dir(dir);
         let what = format!("reference QEMU (scenario {})", scenario.name);
-        let cap = capture(cmd, &what, limit)?;
+        let cap = capture(cmd, &what, limit, Some(&dir.join(OUTPUT_LOG)), self.echo)?;
         Ok(RunOutput {
             mode: Mode::QemuReference,
             dir: dir.to_path_buf(),
@@ -251,7 +259,7 @@ impl Runner {
         for (i, (name, data)) in scenario.files.iter().enumerate() {
             let serial = format!("chtest{i}");
             let path = dir.join(name);
-            let disk = if data.len() % 512 == 0 && !data.is_empty() {
+            let disk = if data.len().is_multiple_of(512) && !data.is_empty() {
                 path.clone()
             } else {
                 let copy = xfer.join(format!("{serial}.img"));
@@ -288,7 +296,7 @@ impl Runner {
             .args(&drives)
             .current_dir(dir);
         let what = format!("outer QEMU host VM (scenario {})", scenario.name);
-        let cap = capture(cmd, &what, limit)?;
+        let cap = capture(cmd, &what, limit, Some(&dir.join(OUTPUT_LOG)), self.echo)?;
         let tail = tail_lines(&cap.lines, 60);
 
         let find = |text: &str| cap.lines.iter().find(|l| l.text.contains(text));
@@ -479,8 +487,24 @@ fn tail_lines(lines: &[Line], n: usize) -> String {
 }
 
 /// Runs `cmd` with stdin from /dev/null, stdout and stderr captured line by
-/// line with host timestamps; kills it after `limit`.
-fn capture(mut cmd: Command, what: &str, limit: Duration) -> Result<Captured> {
+/// line with host timestamps (when each line reached this process); kills it
+/// after `limit`. Writes the lines to `log`, and echoes them if `echo`.
+fn capture(
+    mut cmd: Command,
+    what: &str,
+    limit: Duration,
+    log: Option<&Path>,
+    echo: bool,
+) -> Result<Captured> {
+    let write_log = |lines: &[Line]| {
+        if let Some(log) = log {
+            let text: String = lines
+                .iter()
+                .map(|l| format!("[{:9.3}] {}\n", l.at.as_secs_f64(), l.text))
+                .collect();
+            let _ = std::fs::write(log, text);
+        }
+    };
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -491,8 +515,14 @@ fn capture(mut cmd: Command, what: &str, limit: Duration) -> Result<Captured> {
     })?;
     let (tx, rx) = mpsc::channel::<(Instant, String)>();
     let mut readers = Vec::new();
-    let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
-    let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn Read + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn Read + Send>);
     for stream in [stdout, stderr].into_iter().flatten() {
         let tx = tx.clone();
         readers.push(std::thread::spawn(move || read_lines(stream, tx)));
@@ -503,6 +533,9 @@ fn capture(mut cmd: Command, what: &str, limit: Duration) -> Result<Captured> {
     let mut lines = Vec::new();
     let collect = |lines: &mut Vec<Line>, rx: &mpsc::Receiver<(Instant, String)>| {
         while let Ok((at, text)) = rx.try_recv() {
+            if echo {
+                println!("{text}");
+            }
             lines.push(Line {
                 at: at.duration_since(start),
                 text,
@@ -523,6 +556,7 @@ fn capture(mut cmd: Command, what: &str, limit: Duration) -> Result<Captured> {
                 let _ = r.join();
             }
             collect(&mut lines, &rx);
+            write_log(&lines);
             return Err(Error::Timeout {
                 what: what.to_string(),
                 limit,
@@ -536,6 +570,7 @@ fn capture(mut cmd: Command, what: &str, limit: Duration) -> Result<Captured> {
         let _ = r.join();
     }
     collect(&mut lines, &rx);
+    write_log(&lines);
     use std::os::unix::process::ExitStatusExt;
     let status = status
         .code()
@@ -577,19 +612,9 @@ mod tests {
 
     #[test]
     fn reference_args_translate() {
-        let s = Scenario::new("t").args([
-            "--cpus",
-            "boot=2",
-            "--disk",
-            "path=a,b.img,readonly=on",
-        ]);
+        let s = Scenario::new("t").args(["--cpus", "boot=2", "--disk", "path=a,b.img,readonly=on"]);
         // "a,b.img" cannot be expressed in CH syntax either; use a plain one.
-        let s2 = Scenario::new("t").args([
-            "--cpus",
-            "boot=2",
-            "--disk",
-            "path=d.img,readonly=on",
-        ]);
+        let s2 = Scenario::new("t").args(["--cpus", "boot=2", "--disk", "path=d.img,readonly=on"]);
         assert!(reference_qemu_args(&s).is_ok());
         let a = reference_qemu_args(&s2).unwrap();
         assert!(a.windows(2).any(|w| w[0] == "-smp" && w[1] == "2"));
@@ -605,7 +630,7 @@ mod tests {
     fn capture_reports_status_and_timeout() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo one; echo two >&2; printf 'three\\r\\n'; exit 3"]);
-        let cap = capture(cmd, "sh", Duration::from_secs(20)).unwrap();
+        let cap = capture(cmd, "sh", Duration::from_secs(20), None, false).unwrap();
         assert_eq!(cap.status, 3);
         let texts: Vec<&str> = cap.lines.iter().map(|l| l.text.as_str()).collect();
         assert!(texts.contains(&"one") && texts.contains(&"two") && texts.contains(&"three"));
@@ -613,7 +638,7 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo started; exec sleep 30"]);
         let t0 = Instant::now();
-        match capture(cmd, "sleeper", Duration::from_millis(500)) {
+        match capture(cmd, "sleeper", Duration::from_millis(500), None, false) {
             Err(Error::Timeout { tail, .. }) => assert!(tail.contains("started")),
             other => panic!("expected a timeout, got {:?}", other.map(|c| c.status)),
         }

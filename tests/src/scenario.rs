@@ -124,7 +124,9 @@ impl Scenario {
         for (name, _) in &self.files {
             let ok = !name.is_empty()
                 && !name.starts_with('/')
-                && !name.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+                && !name
+                    .split('/')
+                    .any(|c| c.is_empty() || c == "." || c == "..")
                 && name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
@@ -236,7 +238,10 @@ impl RunOutput {
 
     /// When the first line containing `text` arrived.
     pub fn time_of(&self, text: &str) -> Option<Duration> {
-        self.lines.iter().find(|l| l.text.contains(text)).map(|l| l.at)
+        self.lines
+            .iter()
+            .find(|l| l.text.contains(text))
+            .map(|l| l.at)
     }
 
     /// Whether the inner guest's /init ran.
@@ -269,7 +274,7 @@ impl RunOutput {
     /// A short report for assertion messages: mode, status, last lines.
     pub fn summary(&self) -> String {
         format!(
-            "mode: {}\nVMM exit status: {}\nscenario dir: {}\nlast output:\n{}",
+            "mode: {}\nVMM exit status: {}\nscenario dir: {} (full output in output.log)\nlast output:\n{}",
             self.mode,
             self.vmm_exit,
             self.dir.display(),
@@ -305,17 +310,25 @@ mod tests {
         let a = s.full_args();
         assert_eq!(a.iter().filter(|x| *x == "--cpus").count(), 1);
         assert_eq!(a.iter().filter(|x| *x == "--memory").count(), 1);
-        assert!(a.windows(2).any(|w| w[0] == "--kernel" && w[1] == GUEST_KERNEL));
+        assert!(a
+            .windows(2)
+            .any(|w| w[0] == "--kernel" && w[1] == GUEST_KERNEL));
         assert!(a.windows(2).any(|w| w[0] == "--cpus" && w[1] == "boot=2"));
     }
 
     #[test]
     fn scenario_validation() {
-        assert!(Scenario::new("ok-1").file("d/x.img", vec![]).validate().is_ok());
+        assert!(Scenario::new("ok-1")
+            .file("d/x.img", vec![])
+            .validate()
+            .is_ok());
         assert!(Scenario::new("bad name").validate().is_err());
         assert!(Scenario::new("t").file("../x", vec![]).validate().is_err());
         assert!(Scenario::new("t").file("/x", vec![]).validate().is_err());
-        assert!(Scenario::new("t").file(GUEST_KERNEL, vec![]).validate().is_err());
+        assert!(Scenario::new("t")
+            .file(GUEST_KERNEL, vec![])
+            .validate()
+            .is_err());
         assert!(Scenario::new("t").args(["a\nb"]).validate().is_err());
     }
 }

@@ -145,7 +145,8 @@ fn virtio_blk_is_a_modern_pci_function_with_msix() {
         .filter(|(name, _, _)| name.starts_with(&format!("{virtio}-")))
         .collect();
     assert!(
-        mine.iter().any(|(n, _, _)| *n == format!("{virtio}-config")),
+        mine.iter()
+            .any(|(n, _, _)| *n == format!("{virtio}-config")),
         "no {virtio}-config vector in /proc/interrupts: {irqs:?}\n{}",
         out.summary()
     );

@@ -81,7 +81,12 @@ exit 0"#,
     let disk = pattern(7, 64 * 1024);
     let note = b"note: odd sized file\n".to_vec();
     let scenario = Scenario::new("harness-files")
-        .args(["--disk", "path=disk.img", "--cmdline", "with spaces and 'quotes'"])
+        .args([
+            "--disk",
+            "path=disk.img",
+            "--cmdline",
+            "with spaces and 'quotes'",
+        ])
         .file("disk.img", disk.clone())
         .file("expected.img", disk.clone())
         .file("sub/note.txt", note.clone());
