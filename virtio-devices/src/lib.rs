@@ -4,4 +4,6 @@ pub mod block;
 pub mod chain;
 pub mod device;
 pub mod pf;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_driver;
 pub mod transport;

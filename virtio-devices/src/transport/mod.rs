@@ -44,6 +44,8 @@
 pub mod caps;
 mod common;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -56,7 +58,7 @@ use pci::{
     PciConfiguration, PciDevice,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vm_migration::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -97,6 +99,9 @@ pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
 /// Subsystem ID given to every function.
 pub const VIRTIO_PCI_SUBSYSTEM_ID: u16 = 0x1100;
+
+/// Available ring flag: the driver wants no used-buffer interrupts.
+const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// ISR bit: a queue was used.
 pub const ISR_QUEUE: u8 = 1;
@@ -669,7 +674,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         };
         match res {
             Ok(true) => {
-                let notify = queue.needs_notification(&*mem).unwrap_or(true);
+                let notify = driver_wants_interrupt(queue, &mem);
                 drop(mem);
                 if notify {
                     self.send_queue_interrupt(index);
@@ -871,6 +876,21 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     }
 }
 
+/// Whether the driver wants an interrupt for what was just put on the used
+/// ring: `used_event` with EVENT_IDX (virtio-queue's check), else the
+/// available ring's `VIRTQ_AVAIL_F_NO_INTERRUPT` flag. When the rings
+/// cannot be read, interrupt.
+fn driver_wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    let wanted = queue.needs_notification(mem).unwrap_or(true);
+    if !wanted || queue.event_idx_enabled() {
+        return wanted;
+    }
+    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
+        Ok(flags) => u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
+    }
+}
+
 /// Programs a fresh queue from register state. Returns the offending
 /// address if a ring breaks its alignment or the size is invalid.
 fn configure_queue(q: &mut Queue, cfg: &QueueConfigState, features: u64) -> Result<(), u64> {
@@ -892,8 +912,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         if let Some((bar, bar_off, n)) = self.pci_cfg_window(offset, data.len()) {
             data.fill(0);
-            if n > 0 && bar == 0 {
-                self.bar0_read(bar_off, &mut data[..n]);
+            if n > 0 {
+                self.bar_read(bar, bar_off, &mut data[..n]);
             }
             return;
         }
@@ -909,8 +929,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
             return None;
         }
         if let Some((bar, bar_off, n)) = self.pci_cfg_window(offset, data.len()) {
-            if n > 0 && bar == 0 {
-                self.bar0_write(bar_off, &data[..n]);
+            if n > 0 {
+                self.bar_write(bar, bar_off, &data[..n]);
             }
             return None;
         }
