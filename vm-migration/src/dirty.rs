@@ -813,3 +813,271 @@ impl WriteRecorder {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use vm_memory::{Bytes, GuestMemoryRegion, VolatileMemory};
+
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(4 << 20), 1 << 20)])
+            .unwrap()
+    }
+
+    fn all_records(rec: &mut WriteRecorder) -> Vec<u64> {
+        let mut out = Vec::new();
+        rec.read(0, u64::MAX & !0xfff, usize::MAX, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn bitmap_traits_mark_pages_through_slices() {
+        let b = DirtyBitmap::with_len(64 * 4096);
+        assert_eq!(b.page_count(), 64);
+        let s = b.slice_at(0x3000);
+        s.mark_dirty(0xfff, 2); // pages 3 + 0 and 3 + 1
+        assert!(b.dirty_at(0x3fff) && b.dirty_at(0x4000));
+        assert!(!b.dirty_at(0x2fff) && !b.dirty_at(0x5000));
+        let s2 = s.slice_at(0x10_000);
+        s2.mark_dirty(0, 1);
+        assert!(s2.dirty_at(0) && b.dirty_at(0x13000));
+        s.mark_dirty(0, 0); // zero length marks nothing
+        let words = b.get_and_reset();
+        assert_eq!(words, vec![(1 << 3) | (1 << 4) | (1 << 0x13)]);
+        assert!(b.get_and_reset().iter().all(|w| *w == 0));
+        // Past the end: ignored.
+        b.mark_dirty(64 * 4096, 10);
+        b.mark_dirty(usize::MAX - 3, 10);
+        assert!(b.get_and_reset().iter().all(|w| *w == 0));
+    }
+
+    #[test]
+    fn vmm_dirty_log_sees_bytes_and_volatile_writes() {
+        let m = mem();
+        m.write_obj(1u64, GuestAddress((4 << 20) + 0x2000)).unwrap();
+        m.write_slice(&[1; 8192], GuestAddress(0x1800)).unwrap();
+        let r = m.iter().next().unwrap();
+        let mapping: &MmapRegion<DirtyBitmap> = r;
+        let vs = mapping.get_slice(0x9000, 16).unwrap();
+        vs.write_obj(5u32, 0).unwrap();
+        let log = take_dirty_log(&m);
+        assert_eq!(log[0].bits[0], (1 << 1) | (1 << 2) | (1 << 3) | (1 << 9));
+        assert_eq!(log[1].bits[0], 1 << 2);
+        assert!(take_dirty_log(&m).iter().all(|l| l.bits.iter().all(|w| *w == 0)));
+    }
+
+    #[test]
+    fn member_view_shares_memory_and_outlives_the_vmm_handle() {
+        let m = mem();
+        let mut rec = WriteRecorder::new(&m, 8).unwrap();
+        let view = rec.member_view(&m).unwrap();
+        for (a, b) in m.iter().zip(view.iter()) {
+            assert_eq!(a.as_ptr(), b.as_ptr());
+            assert_eq!(a.start_addr(), b.start_addr());
+            assert!(b.bitmap().bitmap.is_member_view());
+        }
+        rec.start(4096, &[(0, 256)]).unwrap();
+        drop(m);
+        // The mapping is still alive through the view.
+        view.write_obj(9u32, GuestAddress(0x7000)).unwrap();
+        assert_eq!(view.read_obj::<u32>(GuestAddress(0x7000)).unwrap(), 9);
+        assert_eq!(all_records(&mut rec), vec![0x7000]);
+    }
+
+    #[test]
+    fn view_of_other_layout_is_refused() {
+        let m = mem();
+        let rec = WriteRecorder::new(&m, 8).unwrap();
+        let other = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        assert!(matches!(
+            rec.member_view(&other),
+            Err(DirtyError::UnknownRegion { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_writes_are_never_lost_by_reads() {
+        let m = mem();
+        let mut rec = WriteRecorder::new(&m, 8).unwrap();
+        rec.start(4096, &[(0, 256)]).unwrap();
+        let view = rec.member_view(&m).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let mut written = BTreeSet::new();
+            let mut i = 0u64;
+            while !stop2.load(Ordering::Relaxed) || i < 20_000 {
+                let page = (i * 7919) % 256;
+                view.write_obj(i, GuestAddress(page * 4096 + 8)).unwrap();
+                written.insert(page * 4096);
+                i += 1;
+            }
+            written
+        });
+        let mut seen = BTreeSet::new();
+        for _ in 0..2000 {
+            let mut out = Vec::new();
+            rec.read(0, 1 << 20, 16, &mut out).unwrap();
+            seen.extend(out);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        seen.extend(all_records(&mut rec));
+        assert_eq!(seen, written);
+    }
+
+    #[test]
+    fn recorder_state_round_trips() {
+        let m = mem();
+        let mut a = WriteRecorder::new(&m, 8).unwrap();
+        a.start(4096, &[(0, 16), (4 << 20, 4)]).unwrap();
+        a.start(64 << 10, &[(1 << 19, 2)]).unwrap();
+        let v = a.member_view(&m).unwrap();
+        for addr in [0x1000u64, 0x5000, (4 << 20) + 0x3000, (1 << 19) + 0x11000] {
+            v.write_obj(1u8, GuestAddress(addr)).unwrap();
+        }
+        let st = a.state();
+        let mut b = WriteRecorder::new(&m, 8).unwrap();
+        b.restore(&st).unwrap();
+        assert_eq!(b.state(), st);
+        assert_eq!(all_records(&mut b), all_records(&mut a));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, usize),
+        Start(u64, Vec<(u64, u64)>),
+        Read(u64, u64, usize),
+        Stop,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..(6 << 20), 1usize..20_000).prop_map(|(a, l)| Op::Write(a, l)),
+            1 => (prop::sample::select(vec![4096u64, 8192, 64 << 10, 2 << 20]),
+                  prop::collection::vec((0u64..96, 1u64..40), 1..4))
+                .prop_map(|(ps, v)| {
+                    let unit = if ps == 2 << 20 { 2 << 20 } else { 64 << 10 };
+                    Op::Start(ps, v.into_iter().map(|(a, c)| (a * unit, c)).collect())
+                }),
+            2 => (0u64..1536, 0u64..1536, 0usize..50)
+                .prop_map(|(a, l, m)| Op::Read(a * 4096, l * 4096, m)),
+            1 => Just(Op::Stop),
+        ]
+    }
+
+    /// A plain model of R-WR-2..5: ranges and a set of recorded pages.
+    #[derive(Default)]
+    struct Model {
+        ranges: Vec<RecordRange>,
+        pages: BTreeSet<u64>,
+    }
+
+    impl Model {
+        fn start(&mut self, ps: u64, v: &[(u64, u64)]) -> bool {
+            if !WriteRecorder::page_size_supported(ps) || self.ranges.len() + v.len() > 8 {
+                return false;
+            }
+            let mut all: Vec<(u64, u64)> = self.ranges.iter().map(|r| (r.addr, r.end())).collect();
+            for &(a, c) in v {
+                if a % ps != 0 {
+                    return false;
+                }
+                all.push((a, a + c * ps));
+            }
+            all.sort();
+            if all.windows(2).any(|w| w[1].0 < w[0].1) {
+                return false;
+            }
+            for &(a, c) in v {
+                self.ranges.push(RecordRange { addr: a, count: c, page_size: ps });
+            }
+            self.ranges.sort_by_key(|r| r.addr);
+            true
+        }
+
+        fn write(&mut self, addr: u64, len: u64, mapped: impl Fn(u64) -> bool) {
+            for p in (addr >> 12)..=((addr + len - 1) >> 12) {
+                let g = p << 12;
+                if !mapped(g) {
+                    continue;
+                }
+                for r in &self.ranges {
+                    if g >= r.addr && g < r.end() {
+                        self.pages.insert(r.addr + (g - r.addr) / r.page_size * r.page_size);
+                    }
+                }
+            }
+        }
+
+        fn read(&mut self, a: u64, l: u64, max: usize) -> Vec<u64> {
+            let out: Vec<u64> = self
+                .pages
+                .iter()
+                .copied()
+                .filter(|p| *p >= a && *p < a + l)
+                .take(max)
+                .collect();
+            for p in &out {
+                self.pages.remove(p);
+            }
+            out
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// R-WR-2..5 against a model: records equal the pages written inside
+        /// started ranges, READ returns them ascending and clears exactly
+        /// those, STOP drops everything.
+        #[test]
+        fn r_wr_recorder_matches_model(ops in prop::collection::vec(op(), 1..60)) {
+            let m = GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 2 << 20),
+                (GuestAddress(4 << 20), 2 << 20),
+            ]).unwrap();
+            let mapped = |g: u64| g < (2 << 20) || ((4 << 20)..(6 << 20)).contains(&g);
+            let mut rec = WriteRecorder::new(&m, 8).unwrap();
+            let view = rec.member_view(&m).unwrap();
+            let mut model = Model::default();
+            let buf = vec![0x5au8; 20_000];
+            for op in ops {
+                match op {
+                    Op::Write(a, l) => {
+                        // Only fully mapped writes are made.
+                        let end = a + l as u64 - 1;
+                        if mapped(a) && mapped(end) && (a < (2 << 20)) == (end < (2 << 20)) {
+                            view.write_slice(&buf[..l], GuestAddress(a)).unwrap();
+                            model.write(a, l as u64, mapped);
+                        }
+                    }
+                    Op::Start(ps, v) => {
+                        let ok = rec.start(ps, &v).is_ok();
+                        prop_assert_eq!(ok, model.start(ps, &v));
+                    }
+                    Op::Read(a, l, max) => {
+                        let mut out = Vec::new();
+                        let r = rec.read(a, l, max, &mut out);
+                        if model.ranges.is_empty() {
+                            prop_assert_eq!(r, Err(RecordError::NotStarted));
+                        } else {
+                            prop_assert!(r.is_ok());
+                            prop_assert_eq!(out, model.read(a, l, max));
+                        }
+                    }
+                    Op::Stop => {
+                        rec.stop();
+                        model = Model::default();
+                    }
+                }
+            }
+        }
+    }
+}
