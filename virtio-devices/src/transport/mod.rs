@@ -23,8 +23,11 @@
 //!
 //! Device-type queues come first, then admin queues (if the device has
 //! any): `admin_queue_index` = number of device-type queues,
-//! `admin_queue_num` = number of admin queues, and `num_queues` counts
-//! both. The function has one MSI-X vector per queue plus one, so the
+//! `admin_queue_num` = number of admin queues. `num_queues` counts the
+//! device-type queues only, so the admin queues sit at indices
+//! `num_queues..num_queues + admin_queue_num` (Linux's virtio_pci accepts
+//! the admin queue index at or beyond `num_queues`); `queue_select`
+//! reaches all of them. The function has one MSI-X vector per queue plus one, so the
 //! driver can give every queue and the configuration change its own vector
 //! ([`required_msix_vectors`]).
 //!
@@ -516,7 +519,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             driver_feature_select: self.st.driver_feature_select,
             driver_feature: half(self.st.driver_features, self.st.driver_feature_select),
             config_msix_vector: self.st.config_msix_vector,
-            num_queues: self.num_queues(),
+            num_queues: self.num_device_queues,
             device_status: self.st.device_status,
             config_generation: self.st.config_generation,
             queue_select: sel,
@@ -696,6 +699,46 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Active.
     pub fn signal_used_queue(&mut self, index: u16) {
         self.send_queue_interrupt(index);
+    }
+
+    /// Completes a chain outside [`Self::process_queue`] (a device that
+    /// finishes requests later, out of order): puts `head` with `len` on
+    /// queue `index`'s used ring and interrupts the driver unless it
+    /// suppressed the notification. Refused (returns `false`, nothing
+    /// written) when the queue is not enabled, the device is not activated,
+    /// or the function is not Active.
+    pub fn complete_chain(&mut self, index: u16, head: u16, len: u32) -> bool {
+        let i = usize::from(index);
+        if self.mode != TransportMode::Active
+            || !self.activated
+            || !self.st.queues.get(i).is_some_and(|q| q.enabled)
+        {
+            return false;
+        }
+        if head >= self.st.queues[i].size {
+            warn!("virtio-pci: completion of chain {head} on queue {index} is out of range");
+            return false;
+        }
+        let mem = self.mem.memory();
+        let queue = &mut self.queues[i];
+        if let Err(e) = queue.add_used(&*mem, head, len) {
+            drop(mem);
+            warn!("virtio-pci: completing chain {head} on queue {index} failed: {e}");
+            self.set_needs_reset();
+            return false;
+        }
+        let notify = driver_wants_interrupt(queue, &mem);
+        drop(mem);
+        if notify {
+            self.send_queue_interrupt(index);
+        }
+        true
+    }
+
+    /// The virtqueue `index` as virtio-queue runs it, mutably (for a device
+    /// serving it outside [`Self::process_queue`]).
+    pub fn queue_mut(&mut self, index: u16) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(index))
     }
 
     /// The device configuration changed: bumps `config_generation` and

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use pci::PciDevice;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_migration::GuestMemoryMmap;
 
 use super::*;
@@ -102,6 +102,9 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 /// every chain with used length 0 and counts what it served.
 #[derive(Default)]
 struct MockDevice {
+    /// Admin chains are taken but left for the test to complete.
+    defer_admin: bool,
+    deferred: Vec<u16>,
     served: Vec<(bool, u16)>,
     activated: Option<u64>,
     resets: u32,
@@ -157,6 +160,12 @@ impl VirtioDevice for MockDevice {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> crate::device::Result<bool> {
+        if self.defer_admin {
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                self.deferred.push(chain.head_index());
+            }
+            return Ok(false);
+        }
         let used = serve_queue(admin_index, queue, mem, |_| 0)?;
         if used {
             self.served.push((true, admin_index));
@@ -518,7 +527,7 @@ fn admin_queue_fields_and_processing() {
     let mut drv = TestDriver::new(DEFAULT_MEM_SIZE);
     let mut dev = mock_device(&mut drv);
     let c = drv.read_common_cfg(&mut dev);
-    assert_eq!(c.num_queues, 3);
+    assert_eq!(c.num_queues, 2, "num_queues counts device-type queues");
     assert_eq!(c.admin_queue_index, 2);
     assert_eq!(c.admin_queue_num, 1);
     drv.common_write(&mut dev, co::QUEUE_SELECT, 2, 2);
@@ -556,6 +565,60 @@ fn admin_queue_fields_and_processing() {
     drv.common_write(&mut dev, co::QUEUE_SELECT, 2, 2);
     drv.common_write(&mut dev, co::QUEUE_RESET, 2, 1);
     assert_eq!(dev.device().queue_resets, vec![2]);
+}
+
+#[test]
+fn out_of_order_completion_outside_process_queue() {
+    let mut drv = TestDriver::new(DEFAULT_MEM_SIZE);
+    let mut dev = mock_device(&mut drv);
+    dev.device_mut().defer_admin = true;
+    // Nothing can be completed before activation.
+    assert!(!dev.complete_chain(2, 0, 0));
+    let wanted = VERSION_1 | (1 << VIRTIO_F_ADMIN_VQ);
+    drv.negotiate(&mut dev, wanted).unwrap();
+    drv.enable_msix(&mut dev, 4).unwrap();
+    drv.set_config_vector(&mut dev, 0);
+    drv.setup_queue(&mut dev, 2, None, 3).unwrap();
+    drv.driver_ok(&mut dev);
+    drv.irqs().clear();
+
+    let a = drv
+        .submit(
+            2,
+            &[Seg::Readable(vec![1; 24]), Seg::Writable(8)],
+            Layout::Direct,
+        )
+        .unwrap();
+    let b = drv
+        .submit(
+            2,
+            &[Seg::Readable(vec![2; 24]), Seg::Writable(8)],
+            Layout::Direct,
+        )
+        .unwrap();
+    drv.kick(&mut dev, 2).unwrap();
+    assert_eq!(dev.device().deferred, vec![a.head, b.head]);
+    assert!(drv.pop_used(2).unwrap().is_none());
+    assert!(drv.irqs().triggered().is_empty());
+
+    // Complete b first, then a; a head out of range is refused.
+    assert!(!dev.complete_chain(2, 999, 0));
+    assert!(dev.complete_chain(2, b.head, 8));
+    assert!(dev.complete_chain(2, a.head, 4));
+    assert_eq!(
+        drv.pop_used(2).unwrap().unwrap(),
+        UsedElem { id: b.head, len: 8 }
+    );
+    assert_eq!(
+        drv.pop_used(2).unwrap().unwrap(),
+        UsedElem { id: a.head, len: 4 }
+    );
+    assert_eq!(drv.irqs().take_triggered(), vec![3, 3]);
+    // Not in Stop: no driver memory is touched.
+    dev.set_mode(TransportMode::Stop);
+    assert!(!dev.complete_chain(2, a.head, 4));
+    dev.set_mode(TransportMode::Active);
+    assert_eq!(dev.device_status() & STATUS_DEVICE_NEEDS_RESET, 0);
 }
 
 // ---- block through the transport ------------------------------------------
