@@ -152,7 +152,20 @@ impl Runner {
     pub fn run(&self, scenario: &Scenario) -> Result<RunOutput> {
         scenario.validate()?;
         let _guard = RUN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = host::runs_dir().join(&scenario.name);
+        // And one VM at a time per machine: other test processes in this
+        // work tree share build/runs (and the 2 cores).
+        let runs = host::runs_dir();
+        std::fs::create_dir_all(&runs).map_err(|e| Error::io("creating", &runs, e))?;
+        let lock_path = runs.join(".lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("opening", &lock_path, e))?;
+        lock.lock()
+            .map_err(|e| Error::io("locking", &lock_path, e))?;
+        let dir = runs.join(&scenario.name);
         self.prepare_dir(scenario, &dir)?;
         let limit = self.time_limit(scenario);
         match self.mode() {
