@@ -706,11 +706,12 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// queue `index`'s used ring and interrupts the driver unless it
     /// suppressed the notification. Refused (returns `false`, nothing
     /// written) when the queue is not enabled, the device is not activated,
-    /// or the function is not Active.
+    /// bus mastering is off, or the function is not Active.
     pub fn complete_chain(&mut self, index: u16, head: u16, len: u32) -> bool {
         let i = usize::from(index);
         if self.mode != TransportMode::Active
             || !self.activated
+            || !self.config.bus_master_enabled()
             || !self.st.queues.get(i).is_some_and(|q| q.enabled)
         {
             return false;
@@ -837,7 +838,13 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         data.fill(0);
         match offset {
             o if o < ISR_BAR_OFFSET => self.read_common(o, data),
-            ISR_BAR_OFFSET => data[0] = std::mem::take(&mut self.st.isr),
+            ISR_BAR_OFFSET => {
+                // Read-to-clear, except in Freeze where the state is frozen.
+                data[0] = self.st.isr;
+                if self.mode != TransportMode::Freeze {
+                    self.st.isr = 0;
+                }
+            }
             o if o < DEVICE_CFG_BAR_OFFSET => {}
             o if o < NOTIFY_BAR_OFFSET => {
                 if let Some(end) = (o - DEVICE_CFG_BAR_OFFSET).checked_add(data.len() as u64) {

@@ -1261,6 +1261,13 @@ fn stop_holds_work_and_freeze_ignores_config_writes() {
 
     dev.set_mode(TransportMode::Freeze);
     let before = dev.state();
+    assert_eq!(before.isr, ISR_QUEUE);
+    assert_eq!(drv.read_isr(&mut dev), ISR_QUEUE, "ISR reads, ...");
+    assert_eq!(
+        dev.state().isr,
+        ISR_QUEUE,
+        "... but is not cleared in Freeze"
+    );
     drv.common_write(&mut dev, co::QUEUE_SELECT, 2, 5);
     drv.set_status(&mut dev, 0);
     assert_eq!(dev.state(), before, "Freeze: virtio config writes ignored");
@@ -1269,6 +1276,8 @@ fn stop_holds_work_and_freeze_ignores_config_writes() {
     drv.mask_vector(&mut dev, 1, true).unwrap();
     assert!(dev.msix().entry(1).unwrap().masked());
     dev.set_mode(TransportMode::Active);
+    assert_eq!(drv.read_isr(&mut dev), ISR_QUEUE);
+    assert_eq!(drv.read_isr(&mut dev), 0);
 }
 
 #[test]
