@@ -491,6 +491,20 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 
     // ---- state ---------------------------------------------------------------
 
+    /// The used index queue `index`'s used ring holds in guest memory (what
+    /// the device last published), if the queue is enabled and the ring
+    /// is readable. A context that carries only the available-ring position
+    /// can take the used position from here.
+    pub fn used_index_in_memory(&self, index: u16) -> Option<u16> {
+        let q = self.st.queues.get(usize::from(index))?;
+        if !q.enabled {
+            return None;
+        }
+        let mem = self.mem.memory();
+        let addr = GuestAddress(q.used_ring.checked_add(2)?);
+        mem.read_obj::<u16>(addr).ok().map(u16::from_le)
+    }
+
     /// The whole virtio state: registers, negotiated features, queues with
     /// their ring positions.
     pub fn state(&self) -> VirtioPciState {

@@ -154,6 +154,21 @@ impl VirtioPciState {
     pub fn selected_queue(&self) -> Option<&QueueConfigState> {
         self.queues.get(usize::from(self.queue_select))
     }
+
+    /// Takes the device-wide writable fields of a common configuration
+    /// image: both feature selects, `config_msix_vector`, `device_status`,
+    /// `config_generation` and `queue_select`. The 32-bit
+    /// `driver_feature` window, the read-only fields and the per-queue
+    /// window are not taken (features and queues travel whole, in
+    /// `driver_features` and `queues`).
+    pub fn set_common(&mut self, c: &CommonCfg) {
+        self.device_feature_select = c.device_feature_select;
+        self.driver_feature_select = c.driver_feature_select;
+        self.config_msix_vector = c.config_msix_vector;
+        self.device_status = c.device_status;
+        self.config_generation = c.config_generation;
+        self.queue_select = c.queue_select;
+    }
 }
 
 /// `struct virtio_pci_common_cfg` (virtio 1.3, 64 bytes) as the driver

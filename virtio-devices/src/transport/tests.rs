@@ -1181,6 +1181,16 @@ fn state_moves_to_another_device() {
     assert!(st.queues[0].enabled);
     assert_eq!(st.device_status, 0xf);
     assert_eq!(st.negotiated_features(), VERSION_1 | RING_RESET);
+    assert_eq!(a.used_index_in_memory(0), Some(5));
+    assert_eq!(a.used_index_in_memory(1), None);
+    // The 64-byte common configuration image carries the device-wide
+    // registers.
+    let mut rebuilt = VirtioPciState::reset_value(&[16]);
+    rebuilt.set_common(&a.common_cfg());
+    rebuilt.driver_features = st.driver_features;
+    rebuilt.queues = st.queues.clone();
+    rebuilt.isr = st.isr;
+    assert_eq!(rebuilt, st);
 
     // B: same disk, same memory; frozen, state applied, then Active.
     let mut b = block_device(&disk, false, &drv, VirtioPciOptions::default());
