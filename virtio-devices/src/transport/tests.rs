@@ -1409,3 +1409,78 @@ fn guest_garbage_never_panics() {
     drv.bring_up(&mut dev, VERSION_1, 1).unwrap();
     assert!(flush(&mut drv, &mut dev).is_some());
 }
+
+#[test]
+fn random_rings_never_panic_or_hang() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut healthy_rounds = 0;
+    for round in 0..60 {
+        let mut published = 0u16;
+        let (_disk, mut drv, mut dev) = running_block(8, false, VERSION_1 | (1 << 28));
+        let q = drv.queue(0).unwrap().clone();
+        // A scratch page for random indirect tables and buffers.
+        let scratch = drv.alloc_pages(4).unwrap();
+        for _ in 0..8 {
+            // Random descriptors: addresses mostly inside the scratch area
+            // (sometimes anywhere), random lengths, flags and next.
+            for i in 0..q.size {
+                let r = next();
+                let addr = if r % 5 == 0 {
+                    next()
+                } else {
+                    scratch + (next() % (4 * PAGE_SIZE))
+                };
+                let len = if r % 7 == 0 {
+                    next() as u32
+                } else {
+                    (next() % 600) as u32
+                };
+                let flags = (next() % 8) as u16;
+                let nxt = (next() % u64::from(q.size + 2)) as u16;
+                let mut d = [0u8; 16];
+                d[0..8].copy_from_slice(&addr.to_le_bytes());
+                d[8..12].copy_from_slice(&len.to_le_bytes());
+                d[12..14].copy_from_slice(&flags.to_le_bytes());
+                d[14..16].copy_from_slice(&nxt.to_le_bytes());
+                drv.write_mem(q.desc + u64::from(i) * 16, &d).unwrap();
+            }
+            let junk: Vec<u8> = (0..4 * PAGE_SIZE).map(|_| next() as u8).collect();
+            drv.write_mem(scratch, &junk).unwrap();
+            // Publish a few random heads (sometimes out of range).
+            let avail_idx = drv.read_mem(q.avail + 2, 2).unwrap();
+            let mut idx = u16::from_le_bytes([avail_idx[0], avail_idx[1]]);
+            for _ in 0..(next() % 5) {
+                let head = (next() % u64::from(q.size + 1)) as u16;
+                let slot = q.avail + 4 + u64::from(idx % q.size) * 2;
+                drv.write_mem(slot, &head.to_le_bytes()).unwrap();
+                idx = idx.wrapping_add(1);
+                published = published.wrapping_add(1);
+            }
+            if round % 10 == 9 {
+                idx = idx.wrapping_add(next() as u16);
+            }
+            drv.write_mem(q.avail + 2, &idx.to_le_bytes()).unwrap();
+            dev.doorbell(0);
+        }
+        // Every published chain was completed, or the device flagged that
+        // it needs a reset (a bogus head index or avail index).
+        let used = drv.used_idx(0).unwrap();
+        let needs_reset = dev.device_status() & STATUS_DEVICE_NEEDS_RESET != 0;
+        if round % 10 == 9 {
+            continue;
+        }
+        if needs_reset {
+            assert!(used <= published);
+        } else {
+            assert_eq!(used, published);
+            healthy_rounds += 1;
+        }
+    }
+    assert!(healthy_rounds > 0, "no round ran without a reset");
+}
