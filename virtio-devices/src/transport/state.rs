@@ -305,8 +305,6 @@ pub enum StateError {
     Features(u64),
     #[error("MSI-X vector {vector} is out of range (the function has {count})")]
     Vector { vector: u16, count: u16 },
-    #[error("queue_select {0} designates no queue")]
-    QueueSelect(u16),
 }
 
 #[cfg(test)]
