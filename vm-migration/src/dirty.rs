@@ -496,7 +496,7 @@ impl WriteRecorder {
         for r in mem.iter() {
             let start = r.start_addr().0;
             let len = r.len();
-            if start % DIRTY_PAGE_SIZE != 0 {
+            if !start.is_multiple_of(DIRTY_PAGE_SIZE) {
                 return Err(DirtyError::UnalignedRegion(start));
             }
             start
@@ -591,7 +591,11 @@ impl WriteRecorder {
     }
 
     /// Check a START without changing anything (R-WR-2).
-    pub fn validate_start(&self, page_size: u64, entries: &[(u64, u64)]) -> Result<(), RecordError> {
+    pub fn validate_start(
+        &self,
+        page_size: u64,
+        entries: &[(u64, u64)],
+    ) -> Result<(), RecordError> {
         if !Self::page_size_supported(page_size) {
             return Err(RecordError::UnsupportedPageSize(page_size));
         }
@@ -607,7 +611,7 @@ impl WriteRecorder {
         }
         let mut all: Vec<(u64, u64)> = self.ranges.iter().map(|r| (r.addr, r.end())).collect();
         for &(addr, count) in entries {
-            if addr % page_size != 0 {
+            if !addr.is_multiple_of(page_size) {
                 return Err(RecordError::Unaligned { addr, page_size });
             }
             let end = count
@@ -690,7 +694,7 @@ impl WriteRecorder {
         }
         let wend = addr
             .checked_add(len)
-            .filter(|_| addr % DIRTY_PAGE_SIZE == 0 && len % DIRTY_PAGE_SIZE == 0)
+            .filter(|_| addr.is_multiple_of(DIRTY_PAGE_SIZE) && len.is_multiple_of(DIRTY_PAGE_SIZE))
             .ok_or(RecordError::BadWindow { addr, len })?;
         let limit = out.len().saturating_add(max);
         for range in &self.ranges {
@@ -826,13 +830,16 @@ mod tests {
     use super::*;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(4 << 20), 1 << 20)])
-            .unwrap()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(4 << 20), 1 << 20),
+        ])
+        .unwrap()
     }
 
     fn all_records(rec: &mut WriteRecorder) -> Vec<u64> {
         let mut out = Vec::new();
-        rec.read(0, u64::MAX & !0xfff, usize::MAX, &mut out).unwrap();
+        rec.read(0, !0xfff, usize::MAX, &mut out).unwrap();
         out
     }
 
@@ -869,7 +876,9 @@ mod tests {
         let log = take_dirty_log(&m);
         assert_eq!(log[0].bits[0], (1 << 1) | (1 << 2) | (1 << 3) | (1 << 9));
         assert_eq!(log[1].bits[0], 1 << 2);
-        assert!(take_dirty_log(&m).iter().all(|l| l.bits.iter().all(|w| *w == 0)));
+        assert!(take_dirty_log(&m)
+            .iter()
+            .all(|l| l.bits.iter().all(|w| *w == 0)));
     }
 
     #[test]
@@ -996,7 +1005,11 @@ mod tests {
                 return false;
             }
             for &(a, c) in v {
-                self.ranges.push(RecordRange { addr: a, count: c, page_size: ps });
+                self.ranges.push(RecordRange {
+                    addr: a,
+                    count: c,
+                    page_size: ps,
+                });
             }
             self.ranges.sort_by_key(|r| r.addr);
             true
@@ -1010,7 +1023,8 @@ mod tests {
                 }
                 for r in &self.ranges {
                     if g >= r.addr && g < r.end() {
-                        self.pages.insert(r.addr + (g - r.addr) / r.page_size * r.page_size);
+                        self.pages
+                            .insert(r.addr + (g - r.addr) / r.page_size * r.page_size);
                     }
                 }
             }

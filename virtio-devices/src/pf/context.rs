@@ -162,14 +162,19 @@ impl ContextLimits {
         match ty {
             FIELD_PCI_COMMON_CFG if len != COMMON_CFG_LEN as u64 => Err(bad("64".into())),
             FIELD_DEV_FEATURES
-                if len == 0 || len % 8 != 0 || len > (8 * MAX_FEATURE_WORDS) as u64 =>
+                if len == 0 || !len.is_multiple_of(8) || len > (8 * MAX_FEATURE_WORDS) as u64 =>
             {
-                Err(bad(format!("a multiple of 8 up to {}", 8 * MAX_FEATURE_WORDS)))
+                Err(bad(format!(
+                    "a multiple of 8 up to {}",
+                    8 * MAX_FEATURE_WORDS
+                )))
             }
             FIELD_PCI_VQ_CFG if len != VQ_CFG_LEN as u64 => Err(bad("30".into())),
             FIELD_VQ_SPLIT_RUNTIME_CFG if len != VQ_RUNTIME_LEN as u64 => Err(bad("5".into())),
             FIELD_VQ_SPLIT_DEV_OWN_DESC
-                if len < 4 || len % 2 != 0 || len > 4 + 2 * u64::from(self.max_queue_size) =>
+                if len < 4
+                    || !len.is_multiple_of(2)
+                    || len > 4 + 2 * u64::from(self.max_queue_size) =>
             {
                 Err(bad(format!(
                     "4 + 2 x desc_count, at most {}",
@@ -707,7 +712,12 @@ impl ContextDecoder {
         self.buf.len() == want
     }
 
-    fn queue_slot(&mut self, ty: u16, index: u16, bit: u8) -> Result<&mut QueueContext, ContextError> {
+    fn queue_slot(
+        &mut self,
+        ty: u16,
+        index: u16,
+        bit: u8,
+    ) -> Result<&mut QueueContext, ContextError> {
         self.limits.check_queue(ty, index)?;
         let i = usize::from(index);
         if self.seen.len() <= i {
@@ -811,8 +821,15 @@ impl ContextDecoder {
     /// Cross-field checks once every field has arrived.
     fn finish(&mut self) -> Result<MemberContext, ContextError> {
         let mut ctx = std::mem::take(&mut self.ctx);
-        ctx.queues = std::mem::take(&mut self.queues).into_iter().flatten().collect();
-        for (q, seen) in ctx.queues.iter_mut().zip(self.seen.iter().filter(|s| **s != 0)) {
+        ctx.queues = std::mem::take(&mut self.queues)
+            .into_iter()
+            .flatten()
+            .collect();
+        for (q, seen) in ctx
+            .queues
+            .iter_mut()
+            .zip(self.seen.iter().filter(|s| **s != 0))
+        {
             if seen & HAVE_VQ_CFG == 0 {
                 // Without PCI_VQ_CFG the queue keeps its reset size: the
                 // maximum.

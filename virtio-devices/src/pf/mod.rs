@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod context;
 pub mod migration;
+pub mod reference;
 
 #[cfg(test)]
 mod tests;
@@ -25,7 +26,9 @@ pub use admin::{
     process_chain, AdminBuffers, AdminCommand, AdminCompletion, ChainOutcome, DeferredChain,
     Execution,
 };
-pub use context::{CommonCfg, ContextDecoder, ContextError, ContextLimits, MemberContext, QueueContext};
+pub use context::{
+    CommonCfg, ContextDecoder, ContextError, ContextLimits, MemberContext, QueueContext,
+};
 pub use migration::{
     AdminState, Member, MemberDevice, MemberDeviceError, MemberTable, Members, MigrationSnapshot,
     MigrationState, Mode, Quiesce,

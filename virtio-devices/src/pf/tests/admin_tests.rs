@@ -78,7 +78,10 @@ fn r_adm_1_list_commands_need_no_member_nor_vf_enable() {
     assert_eq!(h.admin.in_use(), SUPPORTED_OPCODES);
 }
 
-fn layouts_run(layout: Layout) -> Vec<(u16, u16, [u8; 4], Vec<u8>, u32)> {
+/// status, qualifier, output, result, used length
+type Answer = (u16, u16, [u8; 4], Vec<u8>, u32);
+
+fn layouts_run(layout: Layout) -> Vec<Answer> {
     let mut h = Harness::new(2);
     h.layout = layout;
     let mut out = Vec::new();
@@ -190,9 +193,10 @@ fn r_adm_1b_malformed_no_or_short_writable_part() {
     let head = h.tq.add_chain(&h.mem, &[(rd, bytes.len() as u32, 0)]);
     assert_eq!(h.serve(), vec![(head, 0)]);
     // 7 writable bytes.
-    let head = h
-        .tq
-        .add_chain(&h.mem, &[(rd, bytes.len() as u32, 0), (rd + 0x100, 7, F_WRITE)]);
+    let head = h.tq.add_chain(
+        &h.mem,
+        &[(rd, bytes.len() as u32, 0), (rd + 0x100, 7, F_WRITE)],
+    );
     assert_eq!(h.serve(), vec![(head, 0)]);
     // Malformed commands had no effect (the mode set never ran).
     assert_eq!(h.mode(1), 0);
@@ -336,9 +340,8 @@ fn r_adm_1b_malformed_indirect_tables() {
 fn r_adm_1b_malformed_buffer_outside_memory() {
     let mut h = Harness::new(1);
     // Readable header in the hole: cannot be read, used length 0.
-    let head = h
-        .tq
-        .add_chain(&h.mem, &[(12 << 20, 24, 0), (BUF_BASE, 8, F_WRITE)]);
+    let head =
+        h.tq.add_chain(&h.mem, &[(12 << 20, 24, 0), (BUF_BASE, 8, F_WRITE)]);
     assert_eq!(h.serve(), vec![(head, 0)]);
     // Writable part in the hole: the device cannot write, used length 0.
     let bytes = AdminCommand {
@@ -349,9 +352,8 @@ fn r_adm_1b_malformed_buffer_outside_memory() {
     }
     .to_bytes();
     h.mem.write_slice(&bytes, GuestAddress(BUF_BASE)).unwrap();
-    let head = h
-        .tq
-        .add_chain(&h.mem, &[(BUF_BASE, 24, 0), (12 << 20, 16, F_WRITE)]);
+    let head =
+        h.tq.add_chain(&h.mem, &[(BUF_BASE, 24, 0), (12 << 20, 16, F_WRITE)]);
     assert_eq!(h.serve(), vec![(head, 0)]);
     assert!(h.cmd(opcode::LIST_QUERY, 0, &[], 8).ok());
 }
@@ -395,9 +397,21 @@ fn r_adm_2_einval_has_no_side_effect() {
         (opcode::DEV_CTX_WRITE, 2, stream.clone()), // member 2 not frozen
         (opcode::DEV_CTX_WRITE, 1, bad_field),
         (opcode::DEV_CTX_SIZE_GET, 1, vec![2]),
-        (opcode::DEV_WRITE_RECORDS_START, 1, start_data(8192, &[(0, 1)])),
-        (opcode::DEV_WRITE_RECORDS_START, 1, start_data(4096, &[(0x10000, 1)])),
-        (opcode::DEV_WRITE_RECORDS_START, 1, start_data(4096, &[(0x100, 1)])),
+        (
+            opcode::DEV_WRITE_RECORDS_START,
+            1,
+            start_data(8192, &[(0, 1)]),
+        ),
+        (
+            opcode::DEV_WRITE_RECORDS_START,
+            1,
+            start_data(4096, &[(0x10000, 1)]),
+        ),
+        (
+            opcode::DEV_WRITE_RECORDS_START,
+            1,
+            start_data(4096, &[(0x100, 1)]),
+        ),
         (opcode::DEV_WRITE_RECORDS_READ, 2, vec![0; 16]),
         (opcode::DEV_WRITE_RECORDS_READ, 1, {
             let mut d = 0x10000u64.to_le_bytes().to_vec();
@@ -484,10 +498,16 @@ fn r_adm_4_commands_of_members_complete_out_of_order() {
     let fast = h.submit_raw(&cmd(opcode::DEV_MODE_SET, 2, &[1]), 0);
     let busy = h.submit_raw(&cmd(opcode::DEV_MODE_GET, 1, &[]), 1);
     let done = h.serve();
-    assert_eq!(done.iter().map(|d| d.0).collect::<Vec<_>>(), vec![fast, busy]);
+    assert_eq!(
+        done.iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![fast, busy]
+    );
     // A command to the member still changing mode: try again, no effect.
     let r = h.response(busy, done[1].1);
-    assert_eq!((r.status, r.qualifier), (status::EAGAIN, qualifier::TRYAGAIN));
+    assert_eq!(
+        (r.status, r.qualifier),
+        (status::EAGAIN, qualifier::TRYAGAIN)
+    );
     assert_eq!(h.poll(), vec![]);
     assert_eq!(h.poll(), vec![]);
     let late = h.poll();

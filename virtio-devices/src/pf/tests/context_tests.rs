@@ -45,11 +45,17 @@ fn ctx_stream_layout_matches_section_4_3() {
     assert_eq!(u16::from_le_bytes([b[q], b[q + 1]]), FIELD_PCI_VQ_CFG);
     assert_eq!(u64::from_le_bytes(b[q + 8..q + 16].try_into().unwrap()), 30);
     let r = q + 16 + 30;
-    assert_eq!(u16::from_le_bytes([b[r], b[r + 1]]), FIELD_VQ_SPLIT_RUNTIME_CFG);
+    assert_eq!(
+        u16::from_le_bytes([b[r], b[r + 1]]),
+        FIELD_VQ_SPLIT_RUNTIME_CFG
+    );
     assert_eq!(u64::from_le_bytes(b[r + 8..r + 16].try_into().unwrap()), 5);
     assert_eq!(b[r + 16 + 4], 1, "enabled");
     let o = r + 16 + 5;
-    assert_eq!(u16::from_le_bytes([b[o], b[o + 1]]), FIELD_VQ_SPLIT_DEV_OWN_DESC);
+    assert_eq!(
+        u16::from_le_bytes([b[o], b[o + 1]]),
+        FIELD_VQ_SPLIT_DEV_OWN_DESC
+    );
     assert_eq!(u64::from_le_bytes(b[o + 8..o + 16].try_into().unwrap()), 8);
     assert_eq!(b[o + 16..o + 24], [0, 0, 2, 0, 3, 0, 7, 0]);
     // Last: DEV_CFG type 0x1000.
@@ -85,7 +91,10 @@ fn ctx_empty_and_partial_contexts_decode() {
     let limits = fake_limits(2);
     let empty = MemberContext::default();
     assert_eq!(empty.to_bytes(), vec![0, 0, 0, 0]);
-    assert_eq!(MemberContext::decode(&empty.to_bytes(), &limits).unwrap(), empty);
+    assert_eq!(
+        MemberContext::decode(&empty.to_bytes(), &limits).unwrap(),
+        empty
+    );
     // Only the runtime field of queue 1: size defaults to the maximum.
     let s = stream(&[field(FIELD_VQ_SPLIT_RUNTIME_CFG, &[1, 0, 5, 0, 1])]);
     let c = MemberContext::decode(&s, &limits).unwrap();
@@ -134,7 +143,10 @@ fn r_ctx_4_wrong_field_length() {
         );
     }
     // desc_count disagreeing with the field length.
-    let s = stream(&[field(FIELD_VQ_SPLIT_DEV_OWN_DESC, &[0, 0, 3, 0, 1, 0, 2, 0])]);
+    let s = stream(&[field(
+        FIELD_VQ_SPLIT_DEV_OWN_DESC,
+        &[0, 0, 3, 0, 1, 0, 2, 0],
+    )]);
     assert!(matches!(err_of(&s), ContextError::BadLength { .. }));
     // A huge length is refused at the header, before any allocation.
     let mut hdr = field(FIELD_DEV_CFG, &[]);
@@ -161,17 +173,26 @@ fn r_ctx_4_inapplicable_values() {
         ContextError::BadQueueIndex { index: 2, .. }
     ));
     assert!(matches!(
-        err_of(&stream(&[field(FIELD_VQ_SPLIT_RUNTIME_CFG, &[9, 0, 0, 0, 0])])),
+        err_of(&stream(&[field(
+            FIELD_VQ_SPLIT_RUNTIME_CFG,
+            &[9, 0, 0, 0, 0]
+        )])),
         ContextError::BadQueueIndex { index: 9, .. }
     ));
     assert!(matches!(
-        err_of(&stream(&[field(FIELD_VQ_SPLIT_DEV_OWN_DESC, &[2, 0, 0, 0])])),
+        err_of(&stream(&[field(
+            FIELD_VQ_SPLIT_DEV_OWN_DESC,
+            &[2, 0, 0, 0]
+        )])),
         ContextError::BadQueueIndex { .. }
     ));
     // Queue size not a power of two, zero, above the maximum.
     for size in [0u16, 3, 100, 512, 0x8000] {
         assert!(
-            matches!(err_of(&stream(&[vq_cfg(0, size, 0)])), ContextError::BadQueueSize { .. }),
+            matches!(
+                err_of(&stream(&[vq_cfg(0, size, 0)])),
+                ContextError::BadQueueSize { .. }
+            ),
             "size {size}"
         );
     }
@@ -183,7 +204,10 @@ fn r_ctx_4_inapplicable_values() {
     assert!(MemberContext::decode(&stream(&[vq_cfg(0, 64, NO_VECTOR)]), &fake_limits(2)).is_ok());
     // Features not offered; features in a second word.
     let f = field(FIELD_DEV_FEATURES, &(1u64 << 33).to_le_bytes());
-    assert!(matches!(err_of(&stream(&[f])), ContextError::FeaturesNotOffered { .. }));
+    assert!(matches!(
+        err_of(&stream(&[f])),
+        ContextError::FeaturesNotOffered { .. }
+    ));
     let mut two = (1u64 << 32).to_le_bytes().to_vec();
     two.extend_from_slice(&1u64.to_le_bytes());
     let f = field(FIELD_DEV_FEATURES, &two);
@@ -197,18 +221,27 @@ fn r_ctx_4_inapplicable_values() {
     let mut cc = sample_context(2, 0).common.unwrap();
     cc.num_queues = 3;
     let f = field(FIELD_PCI_COMMON_CFG, &cc.to_bytes());
-    assert!(matches!(err_of(&stream(&[f])), ContextError::NumQueuesMismatch { .. }));
+    assert!(matches!(
+        err_of(&stream(&[f])),
+        ContextError::NumQueuesMismatch { .. }
+    ));
     // Device-owned descriptor index beyond the queue size, or repeated.
     let s = stream(&[
         vq_cfg(0, 4, 0),
         field(FIELD_VQ_SPLIT_DEV_OWN_DESC, &[0, 0, 1, 0, 4, 0]),
     ]);
-    assert!(matches!(err_of(&s), ContextError::BadDeviceOwned { desc: 4, .. }));
+    assert!(matches!(
+        err_of(&s),
+        ContextError::BadDeviceOwned { desc: 4, .. }
+    ));
     let s = stream(&[
         vq_cfg(0, 4, 0),
         field(FIELD_VQ_SPLIT_DEV_OWN_DESC, &[0, 0, 2, 0, 1, 0, 1, 0]),
     ]);
-    assert!(matches!(err_of(&s), ContextError::BadDeviceOwned { desc: 1, .. }));
+    assert!(matches!(
+        err_of(&s),
+        ContextError::BadDeviceOwned { desc: 1, .. }
+    ));
     // enabled must be 0 or 1.
     let s = stream(&[field(FIELD_VQ_SPLIT_RUNTIME_CFG, &[0, 0, 0, 0, 2])]);
     assert!(matches!(err_of(&s), ContextError::BadLength { .. }));
@@ -222,7 +255,10 @@ fn r_ctx_4_field_count_duplicates_and_trailing_bytes() {
     // Duplicates.
     let s = stream(&[vq_cfg(0, 64, 0), vq_cfg(0, 64, 0)]);
     assert!(matches!(err_of(&s), ContextError::Duplicate { .. }));
-    let cc = field(FIELD_PCI_COMMON_CFG, &sample_context(2, 0).common.unwrap().to_bytes());
+    let cc = field(
+        FIELD_PCI_COMMON_CFG,
+        &sample_context(2, 0).common.unwrap().to_bytes(),
+    );
     assert!(matches!(
         err_of(&stream(&[cc.clone(), cc])),
         ContextError::Duplicate { .. }
@@ -281,7 +317,10 @@ fn r_ctx_4_admin_write_of_bad_field_is_einval_invalid_field() {
         stream(&[field(FIELD_DEV_CFG, &[0; 10])]),
     ] {
         let r = h.cmd(opcode::DEV_CTX_WRITE, 1, &s, 0);
-        assert_eq!((r.status, r.qualifier), (status::EINVAL, qualifier::INVALID_FIELD));
+        assert_eq!(
+            (r.status, r.qualifier),
+            (status::EINVAL, qualifier::INVALID_FIELD)
+        );
         assert!(!h.member(1).migration.write_partial());
         assert!(h.member(1).migration.pending_context().is_none());
     }

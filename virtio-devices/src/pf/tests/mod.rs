@@ -57,8 +57,10 @@ pub(crate) fn write_desc(mem: &GuestMemoryMmap, table: u64, i: u16, d: Desc) {
     let a = GuestAddress(table + 16 * u64::from(i));
     mem.write_obj(d.addr.to_le(), a).unwrap();
     mem.write_obj(d.len.to_le(), GuestAddress(a.0 + 8)).unwrap();
-    mem.write_obj(d.flags.to_le(), GuestAddress(a.0 + 12)).unwrap();
-    mem.write_obj(d.next.to_le(), GuestAddress(a.0 + 14)).unwrap();
+    mem.write_obj(d.flags.to_le(), GuestAddress(a.0 + 12))
+        .unwrap();
+    mem.write_obj(d.next.to_le(), GuestAddress(a.0 + 14))
+        .unwrap();
 }
 
 /// A split virtqueue driven from the driver side.
@@ -92,7 +94,11 @@ impl TestQueue {
         for (k, &(addr, len, flags)) in descs.iter().enumerate() {
             let i = (head + k as u16) % QSIZE;
             let last = k as u16 + 1 == n;
-            let flags = if last { flags & !F_NEXT } else { flags | F_NEXT };
+            let flags = if last {
+                flags & !F_NEXT
+            } else {
+                flags | F_NEXT
+            };
             write_desc(
                 mem,
                 DESC_TABLE,
@@ -127,7 +133,10 @@ impl TestQueue {
             .unwrap();
     }
 
-    pub fn pop<'a>(&mut self, mem: &'a GuestMemoryMmap) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+    pub fn pop<'a>(
+        &mut self,
+        mem: &'a GuestMemoryMmap,
+    ) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
         self.q.pop_descriptor_chain(mem)
     }
 
@@ -407,16 +416,19 @@ impl Harness {
         self.mem.write_slice(readable, GuestAddress(rd)).unwrap();
         let wlen = 8 + result_cap;
         let wr = self.alloc(wlen);
-        self.mem.write_slice(&vec![0xAAu8; wlen], GuestAddress(wr)).unwrap();
+        self.mem
+            .write_slice(&vec![0xAAu8; wlen], GuestAddress(wr))
+            .unwrap();
         let mut descs: Vec<(u64, u32, u16)> = Vec::new();
-        let pieces = |base: u64, len: usize, step: usize, flags: u16, v: &mut Vec<(u64, u32, u16)>| {
-            let mut o = 0;
-            while o < len {
-                let n = step.min(len - o);
-                v.push((base + o as u64, n as u32, flags));
-                o += n;
-            }
-        };
+        let pieces =
+            |base: u64, len: usize, step: usize, flags: u16, v: &mut Vec<(u64, u32, u16)>| {
+                let mut o = 0;
+                while o < len {
+                    let n = step.min(len - o);
+                    v.push((base + o as u64, n as u32, flags));
+                    o += n;
+                }
+            };
         match self.layout {
             Layout::Two => {
                 descs.push((rd, readable.len() as u32, 0));
@@ -482,10 +494,7 @@ impl Harness {
                     head_index,
                     used_len,
                 } => {
-                    self.tq
-                        .q
-                        .add_used(&self.mem, head_index, used_len)
-                        .unwrap();
+                    self.tq.q.add_used(&self.mem, head_index, used_len).unwrap();
                     done.push((head_index, used_len));
                 }
                 ChainOutcome::Deferred(d) => self.deferred.push(d),

@@ -40,15 +40,21 @@ struct Model {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Cmd { group: u16, op: u16, member: u64, arg: u64, cap: usize, layout: u8 },
+    Cmd {
+        group: u16,
+        op: u16,
+        member: u64,
+        arg: u64,
+        cap: usize,
+        layout: u8,
+    },
     PfReset,
     VfEnable(bool),
     NumVfs(u16),
 }
 
 const OPS: [u16; 16] = [
-    0x00, 0x01, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0f, 0x10, 0x11, 0x12, 0x0e, 0x02,
-    0x13,
+    0x00, 0x01, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0f, 0x10, 0x11, 0x12, 0x0e, 0x02, 0x13,
 ];
 
 fn step() -> impl Strategy<Value = Step> {
@@ -109,17 +115,23 @@ impl Model {
     fn data(&self, op: u16, member: u64, arg: u64) -> Vec<u8> {
         match op {
             opcode::LIST_USE => {
-                let bits = if arg & 0xf == 0 { arg } else { arg & SUPPORTED_OPCODES };
+                let bits = if arg & 0xf == 0 {
+                    arg
+                } else {
+                    arg & SUPPORTED_OPCODES
+                };
                 bits.to_le_bytes().to_vec()
             }
             opcode::DEV_MODE_SET => vec![(arg % 5) as u8],
             opcode::DEV_CTX_SIZE_GET => vec![(arg % 3) as u8],
             opcode::DEV_CTX_WRITE => {
-                let m = usize::try_from(member).ok().and_then(|i| self.members.get(i.wrapping_sub(1)));
+                let m = usize::try_from(member)
+                    .ok()
+                    .and_then(|i| self.members.get(i.wrapping_sub(1)));
                 let chunk = 1 + (arg >> 8) as usize % 120;
                 match m.and_then(|m| m.wstream.as_ref()) {
                     Some((bytes, done)) => bytes[*done..(*done + chunk).min(bytes.len())].to_vec(),
-                    None if arg % 7 == 0 => vec![0xff, 0xff, 0xff, 0xff, 1, 2],
+                    None if arg.is_multiple_of(7) => vec![0xff, 0xff, 0xff, 0xff, 1, 2],
                     None => {
                         let b = stream_for(arg);
                         b[..chunk.min(b.len())].to_vec()
@@ -127,7 +139,7 @@ impl Model {
                 }
             }
             opcode::DEV_WRITE_RECORDS_START => {
-                let ps = if arg % 9 == 0 { 8192u64 } else { 4096 };
+                let ps = if arg.is_multiple_of(9) { 8192u64 } else { 4096 };
                 let k = (arg >> 4) % 4;
                 let mut d = ps.to_le_bytes().to_vec();
                 d.extend_from_slice(&1u32.to_le_bytes());
@@ -151,8 +163,7 @@ impl Model {
         if group != 1 {
             return err(s::EINVAL, q::INVALID_GROUP);
         }
-        let usable = op < 64
-            && SUPPORTED_OPCODES & (self.in_use | 0b11) & (1 << op) != 0;
+        let usable = op < 64 && SUPPORTED_OPCODES & (self.in_use | 0b11) & (1 << op) != 0;
         if !usable {
             return err(s::EINVAL, q::INVALID_OPCODE);
         }
