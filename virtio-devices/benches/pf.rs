@@ -104,6 +104,7 @@ fn bench_executor(mem: &GuestMemoryMmap) {
                 group_type: GROUP_TYPE_SRIOV,
                 member_id: 1 + i,
                 data: &[],
+                truncated: false,
             }
             .to_bytes()
         })
@@ -158,6 +159,7 @@ fn bench_queue(mem: &GuestMemoryMmap, op: u16, data: &[u8], result: u32, label: 
             group_type: GROUP_TYPE_SRIOV,
             member_id: 1 + u64::from(c % 8),
             data,
+            truncated: false,
         }
         .to_bytes();
         mem.write_slice(&hdr, GuestAddress(base)).unwrap();
@@ -257,6 +259,7 @@ fn bench_round_trip(mem: &GuestMemoryMmap, nq: u16) {
             group_type: GROUP_TYPE_SRIOV,
             member_id: id,
             data,
+            truncated: false,
         };
         match admin.execute(&mut table, &cmd, &mut res, cap) {
             Execution::Done(c) => {

@@ -160,6 +160,9 @@ pub struct AdminCommand<'a> {
     pub member_id: u64,
     /// `command_specific_data` (the readable bytes after the header).
     pub data: &'a [u8],
+    /// The chain carried more than [`MAX_READABLE`] readable bytes: `data`
+    /// holds only the first of them.
+    pub truncated: bool,
 }
 
 impl<'a> AdminCommand<'a> {
@@ -173,6 +176,7 @@ impl<'a> AdminCommand<'a> {
             group_type: u16::from_le_bytes([h[2], h[3]]),
             member_id: u64::from_le_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]),
             data: &readable[ADMIN_HEADER_LEN..],
+            truncated: false,
         })
     }
 
@@ -437,9 +441,10 @@ where
     {
         return malformed;
     }
-    let Ok(cmd) = AdminCommand::parse(&bufs.readable) else {
+    let Ok(mut cmd) = AdminCommand::parse(&bufs.readable) else {
         return malformed;
     };
+    cmd.truncated = readable_total > MAX_READABLE as u64;
     let cap = usize::try_from(writable_total - ADMIN_STATUS_LEN as u64)
         .unwrap_or(usize::MAX)
         .min(MAX_RESULT);

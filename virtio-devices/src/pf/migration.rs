@@ -475,21 +475,38 @@ fn member_command<D: MemberDevice>(
             if cmd.data.is_empty() {
                 return ok();
             }
-            // Feed a copy so that a failing write leaves no trace (R-ADM-2).
-            let mut dec = st.write.clone();
-            match dec.feed(cmd.data) {
-                Err(_) => einval(qualifier::INVALID_FIELD),
+            if cmd.truncated {
+                // More data than one command may carry: refuse, no effect.
+                return Execution::Done(AdminCompletion::err(
+                    status::ENOMEM,
+                    qualifier::NORESOURCE,
+                ));
+            }
+            let was_partial = st.write.is_partial();
+            if !was_partial {
+                st.write_raw.clear();
+            }
+            match st.write.feed(cmd.data) {
+                Err(e) => {
+                    log::debug!("member {id}: context write refused: {e}");
+                    // No trace of the failed write (R-ADM-2): rebuild the
+                    // decoder from the accepted bytes of the stream. Only
+                    // this error path pays for it.
+                    let mut d = ContextDecoder::new(st.write.limits().clone());
+                    if was_partial && d.feed(&st.write_raw).is_err() {
+                        // The same bytes were accepted before; cannot fail.
+                        d = ContextDecoder::new(st.write.limits().clone());
+                        st.write_raw.clear();
+                    }
+                    st.write = d;
+                    einval(qualifier::INVALID_FIELD)
+                }
                 Ok(Some(ctx)) => {
-                    st.write = dec;
                     st.write_raw.clear();
                     st.pending_ctx = Some(ctx);
                     ok()
                 }
                 Ok(None) => {
-                    if !st.write.is_partial() {
-                        st.write_raw.clear();
-                    }
-                    st.write = dec;
                     st.write_raw.extend_from_slice(cmd.data);
                     ok()
                 }

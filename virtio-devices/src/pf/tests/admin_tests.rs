@@ -164,6 +164,7 @@ fn r_adm_1b_malformed_short_header_used_zero_and_queue_goes_on() {
         group_type: GROUP_TYPE_SRIOV,
         member_id: 0,
         data: &[],
+        truncated: false,
     }
     .to_bytes();
     let head = h.submit_raw(&bytes[..23], 8);
@@ -185,6 +186,7 @@ fn r_adm_1b_malformed_no_or_short_writable_part() {
         group_type: GROUP_TYPE_SRIOV,
         member_id: 1,
         data: &[1],
+        truncated: false,
     }
     .to_bytes();
     // Readable only.
@@ -210,6 +212,7 @@ fn r_adm_1b_malformed_descriptor_loop_terminates() {
         group_type: GROUP_TYPE_SRIOV,
         member_id: 0,
         data: &[],
+        truncated: false,
     }
     .to_bytes();
     let rd = BUF_BASE + 0x9000;
@@ -279,6 +282,7 @@ fn r_adm_1b_malformed_indirect_tables() {
         group_type: GROUP_TYPE_SRIOV,
         member_id: 0,
         data: &[],
+        truncated: false,
     }
     .to_bytes();
     let rd = BUF_BASE + 0xa000;
@@ -349,6 +353,7 @@ fn r_adm_1b_malformed_buffer_outside_memory() {
         group_type: GROUP_TYPE_SRIOV,
         member_id: 0,
         data: &[],
+        truncated: false,
     }
     .to_bytes();
     h.mem.write_slice(&bytes, GuestAddress(BUF_BASE)).unwrap();
@@ -490,6 +495,7 @@ fn r_adm_4_commands_of_members_complete_out_of_order() {
             group_type: GROUP_TYPE_SRIOV,
             member_id: id,
             data,
+            truncated: false,
         }
         .to_bytes()
     };

@@ -325,3 +325,44 @@ fn r_ctx_4_admin_write_of_bad_field_is_einval_invalid_field() {
         assert!(h.member(1).migration.pending_context().is_none());
     }
 }
+
+#[test]
+fn r_ctx_4_failed_chunk_leaves_partial_stream_intact() {
+    let mut h = Harness::new(1);
+    assert!(h.set_mode(1, 2).ok());
+    let good = sample_context(2, 21);
+    let b = good.to_bytes();
+    // First 90 bytes: count, common cfg, part of the features header.
+    assert!(h.cmd(opcode::DEV_CTX_WRITE, 1, &b[..90], 0).ok());
+    // A chunk that completes the features header with an unknown type.
+    let mut bad = b[90..130].to_vec();
+    // Offsets 84..100 are the DEV_FEATURES header, 100..108 its value,
+    // 108 starts queue 0's PCI_VQ_CFG header: make its type unknown.
+    bad[108 - 90] = 0x66;
+    let r = h.cmd(opcode::DEV_CTX_WRITE, 1, &bad, 0);
+    assert_eq!(
+        (r.status, r.qualifier),
+        (status::EINVAL, qualifier::INVALID_FIELD)
+    );
+    assert!(h.member(1).migration.write_partial());
+    assert_eq!(
+        h.member(1).migration.snapshot().write_partial,
+        b[..90].to_vec()
+    );
+    // The correct rest completes the stream.
+    assert!(h.cmd(opcode::DEV_CTX_WRITE, 1, &b[90..], 0).ok());
+    assert_eq!(h.member(1).migration.pending_context(), Some(&good));
+}
+
+#[test]
+fn r_ctx_3_write_larger_than_one_command_takes_is_refused() {
+    let mut h = Harness::new(1);
+    assert!(h.set_mode(1, 2).ok());
+    let big = vec![0u8; (1 << 20) + 1];
+    let r = h.cmd(opcode::DEV_CTX_WRITE, 1, &big, 0);
+    assert_eq!(
+        (r.status, r.qualifier),
+        (status::ENOMEM, qualifier::NORESOURCE)
+    );
+    assert!(!h.member(1).migration.write_partial());
+}

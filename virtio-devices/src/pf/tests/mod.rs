@@ -551,6 +551,7 @@ impl Harness {
             group_type: group,
             member_id: member,
             data,
+            truncated: false,
         }
         .to_bytes();
         let head = self.submit_raw(&bytes, result_cap);

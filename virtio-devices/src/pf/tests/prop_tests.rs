@@ -390,7 +390,7 @@ proptest! {
         h.mem.write_slice(&[fill; 0x4000], GuestAddress(0x10_0000)).unwrap();
         // A valid header at the start of the buffer area half of the time.
         if fill % 2 == 0 {
-            let c = AdminCommand { opcode: u16::from(fill % 0x13), group_type: 1, member_id: 1, data: &[fill] };
+            let c = AdminCommand { opcode: u16::from(fill % 0x13), group_type: 1, member_id: 1, data: &[fill], truncated: false };
             h.mem.write_slice(&c.to_bytes(), GuestAddress(0x10_0000)).unwrap();
         }
         let table: Vec<(u16, Desc)> = descs
