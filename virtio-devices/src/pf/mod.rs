@@ -18,6 +18,7 @@ pub mod admin;
 pub mod context;
 pub mod migration;
 pub mod reference;
+pub mod transport_map;
 
 #[cfg(test)]
 mod tests;
