@@ -16,9 +16,11 @@
 
 pub mod admin;
 pub mod context;
+pub mod device;
 pub mod migration;
 pub mod reference;
 pub mod transport_map;
+pub mod vf;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,788 @@
+//! The virtio-pf physical function: a virtio-blk PCI Express function with
+//! an admin virtqueue and the SR-IOV Extended Capability, whose VFs are
+//! the members the admin commands address.
+//!
+//! * [`VirtioPf`] is the PF's [`PciDevice`]: a [`VirtioPciDevice`] around
+//!   [`PfDevice`] (the PF's own disk plus the admin queue) with the SR-IOV
+//!   capability at 0x100 (R-PCI-1, R-PCI-2, R-PCI-5). Configuration writes
+//!   to the capability create the VFs on VF Enable and remove them when it
+//!   clears (returned to the bus as a [`FunctionChange`], R-PCI-3), and
+//!   place each VF's BAR0 at VF BAR0 + (n − 1) × 32 KiB while VF MSE is
+//!   set.
+//! * [`PfDevice`] is the PF's virtio device model: block requests on queue
+//!   0 go to the PF's disk; the admin queue (queue 1) runs every chain
+//!   through [`process_chain`] and [`AdminState::execute`] against the
+//!   member table [`VfTable`].
+//! * Each VF is a [`VfFunction`] (see [`super::vf`]), shared between the
+//!   bus and the member table as `Arc<Mutex<VfFunction<Block>>>`.
+//!
+//! # Lock order
+//!
+//! PF mutex → VF mutex. A PF method (configuration write, admin doorbell)
+//! runs with the PF's mutex held (the bus took it) and locks VFs one at a
+//! time; a VF never locks the PF or another VF. Neither calls the bus.
+//! The bus's decode-map rebuild holds one device mutex at a time, so it
+//! cannot deadlock with a PF method holding PF then VF.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use pci::sriov::{SriovParams, SriovWriteEffect, VfEnableChange};
+use pci::{
+    BarRange, Bdf, Doorbell, FunctionChange, InterruptManager, PciDevice, SharedPciDevice,
+    SriovCapability, SriovError,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_migration::dirty::{WriteRecorder, DEFAULT_SUPPORTED_RANGES};
+use vm_migration::GuestMemoryMmap;
+
+use super::admin::{qualifier, status, AdminCompletion, DeferredChain};
+use super::migration::{AdminState, Member, MemberTable, Mode};
+use super::vf::{SharedVf, VfFunction};
+use super::{process_chain, AdminBuffers, ChainOutcome};
+use crate::block::{Block, BlockConfig, BlockError, DEFAULT_QUEUE_SIZE};
+use crate::device::{
+    DeviceError, VirtioDevice, VIRTIO_F_ADMIN_VQ, VIRTIO_F_SR_IOV, VIRTIO_ID_BLOCK,
+};
+use crate::transport::{
+    required_msix_vectors, FunctionKind, TransportError, VirtioPciDevice, VirtioPciOptions,
+    BAR0_SIZE, VIRTIO_PCI_DEVICE_ID_BASE,
+};
+
+/// Most VFs one PF may have.
+pub const MAX_TOTAL_VFS: u16 = 64;
+/// Offset of the SR-IOV Extended Capability (R-PCI-2).
+pub const SRIOV_CAP_OFFSET: u16 = 0x100;
+/// Default admin queue size.
+pub const DEFAULT_ADMIN_QUEUE_SIZE: u16 = 64;
+/// Size of each VF's BAR0 (the virtio-pci transport's BAR0).
+pub const VF_BAR0_SIZE: u64 = BAR0_SIZE;
+/// Upper bound of notification-enable rounds per admin queue service.
+const MAX_ROUNDS: usize = 64;
+
+/// Errors building a [`VirtioPf`].
+#[derive(Debug, thiserror::Error)]
+pub enum PfError {
+    #[error("total_vfs {0} is not in 1..={MAX_TOTAL_VFS}")]
+    TotalVfs(u16),
+    #[error("the {total_vfs} VFs of PF {pf} (First VF Offset {offset}, Stride {stride}) do not fit on bus {bus:02x}", bus = pf.bus())]
+    VfLayout {
+        pf: Bdf,
+        total_vfs: u16,
+        offset: u16,
+        stride: u16,
+    },
+    #[error("PF disk: {0}")]
+    PfDisk(#[source] BlockError),
+    #[error("backing file of VF {vf} ({path}): {source}")]
+    VfDisk {
+        vf: u16,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("queue size {0} is not a power of two in 2..=32768")]
+    QueueSize(u16),
+    #[error("MSI-X interrupts of {bdf}: {source}")]
+    Interrupts {
+        bdf: Bdf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("PF transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error("SR-IOV capability: {0}")]
+    Sriov(#[from] SriovError),
+    #[error("SR-IOV capability landed at {0:#x}, not at 0x100 (another extended capability precedes it)")]
+    SriovOffset(u16),
+}
+
+/// First VF Offset, VF Stride and the VFs' routing IDs of a PF.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfLayout {
+    pub first_vf_offset: u16,
+    pub vf_stride: u16,
+    /// Routing ID of VF n at index n − 1.
+    pub vf_bdfs: Vec<Bdf>,
+}
+
+/// The VF layout of a PF at `pf` with `total_vfs` VFs: VFs on the
+/// functions of the next devices, VF 1 at `bus:(DD+1).0`, stride 1, so
+/// VFs 1..8 are `DD+1.0..7`, VFs 9..16 `DD+2.0..7`, and so on (64 VFs take
+/// 8 devices). The VMM keeps devices `DD+1 ..= DD + ceil(total_vfs / 8)`
+/// free. Fails if a VF would fall off the PF's bus.
+pub fn vf_layout(pf: Bdf, total_vfs: u16) -> Result<VfLayout, PfError> {
+    if total_vfs == 0 || total_vfs > MAX_TOTAL_VFS {
+        return Err(PfError::TotalVfs(total_vfs));
+    }
+    let first_vf_offset = 8 - u16::from(pf.function());
+    let vf_stride = 1;
+    let bad = PfError::VfLayout {
+        pf,
+        total_vfs,
+        offset: first_vf_offset,
+        stride: vf_stride,
+    };
+    let mut vf_bdfs = Vec::with_capacity(usize::from(total_vfs));
+    for n in 0..total_vfs {
+        let rid = u32::from(pf.rid()) + u32::from(first_vf_offset) + u32::from(n * vf_stride);
+        let Ok(rid) = u16::try_from(rid) else {
+            return Err(bad);
+        };
+        let bdf = Bdf::from_rid(rid);
+        if bdf.bus() != pf.bus() {
+            return Err(bad);
+        }
+        vf_bdfs.push(bdf);
+    }
+    Ok(VfLayout {
+        first_vf_offset,
+        vf_stride,
+        vf_bdfs,
+    })
+}
+
+/// Backing file of VF n (1-based). Several VFs may share one file.
+pub type VfDiskFn = Box<dyn Fn(u16) -> PathBuf + Send>;
+
+/// What a [`VirtioPf`] is made of.
+pub struct PfConfig {
+    /// The PF's own disk.
+    pub pf_disk: PathBuf,
+    /// The backing file of each VF.
+    pub vf_disk: VfDiskFn,
+    /// TotalVFs = InitialVFs.
+    pub total_vfs: u16,
+    /// Routing ID of the PF.
+    pub bdf: Bdf,
+    /// First VF Offset (see [`vf_layout`]).
+    pub first_vf_offset: u16,
+    /// VF Stride.
+    pub vf_stride: u16,
+    /// PF and VF disks read-only.
+    pub readonly: bool,
+    /// Request queue size of the PF and the VFs.
+    pub queue_size: u16,
+    /// Admin queue size.
+    pub admin_queue_size: u16,
+}
+
+impl PfConfig {
+    /// A configuration with the layout of [`vf_layout`] and default queue
+    /// sizes.
+    pub fn new(
+        pf_disk: impl Into<PathBuf>,
+        vf_disk: VfDiskFn,
+        total_vfs: u16,
+        bdf: Bdf,
+        readonly: bool,
+    ) -> Result<Self, PfError> {
+        let layout = vf_layout(bdf, total_vfs)?;
+        Ok(PfConfig {
+            pf_disk: pf_disk.into(),
+            vf_disk,
+            total_vfs,
+            bdf,
+            first_vf_offset: layout.first_vf_offset,
+            vf_stride: layout.vf_stride,
+            readonly,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            admin_queue_size: DEFAULT_ADMIN_QUEUE_SIZE,
+        })
+    }
+}
+
+impl std::fmt::Debug for PfConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PfConfig")
+            .field("pf_disk", &self.pf_disk)
+            .field("total_vfs", &self.total_vfs)
+            .field("bdf", &self.bdf)
+            .field("first_vf_offset", &self.first_vf_offset)
+            .field("vf_stride", &self.vf_stride)
+            .field("readonly", &self.readonly)
+            .finish()
+    }
+}
+
+/// The member table: VF n is `members[n - 1]` (`None` if it could not be
+/// instantiated).
+pub struct VfTable {
+    vf_enable: bool,
+    num_vfs: u16,
+    members: Vec<Option<Member<SharedVf<Block>>>>,
+}
+
+impl VfTable {
+    fn new() -> Self {
+        VfTable {
+            vf_enable: false,
+            num_vfs: 0,
+            members: Vec::new(),
+        }
+    }
+
+    /// Member `n` (1-based).
+    pub fn member(&self, n: u16) -> Option<&Member<SharedVf<Block>>> {
+        self.members
+            .get(usize::from(n).checked_sub(1)?)
+            .and_then(Option::as_ref)
+    }
+
+    /// The instantiated members with their VF numbers.
+    pub fn members(&self) -> impl Iterator<Item = (u16, &Member<SharedVf<Block>>)> {
+        self.members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.as_ref().map(|m| (i as u16 + 1, m)))
+    }
+}
+
+impl MemberTable for VfTable {
+    type Device = SharedVf<Block>;
+    fn vf_enabled(&self) -> bool {
+        self.vf_enable
+    }
+    fn num_vfs(&self) -> u16 {
+        self.num_vfs
+    }
+    fn member_mut(&mut self, id: u16) -> Option<&mut Member<SharedVf<Block>>> {
+        self.members
+            .get_mut(usize::from(id).checked_sub(1)?)
+            .and_then(Option::as_mut)
+    }
+}
+
+/// The PF's virtio device model: its own virtio-blk queue plus the admin
+/// queue over the member table.
+pub struct PfDevice {
+    block: Block,
+    admin_sizes: [u16; 1],
+    admin: AdminState,
+    table: VfTable,
+    bufs: AdminBuffers,
+    deferred: Vec<DeferredChain>,
+}
+
+impl PfDevice {
+    fn new(block: Block, admin_queue_size: u16) -> Self {
+        PfDevice {
+            block,
+            admin_sizes: [admin_queue_size],
+            admin: AdminState::new(),
+            table: VfTable::new(),
+            bufs: AdminBuffers::new(),
+            deferred: Vec::new(),
+        }
+    }
+
+    /// The admin executor's state (list in use).
+    pub fn admin(&self) -> &AdminState {
+        &self.admin
+    }
+
+    /// The member table.
+    pub fn table(&self) -> &VfTable {
+        &self.table
+    }
+
+    /// Admin commands waiting on their member.
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// Completes deferred commands whose member is ready (R-ADM-4): they
+    /// go on the used ring in the order they become ready, whatever order
+    /// they arrived in.
+    fn complete_ready(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, DeviceError> {
+        let mut used = false;
+        let mut i = 0;
+        while i < self.deferred.len() {
+            let id = self.deferred[i].member;
+            let completion = if self.table.member_mut(id).is_none() {
+                // The member vanished (VF Enable cleared) meanwhile.
+                Some(AdminCompletion::err(
+                    status::EINVAL,
+                    qualifier::INVALID_GROUP,
+                ))
+            } else {
+                self.admin.poll(&mut self.table, id)
+            };
+            match completion {
+                Some(c) => {
+                    let d = self.deferred.swap_remove(i);
+                    let len = d.complete(mem, &c, &[]);
+                    queue.add_used(mem, d.head_index, len).map_err(|source| {
+                        DeviceError::UsedRing {
+                            queue: self.block.queue_max_sizes().len() as u16,
+                            source,
+                        }
+                    })?;
+                    used = true;
+                }
+                None => i += 1,
+            }
+        }
+        Ok(used)
+    }
+}
+
+impl VirtioDevice for PfDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.block.queue_max_sizes()
+    }
+    fn admin_queue_max_sizes(&self) -> &[u16] {
+        &self.admin_sizes
+    }
+    fn features(&self) -> u64 {
+        self.block.features() | (1u64 << VIRTIO_F_SR_IOV) | (1u64 << VIRTIO_F_ADMIN_VQ)
+    }
+    fn config_len(&self) -> usize {
+        self.block.config_len()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.block.read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.block.write_config(offset, data)
+    }
+    fn activate(&mut self, features: u64) -> crate::device::Result<()> {
+        self.block.activate(features)
+    }
+    fn reset(&mut self) {
+        // R-ADM-3: after reset only LIST_QUERY and LIST_USE are usable.
+        // Members (their modes, streams, records) are not the PF's virtio
+        // state and stay as they are.
+        self.block.reset();
+        self.admin.reset();
+        self.deferred.clear();
+    }
+    fn queue_reset(&mut self, index: u16) {
+        if usize::from(index) == self.block.queue_max_sizes().len() {
+            self.deferred.clear();
+        } else {
+            self.block.queue_reset(index);
+        }
+    }
+    fn process_queue(
+        &mut self,
+        index: u16,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> crate::device::Result<bool> {
+        self.block.process_queue(index, queue, mem)
+    }
+
+    fn process_admin_queue(
+        &mut self,
+        admin_index: u16,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> crate::device::Result<bool> {
+        if admin_index != 0 {
+            return Err(DeviceError::NoSuchQueue(admin_index));
+        }
+        let qi = self.block.queue_max_sizes().len() as u16;
+        let mut used = self.complete_ready(queue, mem)?;
+        for _ in 0..MAX_ROUNDS {
+            queue
+                .disable_notification(mem)
+                .map_err(|source| DeviceError::UsedRing { queue: qi, source })?;
+            loop {
+                let chain = {
+                    let mut iter = queue
+                        .iter(mem)
+                        .map_err(|source| DeviceError::AvailRing { queue: qi, source })?;
+                    iter.next()
+                };
+                let Some(chain) = chain else { break };
+                let admin = &mut self.admin;
+                let table = &mut self.table;
+                let outcome = process_chain(chain, &mut self.bufs, |cmd, result, cap| {
+                    admin.execute(table, cmd, result, cap)
+                });
+                match outcome {
+                    ChainOutcome::Complete {
+                        head_index,
+                        used_len,
+                    } => {
+                        queue
+                            .add_used(mem, head_index, used_len)
+                            .map_err(|source| DeviceError::UsedRing { queue: qi, source })?;
+                        used = true;
+                    }
+                    ChainOutcome::Deferred(d) => {
+                        debug!("virtio-pf: admin command of member {} deferred", d.member);
+                        self.deferred.push(d);
+                    }
+                }
+            }
+            let more = queue
+                .enable_notification(mem)
+                .map_err(|source| DeviceError::UsedRing { queue: qi, source })?;
+            if !more {
+                break;
+            }
+        }
+        used |= self.complete_ready(queue, mem)?;
+        Ok(used)
+    }
+}
+
+/// The virtio-pf PF as a PCI function.
+pub struct VirtioPf {
+    dev: VirtioPciDevice<PfDevice>,
+    sriov: SriovCapability,
+    bdf: Bdf,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    interrupts: Arc<dyn InterruptManager>,
+    vf_disk: VfDiskFn,
+    readonly: bool,
+    queue_size: u16,
+}
+
+impl VirtioPf {
+    /// Builds the PF described by `cfg`. Its queues (and, through per-VF
+    /// views, its VFs' queues) are served from `mem`; its MSI-X group and
+    /// every VF's come from `interrupts` (a VF's when VF Enable creates
+    /// it). Every VF backing file must exist now (it is opened when its VF
+    /// is created).
+    pub fn new(
+        cfg: PfConfig,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupts: Arc<dyn InterruptManager>,
+    ) -> Result<Arc<Mutex<VirtioPf>>, PfError> {
+        Self::build(cfg, mem, interrupts).map(|pf| Arc::new(Mutex::new(pf)))
+    }
+
+    /// As [`VirtioPf::new`], unshared.
+    pub fn build(
+        cfg: PfConfig,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        interrupts: Arc<dyn InterruptManager>,
+    ) -> Result<VirtioPf, PfError> {
+        if cfg.total_vfs == 0 || cfg.total_vfs > MAX_TOTAL_VFS {
+            return Err(PfError::TotalVfs(cfg.total_vfs));
+        }
+        for q in [cfg.queue_size, cfg.admin_queue_size] {
+            if !(2..=32768).contains(&q) || !q.is_power_of_two() {
+                return Err(PfError::QueueSize(q));
+            }
+        }
+        for n in 1..=cfg.total_vfs {
+            let path = (cfg.vf_disk)(n);
+            if let Err(source) = std::fs::metadata(&path) {
+                return Err(PfError::VfDisk {
+                    vf: n,
+                    path,
+                    source,
+                });
+            }
+        }
+        let mut bcfg = BlockConfig::new(&cfg.pf_disk);
+        bcfg.read_only = cfg.readonly;
+        bcfg.queue_size = cfg.queue_size;
+        let block = Block::new(&bcfg).map_err(PfError::PfDisk)?;
+        let pfdev = PfDevice::new(block, cfg.admin_queue_size);
+        let irq = interrupts
+            .create_group(cfg.bdf, required_msix_vectors(&pfdev))
+            .map_err(|source| PfError::Interrupts {
+                bdf: cfg.bdf,
+                source,
+            })?;
+        let mut dev = VirtioPciDevice::new(
+            pfdev,
+            mem.clone(),
+            irq,
+            VirtioPciOptions {
+                function: FunctionKind::Physical,
+                flr: true,
+                ring_reset: true,
+                pci_cfg_cap: true,
+            },
+        )?;
+        let sriov = SriovCapability::add_to(
+            dev.pci_config_mut(),
+            SriovParams {
+                initial_vfs: cfg.total_vfs,
+                total_vfs: cfg.total_vfs,
+                first_vf_offset: cfg.first_vf_offset,
+                vf_stride: cfg.vf_stride,
+                vf_device_id: VIRTIO_PCI_DEVICE_ID_BASE + VIRTIO_ID_BLOCK as u16,
+                vf_bar0_size: VF_BAR0_SIZE,
+                vf_bar0_prefetchable: false,
+                function_dependency_link: 0,
+            },
+        )?;
+        if sriov.offset() != SRIOV_CAP_OFFSET {
+            return Err(PfError::SriovOffset(sriov.offset()));
+        }
+        if sriov.all_vf_rids_on_pf_bus(cfg.bdf).is_none() {
+            return Err(PfError::VfLayout {
+                pf: cfg.bdf,
+                total_vfs: cfg.total_vfs,
+                offset: cfg.first_vf_offset,
+                stride: cfg.vf_stride,
+            });
+        }
+        Ok(VirtioPf {
+            dev,
+            sriov,
+            bdf: cfg.bdf,
+            mem,
+            interrupts,
+            vf_disk: cfg.vf_disk,
+            readonly: cfg.readonly,
+            queue_size: cfg.queue_size,
+        })
+    }
+
+    /// The PF's routing ID.
+    pub fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+
+    /// The PF's virtio-pci function.
+    pub fn transport(&self) -> &VirtioPciDevice<PfDevice> {
+        &self.dev
+    }
+
+    /// The PF's virtio-pci function, mutably.
+    pub fn transport_mut(&mut self) -> &mut VirtioPciDevice<PfDevice> {
+        &mut self.dev
+    }
+
+    /// The SR-IOV capability.
+    pub fn sriov(&self) -> &SriovCapability {
+        &self.sriov
+    }
+
+    /// Routing IDs of all TotalVFs VFs (whether enabled or not).
+    pub fn all_vf_bdfs(&self) -> Vec<Bdf> {
+        (1..=self.sriov.params().total_vfs)
+            .filter_map(|n| self.sriov.vf_rid(self.bdf, n))
+            .collect()
+    }
+
+    /// VF `n` (1-based), if it exists now.
+    pub fn vf(&self, n: u16) -> Option<Arc<Mutex<VfFunction<Block>>>> {
+        self.dev
+            .device()
+            .table
+            .member(n)
+            .map(|m| Arc::clone(&m.device.0))
+    }
+
+    /// The existing VFs: (VF number, routing ID).
+    pub fn vfs(&self) -> Vec<(u16, Bdf)> {
+        self.dev
+            .device()
+            .table
+            .members()
+            .map(|(n, m)| (n, m.device.lock().bdf()))
+            .collect()
+    }
+
+    /// Member `n`'s migration mode.
+    pub fn member_mode(&self, n: u16) -> Option<Mode> {
+        self.dev.device().table.member(n).map(|m| m.mode())
+    }
+
+    /// Completes admin commands that were waiting on their member and are
+    /// now ready (the VMM calls it after a member made progress). Returns
+    /// whether any completed.
+    pub fn poll_admin(&mut self) -> bool {
+        let dev = &mut self.dev;
+        let qi = dev.num_device_queues();
+        let mem = dev.memory().memory();
+        let pf = dev.device_mut();
+        if pf.deferred.is_empty() {
+            return false;
+        }
+        let mut ready = Vec::new();
+        let mut i = 0;
+        while i < pf.deferred.len() {
+            let id = pf.deferred[i].member;
+            let completion = if pf.table.member_mut(id).is_none() {
+                Some(AdminCompletion::err(
+                    status::EINVAL,
+                    qualifier::INVALID_GROUP,
+                ))
+            } else {
+                pf.admin.poll(&mut pf.table, id)
+            };
+            match completion {
+                Some(c) => {
+                    let d = pf.deferred.swap_remove(i);
+                    let len = d.complete(&*mem, &c, &[]);
+                    ready.push((d.head_index, len));
+                }
+                None => i += 1,
+            }
+        }
+        drop(mem);
+        let any = !ready.is_empty();
+        for (head, len) in ready {
+            if !dev.complete_chain(qi, head, len) {
+                warn!("virtio-pf: deferred admin command {head} could not be completed");
+            }
+        }
+        any
+    }
+
+    fn sync_table(&mut self) {
+        let regs = self.sriov.regs(self.dev.pci_config());
+        let t = &mut self.dev.device_mut().table;
+        t.vf_enable = regs.vf_enabled();
+        t.num_vfs = regs.num_vfs;
+    }
+
+    fn create_vf(
+        &self,
+        n: u16,
+        view_src: &GuestMemoryMmap,
+    ) -> Option<(Bdf, Member<SharedVf<Block>>)> {
+        let bdf = self.sriov.vf_rid(self.bdf, n)?;
+        let path = (self.vf_disk)(n);
+        let mut bcfg = BlockConfig::new(&path);
+        bcfg.read_only = self.readonly;
+        bcfg.queue_size = self.queue_size;
+        let block = match Block::new(&bcfg) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("virtio-pf: VF {n} not created: {e}");
+                return None;
+            }
+        };
+        let irq = match self
+            .interrupts
+            .create_group(bdf, required_msix_vectors(&block))
+        {
+            Ok(g) => g,
+            Err(e) => {
+                warn!("virtio-pf: VF {n} not created: interrupts of {bdf}: {e}");
+                return None;
+            }
+        };
+        let recorder = match WriteRecorder::new(view_src, DEFAULT_SUPPORTED_RANGES) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("virtio-pf: VF {n} not created: {e}");
+                return None;
+            }
+        };
+        let view = match recorder.member_view(view_src) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("virtio-pf: VF {n} not created: {e}");
+                return None;
+            }
+        };
+        let mut vf = match VfFunction::new(n, bdf, block, view, irq) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("virtio-pf: VF {n} not created: {e}");
+                return None;
+            }
+        };
+        vf.set_bar0(self.sriov.vf_bar0_address(self.dev.pci_config(), n));
+        let shared = SharedVf(Arc::new(Mutex::new(vf)));
+        Some((bdf, Member::new(shared, recorder)))
+    }
+
+    fn apply_sriov(&mut self, effect: SriovWriteEffect) -> Option<FunctionChange> {
+        let mut change = FunctionChange::default();
+        match effect.vf_enable {
+            Some(VfEnableChange::Enabled { num_vfs }) => {
+                let src = self.mem.memory();
+                let mut members = Vec::with_capacity(usize::from(num_vfs));
+                for n in 1..=num_vfs {
+                    match self.create_vf(n, &src) {
+                        Some((bdf, m)) => {
+                            let handle: SharedPciDevice = m.device.0.clone();
+                            change.added.push((bdf, handle));
+                            members.push(Some(m));
+                        }
+                        None => members.push(None),
+                    }
+                }
+                self.dev.device_mut().table.members = members;
+            }
+            Some(VfEnableChange::Disabled { .. }) => {
+                let members = std::mem::take(&mut self.dev.device_mut().table.members);
+                for m in members.into_iter().flatten() {
+                    let vf = m.device.lock();
+                    change.removed.push(vf.bdf());
+                }
+            }
+            None => {}
+        }
+        self.sync_table();
+        if effect.vf_decode_changed() {
+            let cfg = self.dev.pci_config();
+            let sriov = &self.sriov;
+            for (n, m) in self.dev.device().table.members() {
+                m.device.lock().set_bar0(sriov.vf_bar0_address(cfg, n));
+            }
+        }
+        if change.added.is_empty() && change.removed.is_empty() {
+            None
+        } else {
+            Some(change)
+        }
+    }
+}
+
+impl PciDevice for VirtioPf {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.dev.config_read(offset, data)
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) -> Option<FunctionChange> {
+        if !matches!(data.len(), 1 | 2 | 4)
+            || usize::from(offset) + data.len() > pci::PCI_CONFIG_SPACE_SIZE
+        {
+            return None;
+        }
+        let effect = if self.sriov.overlaps(offset, data.len()) {
+            self.sriov
+                .config_write(self.dev.pci_config_mut(), offset, data)
+        } else {
+            // Anything else, including an FLR, which clears VF Enable.
+            let before = self.sriov.regs(self.dev.pci_config());
+            self.dev.config_write(offset, data);
+            before.diff(&self.sriov.regs(self.dev.pci_config()))
+        };
+        self.apply_sriov(effect)
+    }
+
+    fn decoded_bars(&self) -> Vec<BarRange> {
+        self.dev.decoded_bars()
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        self.dev.bar_read(bar, offset, data)
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        self.dev.bar_write(bar, offset, data)
+    }
+
+    fn doorbells(&self) -> Vec<Doorbell> {
+        self.dev.doorbells()
+    }
+
+    fn doorbell(&mut self, index: u16) {
+        self.dev.doorbell(index);
+        self.poll_admin();
+    }
+}

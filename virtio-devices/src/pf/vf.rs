@@ -1,0 +1,398 @@
+//! A virtual function (member) of the virtio-pf, as a PCI function and as
+//! a [`MemberDevice`].
+//!
+//! [`VfFunction`] wraps a [`VirtioPciDevice`] built with
+//! [`FunctionKind::Virtual`] (Vendor/Device ID 0xFFFF, BAR registers read 0,
+//! BAR0 placed by the PF's SR-IOV capability) and Function Level Reset
+//! advertised (R-PCI-4). Its queues are served from the member's own *view*
+//! of guest memory ([`vm_migration::WriteRecorder::member_view`]): every
+//! write the member device makes marks the VMM's dirty log and, while the
+//! member records, the member's write records (R-WR-3, R-WR-7).
+//!
+//! The function sits on the bus as `Arc<Mutex<VfFunction>>`; the PF's
+//! member table holds a [`SharedVf`] clone of the same `Arc`, whose
+//! [`MemberDevice`] methods lock it. The VF never locks the PF: lock order
+//! is PF mutex → VF mutex (see `docs/virtio-pf-device.md`).
+//!
+//! # Mapping to the device context (spec §4.3)
+//!
+//! The transport state maps to and from a [`MemberContext`] through
+//! [`super::transport_map`] (common configuration, features, per-queue
+//! configuration and available index; the used index is read back from the
+//! used ring on apply). Device-owned descriptors (VQ_SPLIT_DEV_OWN_DESC)
+//! are the heads adopted from a written context and not yet served: block
+//! requests complete synchronously inside `process_queue`, so a member's
+//! own requests are never left device-owned (R-MODE-3). On the way to
+//! Active, adopted heads are run through the device model on a private
+//! scratch ring and then completed on the real used ring. DEV_CFG is
+//! read-only for block: applying a different one fails.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, warn};
+use pci::{BarRange, Doorbell, FunctionChange, InterruptSourceGroup, PciDevice};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vm_migration::{GuestMemoryMmap, GuestRegionMmap};
+
+use super::context::{ContextLimits, MemberContext};
+use super::migration::{MemberDevice, MemberDeviceError, Mode, Quiesce};
+use super::transport_map::{context_from_transport, transport_from_context};
+use crate::device::VirtioDevice;
+use crate::transport::state::common_offset;
+use crate::transport::{
+    FunctionKind, TransportError, TransportMode, VirtioPciDevice, VirtioPciOptions,
+    COMMON_CFG_BAR_OFFSET,
+};
+
+/// Bytes of the scratch ring used to serve adopted device-owned heads.
+const SCRATCH_RING_LEN: usize = 0x4_0000;
+
+/// One VF of the PF: its virtio-pci function and what it adopted from a
+/// written device context.
+pub struct VfFunction<D: VirtioDevice> {
+    number: u16,
+    bdf: pci::Bdf,
+    dev: VirtioPciDevice<D>,
+    /// Per device queue: heads that a written context listed as
+    /// device-owned, to serve when the member becomes Active.
+    adopted: Vec<Vec<u16>>,
+}
+
+impl<D: VirtioDevice> VfFunction<D> {
+    /// VF `number` at `bdf` around `device`, serving its queues from
+    /// `view` (the member's view of guest memory) and interrupting through
+    /// `interrupts` (at least [`crate::transport::required_msix_vectors`]
+    /// vectors).
+    pub fn new(
+        number: u16,
+        bdf: pci::Bdf,
+        device: D,
+        view: GuestMemoryMmap,
+        interrupts: Arc<dyn InterruptSourceGroup>,
+    ) -> Result<Self, TransportError> {
+        let options = VirtioPciOptions {
+            function: FunctionKind::Virtual,
+            flr: true,
+            ring_reset: true,
+            pci_cfg_cap: true,
+        };
+        let dev = VirtioPciDevice::new(device, GuestMemoryAtomic::new(view), interrupts, options)?;
+        let nq = usize::from(dev.num_device_queues());
+        Ok(VfFunction {
+            number,
+            bdf,
+            dev,
+            adopted: vec![Vec::new(); nq],
+        })
+    }
+
+    /// The VF number (1-based, the admin commands' member id).
+    pub fn number(&self) -> u16 {
+        self.number
+    }
+
+    /// The VF's routing ID.
+    pub fn bdf(&self) -> pci::Bdf {
+        self.bdf
+    }
+
+    /// The virtio-pci function.
+    pub fn transport(&self) -> &VirtioPciDevice<D> {
+        &self.dev
+    }
+
+    /// The virtio-pci function, mutably.
+    pub fn transport_mut(&mut self) -> &mut VirtioPciDevice<D> {
+        &mut self.dev
+    }
+
+    /// Where BAR0 decodes (`None` while VF MSE or VF Enable is clear).
+    pub fn set_bar0(&mut self, base: Option<u64>) {
+        self.dev.set_vf_bar0(base);
+    }
+
+    /// Heads adopted from a written context, not yet served, per queue.
+    pub fn adopted_heads(&self) -> &[Vec<u16>] {
+        &self.adopted
+    }
+
+    fn forget_adopted(&mut self) {
+        for a in &mut self.adopted {
+            a.clear();
+        }
+    }
+
+    fn device_config(&self) -> Vec<u8> {
+        let mut cfg = vec![0u8; self.dev.device().config_len()];
+        self.dev.device().read_config(0, &mut cfg);
+        cfg
+    }
+
+    /// Serves the heads adopted from a written context: the device model
+    /// runs them through a private scratch ring (so nothing but the chains'
+    /// own buffers is touched in guest memory) and each is then completed
+    /// on the real used ring.
+    fn serve_adopted(&mut self) {
+        for index in 0..self.dev.num_device_queues() {
+            let heads = std::mem::take(&mut self.adopted[usize::from(index)]);
+            if heads.is_empty() {
+                continue;
+            }
+            let done = self.run_heads(index, &heads);
+            for (head, len) in done {
+                if !self.dev.complete_chain(index, head, len) {
+                    warn!(
+                        "virtio-pf: VF {}: adopted chain {head} of queue {index} could not be completed",
+                        self.number
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs `heads` of queue `index` through the device model; returns the
+    /// `(head, used length)` of each chain served.
+    fn run_heads(&mut self, index: u16, heads: &[u16]) -> Vec<(u16, u32)> {
+        let st = self.dev.state();
+        let Some(q) = st.queues.get(usize::from(index)).copied() else {
+            return Vec::new();
+        };
+        if !q.enabled || !self.dev.is_activated() {
+            debug!("virtio-pf: adopted heads of disabled queue {index} dropped");
+            return Vec::new();
+        }
+        let mem = self.dev.memory().memory();
+        // Scratch ring above guest memory, in a private mapping.
+        let base = mem
+            .last_addr()
+            .0
+            .checked_add(1)
+            .and_then(|a| a.checked_next_multiple_of(1 << 21));
+        let Some(base) = base else {
+            return Vec::new();
+        };
+        let region = match GuestRegionMmap::from_range(GuestAddress(base), SCRATCH_RING_LEN, None) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("virtio-pf: scratch ring for adopted heads: {e}");
+                return Vec::new();
+            }
+        };
+        let combined = match mem.insert_region(Arc::new(region)) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("virtio-pf: scratch ring for adopted heads: {e}");
+                return Vec::new();
+            }
+        };
+        drop(mem);
+        let n = heads.len().min(usize::from(q.size));
+        let avail = base;
+        let used = base + (SCRATCH_RING_LEN as u64) / 2;
+        let mut ok = combined.write_obj(0u16, GuestAddress(avail)).is_ok()
+            && combined
+                .write_obj((n as u16).to_le(), GuestAddress(avail + 2))
+                .is_ok();
+        for (k, h) in heads.iter().take(n).enumerate() {
+            ok &= combined
+                .write_obj(h.to_le(), GuestAddress(avail + 4 + 2 * k as u64))
+                .is_ok();
+        }
+        let Ok(mut fake) = Queue::new(q.size) else {
+            return Vec::new();
+        };
+        fake.set_size(q.size);
+        ok &= fake
+            .try_set_desc_table_address(GuestAddress(q.desc_table))
+            .is_ok()
+            && fake.try_set_avail_ring_address(GuestAddress(avail)).is_ok()
+            && fake.try_set_used_ring_address(GuestAddress(used)).is_ok();
+        if !ok {
+            warn!("virtio-pf: could not build the scratch ring for adopted heads");
+            return Vec::new();
+        }
+        fake.set_ready(true);
+        if let Err(e) = self
+            .dev
+            .device_mut()
+            .process_queue(index, &mut fake, &combined)
+        {
+            warn!("virtio-pf: serving adopted heads of queue {index}: {e}");
+        }
+        let produced = combined
+            .read_obj::<u16>(GuestAddress(used + 2))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        let mut out = Vec::with_capacity(usize::from(produced));
+        for k in 0..u64::from(produced) {
+            let e = used + 4 + 8 * k;
+            let id = combined.read_obj::<u32>(GuestAddress(e)).map(u32::from_le);
+            let len = combined
+                .read_obj::<u32>(GuestAddress(e + 4))
+                .map(u32::from_le);
+            if let (Ok(id), Ok(len)) = (id, len) {
+                out.push((id as u16, len));
+            }
+        }
+        out
+    }
+}
+
+impl<D: VirtioDevice> PciDevice for VfFunction<D> {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.dev.config_read(offset, data)
+    }
+
+    fn config_write(&mut self, offset: u16, data: &[u8]) -> Option<FunctionChange> {
+        if self.dev.pcie_capability().flr_requested(offset, data) {
+            // FLR resets the virtio state (the transport keeps the mode);
+            // what was adopted belongs to the old driver (R-MODE-7).
+            self.forget_adopted();
+        }
+        self.dev.config_write(offset, data)
+    }
+
+    fn decoded_bars(&self) -> Vec<BarRange> {
+        self.dev.decoded_bars()
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        self.dev.bar_read(bar, offset, data)
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if bar == 0
+            && offset == COMMON_CFG_BAR_OFFSET + common_offset::DEVICE_STATUS
+            && data == [0]
+            && self.dev.mode() != TransportMode::Freeze
+        {
+            self.forget_adopted();
+        }
+        self.dev.bar_write(bar, offset, data)
+    }
+
+    fn doorbells(&self) -> Vec<Doorbell> {
+        self.dev.doorbells()
+    }
+
+    fn doorbell(&mut self, index: u16) {
+        self.dev.doorbell(index)
+    }
+}
+
+impl<D: VirtioDevice> MemberDevice for VfFunction<D> {
+    fn context_limits(&self) -> ContextLimits {
+        let dev = self.dev.device();
+        ContextLimits {
+            num_queues: self.dev.num_device_queues(),
+            max_queue_size: dev.queue_max_sizes().iter().copied().max().unwrap_or(0),
+            offered_features: self.dev.offered_features(),
+            device_cfg_len: dev.config_len(),
+            msix_vectors: self.dev.msix().num_vectors(),
+        }
+    }
+
+    fn capture_context(&mut self) -> MemberContext {
+        context_from_transport(
+            &self.dev.state(),
+            &self.dev.common_cfg(),
+            self.dev.num_device_queues(),
+            &self.adopted,
+            self.device_config(),
+        )
+    }
+
+    fn apply_context(&mut self, ctx: &MemberContext) -> Result<(), MemberDeviceError> {
+        if let Some(cfg) = &ctx.device_config {
+            if *cfg != self.device_config() {
+                return Err(MemberDeviceError::Apply(
+                    "the device configuration differs from this member's (it is read-only)".into(),
+                ));
+            }
+        }
+        let mut max_sizes = self.dev.device().queue_max_sizes().to_vec();
+        max_sizes.extend_from_slice(self.dev.device().admin_queue_max_sizes());
+        let applied = {
+            let mem = self.dev.memory().memory();
+            transport_from_context(ctx, &max_sizes, |used_ring| {
+                let at = used_ring.checked_add(2)?;
+                mem.read_obj::<u16>(GuestAddress(at)).ok().map(u16::from_le)
+            })
+            .map_err(|e| MemberDeviceError::Apply(e.to_string()))?
+        };
+        self.dev
+            .set_state(&applied.state)
+            .map_err(|e| MemberDeviceError::Apply(e.to_string()))?;
+        let nq = usize::from(self.dev.num_device_queues());
+        let mut owned = applied.device_owned;
+        owned.resize(nq, Vec::new());
+        owned.truncate(nq);
+        self.adopted = owned;
+        Ok(())
+    }
+
+    fn quiesce(&mut self, mode: Mode) -> Quiesce {
+        // Requests complete synchronously inside `process_queue`, so once
+        // the transport stops serving nothing is in flight (R-MODE-3).
+        match mode {
+            Mode::Active => self.resume(),
+            Mode::Stop => self.dev.set_mode(TransportMode::Stop),
+            Mode::Freeze => self.dev.set_mode(TransportMode::Freeze),
+        }
+        Quiesce::Done
+    }
+
+    fn resume(&mut self) {
+        // Serves every enabled queue once and delivers held interrupts
+        // (R-MODE-4), then the adopted device-owned heads.
+        self.dev.set_mode(TransportMode::Active);
+        self.serve_adopted();
+    }
+
+    fn reset(&mut self) {
+        self.dev.reset();
+        self.forget_adopted();
+    }
+}
+
+/// The member table's handle on a VF: the same `Arc` the bus holds.
+pub struct SharedVf<D: VirtioDevice>(pub Arc<Mutex<VfFunction<D>>>);
+
+impl<D: VirtioDevice> SharedVf<D> {
+    /// Locks the VF (a poisoned lock is taken over: the device state is
+    /// whatever it was).
+    pub fn lock(&self) -> MutexGuard<'_, VfFunction<D>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for SharedVf<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedVf")
+    }
+}
+
+impl<D: VirtioDevice> MemberDevice for SharedVf<D> {
+    fn context_limits(&self) -> ContextLimits {
+        self.lock().context_limits()
+    }
+    fn capture_context(&mut self) -> MemberContext {
+        self.lock().capture_context()
+    }
+    fn apply_context(&mut self, ctx: &MemberContext) -> Result<(), MemberDeviceError> {
+        self.lock().apply_context(ctx)
+    }
+    fn quiesce(&mut self, mode: Mode) -> Quiesce {
+        self.lock().quiesce(mode)
+    }
+    fn poll_quiesce(&mut self) -> Quiesce {
+        self.lock().poll_quiesce()
+    }
+    fn resume(&mut self) {
+        self.lock().resume()
+    }
+    fn reset(&mut self) {
+        self.lock().reset()
+    }
+}
