@@ -290,14 +290,14 @@ pub struct DirtyBitmap {
     record: Arc<RegionRecord>,
     /// For a member view: keeps the VMM's mapping (which owns the host
     /// memory) alive for as long as the view region exists.
-    _owner: Option<Arc<MmapRegion<DirtyBitmap>>>,
+    owner: Option<Arc<MmapRegion<DirtyBitmap>>>,
 }
 
 impl fmt::Debug for DirtyBitmap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DirtyBitmap")
             .field("pages", &self.shared.pages)
-            .field("member_view", &self._owner.is_some())
+            .field("member_view", &self.owner.is_some())
             .finish()
     }
 }
@@ -308,7 +308,7 @@ impl DirtyBitmap {
         DirtyBitmap {
             shared: Arc::new(PageBitmap::new(len.div_ceil(DIRTY_PAGE_SIZE as usize))),
             record: NO_RECORD.clone(),
-            _owner: None,
+            owner: None,
         }
     }
 
@@ -336,7 +336,7 @@ impl DirtyBitmap {
 
     /// Whether this is a member view's bitmap.
     pub fn is_member_view(&self) -> bool {
-        self._owner.is_some()
+        self.owner.is_some()
     }
 
     #[inline]
@@ -554,7 +554,7 @@ impl WriteRecorder {
             let bitmap = DirtyBitmap {
                 shared: owner.bitmap().shared.clone(),
                 record: rr.rec.clone(),
-                _owner: Some(owner),
+                owner: Some(owner),
             };
             // SAFETY: `ptr` and `size` describe the mapping of `owner`, which
             // is live (we hold an `Arc` to it). The `Arc` is moved into the
