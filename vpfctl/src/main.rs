@@ -451,7 +451,13 @@ fn run(cli: &Cli) -> Result<Outcome> {
             numvfs,
             autoprobe,
             bind_stub,
-        } => sriov(&pf_of(cli)?, *numvfs, *autoprobe, *bind_stub),
+        } => {
+            let pf = pf_of(cli)?;
+            if cli.bind {
+                pci::prepare_for_userspace(&pf, true)?;
+            }
+            sriov(&pf, *numvfs, *autoprobe, *bind_stub)
+        }
         Cmd::VfBdf { member } => {
             let pf = pf_of(cli)?;
             let b = pci::vf_bdf(&pf, *member)?;
