@@ -23,6 +23,8 @@ pub mod transport_map;
 pub mod vf;
 
 #[cfg(test)]
+mod device_tests;
+#[cfg(test)]
 mod tests;
 
 pub use admin::{

@@ -1,0 +1,1036 @@
+//! End-to-end tests of the virtio-pf PF and its VFs on a [`PciBus`], with
+//! the guest played by [`TestDriver`] (VF drivers, Linux's order of
+//! operations) and a small driver for the PF's admin queue, all on one
+//! guest memory. Every test names the requirement it checks.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use pci::bus::ecam_offset;
+use pci::{
+    BarRange, Bdf, FunctionChange, InterruptManager, InterruptSourceGroup, PciBus, PciDevice,
+};
+
+use super::admin::{opcode, qualifier, status, GROUP_TYPE_SRIOV, SUPPORTED_OPCODES};
+use super::context::MemberContext;
+use super::device::{vf_layout, PfConfig, PfError, VirtioPf, VF_BAR0_SIZE};
+use super::migration::Mode;
+use crate::block::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use crate::device::{VIRTIO_F_ADMIN_VQ, VIRTIO_F_SR_IOV, VIRTIO_F_VERSION_1};
+use crate::test_driver::{
+    Layout, RecordingInterrupts, Seg, Submitted, TestDriver, UsedElem, VirtioCaps,
+};
+use crate::transport::state::common_offset as co;
+use crate::transport::state::*;
+
+pub(crate) const PF_BDF: Bdf = Bdf::new(0, 4, 0);
+pub(crate) const PF_BAR0: u64 = 0xe000_0000;
+pub(crate) const VF_BAR0: u64 = 0xe100_0000;
+const SRIOV: u16 = 0x100;
+const DISK_LEN: usize = 1 << 20;
+const MEM_LEN: usize = 64 << 20;
+
+// ---- plumbing --------------------------------------------------------------
+
+/// Interrupt groups by function, recording every trigger.
+#[derive(Default)]
+pub(crate) struct Irqs {
+    groups: Mutex<HashMap<Bdf, Arc<RecordingInterrupts>>>,
+}
+
+impl Irqs {
+    pub(crate) fn of(&self, bdf: Bdf) -> Arc<RecordingInterrupts> {
+        self.groups
+            .lock()
+            .unwrap()
+            .entry(bdf)
+            .or_insert_with(RecordingInterrupts::new)
+            .clone()
+    }
+}
+
+impl InterruptManager for Irqs {
+    fn create_group(
+        &self,
+        bdf: Bdf,
+        _vectors: u16,
+    ) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
+        let g = RecordingInterrupts::new();
+        self.groups.lock().unwrap().insert(bdf, g.clone());
+        Ok(g)
+    }
+}
+
+/// A function as the guest reaches it: configuration space through ECAM,
+/// BARs through the bus's decode map, doorbells as the VMM's device thread
+/// delivers them (lock the function, call `doorbell`).
+pub(crate) struct OnBus<'a> {
+    bus: &'a PciBus,
+    bdf: Bdf,
+}
+
+impl<'a> OnBus<'a> {
+    pub(crate) fn new(bus: &'a PciBus, bdf: Bdf) -> Self {
+        OnBus { bus, bdf }
+    }
+    fn bar_base(&self, bar: u8) -> Option<u64> {
+        self.bus
+            .decoded_bars_of(self.bdf)
+            .into_iter()
+            .find(|b| b.index == bar)
+            .map(|b| b.base)
+    }
+}
+
+impl PciDevice for OnBus<'_> {
+    fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        self.bus.ecam_read(ecam_offset(self.bdf, offset), data)
+    }
+    fn config_write(&mut self, offset: u16, data: &[u8]) -> Option<FunctionChange> {
+        self.bus.ecam_write(ecam_offset(self.bdf, offset), data);
+        None
+    }
+    fn decoded_bars(&self) -> Vec<BarRange> {
+        self.bus.decoded_bars_of(self.bdf)
+    }
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        match self.bar_base(bar) {
+            Some(b) if self.bus.mmio_read(b + offset, data) => {}
+            _ => data.fill(0xff),
+        }
+    }
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        if let Some(b) = self.bar_base(bar) {
+            self.bus.mmio_write(b + offset, data);
+        }
+    }
+    fn doorbell(&mut self, index: u16) {
+        if let Some(d) = self.bus.function(self.bdf) {
+            d.lock().unwrap().doorbell(index);
+        }
+    }
+}
+
+/// A split virtqueue of the PF driven by the test's own small driver.
+struct MiniQueue {
+    index: u16,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+/// The PF's driver: common configuration, queues 0 (block) and 1 (admin).
+pub(crate) struct PfDriver {
+    caps: VirtioCaps,
+    queues: HashMap<u16, MiniQueue>,
+    cmd_buf: u64,
+    res_buf: u64,
+}
+
+/// An admin command's completion as the driver reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reply {
+    pub status: u16,
+    pub qualifier: u16,
+    pub output: u32,
+    pub result: Vec<u8>,
+    pub used_len: u32,
+}
+
+impl Reply {
+    pub(crate) fn ok(&self) -> bool {
+        self.status == status::OK
+    }
+}
+
+const ADMIN_Q: u16 = 1;
+const CMD_BUF_LEN: u64 = 1 << 20;
+const RES_BUF_LEN: u64 = 1 << 20;
+
+impl PfDriver {
+    fn cw(&self, dev: &mut dyn PciDevice, off: u64, len: usize, v: u64) {
+        TestDriver::region_write(dev, &self.caps.common, off, len, v)
+    }
+    fn cr(&self, dev: &mut dyn PciDevice, off: u64, len: usize) -> u64 {
+        TestDriver::region_read(dev, &self.caps.common, off, len)
+    }
+
+    /// Linux's virtio_pci bring-up of the PF: reset, features, MSI-X (one
+    /// vector per queue plus config), queues, DRIVER_OK; then, as
+    /// virtio_pci does at DRIVER_OK with an admin queue, LIST_QUERY and
+    /// LIST_USE.
+    fn bring_up(
+        t: &mut TestDriver,
+        dev: &mut dyn PciDevice,
+        wanted: u64,
+        list_use: bool,
+    ) -> (Self, u64) {
+        let caps = TestDriver::read_caps(dev).unwrap();
+        let cmd_buf = t.alloc_pages(CMD_BUF_LEN / 4096).unwrap();
+        let res_buf = t.alloc_pages(RES_BUF_LEN / 4096).unwrap();
+        let mut d = PfDriver {
+            caps,
+            queues: HashMap::new(),
+            cmd_buf,
+            res_buf,
+        };
+        d.cw(dev, co::DEVICE_STATUS, 1, 0);
+        assert_eq!(d.cr(dev, co::DEVICE_STATUS, 1), 0);
+        d.cw(dev, co::DEVICE_STATUS, 1, u64::from(STATUS_ACKNOWLEDGE));
+        d.cw(
+            dev,
+            co::DEVICE_STATUS,
+            1,
+            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER),
+        );
+        d.cw(dev, co::DEVICE_FEATURE_SELECT, 4, 0);
+        let lo = d.cr(dev, co::DEVICE_FEATURE, 4);
+        d.cw(dev, co::DEVICE_FEATURE_SELECT, 4, 1);
+        let hi = d.cr(dev, co::DEVICE_FEATURE, 4);
+        let offered = lo | (hi << 32);
+        let f = offered & wanted;
+        d.cw(dev, co::DRIVER_FEATURE_SELECT, 4, 0);
+        d.cw(dev, co::DRIVER_FEATURE, 4, f & 0xffff_ffff);
+        d.cw(dev, co::DRIVER_FEATURE_SELECT, 4, 1);
+        d.cw(dev, co::DRIVER_FEATURE, 4, f >> 32);
+        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        d.cw(dev, co::DEVICE_STATUS, 1, u64::from(s));
+        assert_ne!(
+            d.cr(dev, co::DEVICE_STATUS, 1) as u8 & STATUS_FEATURES_OK,
+            0
+        );
+        // MSI-X: 3 vectors, config on 0, queue n on n + 1.
+        let cap = caps.msix.unwrap();
+        let table = TestDriver::cfg_read32(dev, cap + 4);
+        for v in 0..3u64 {
+            let e = u64::from(table & !7) + v * 16;
+            dev.bar_write((table & 7) as u8, e, &0xfee0_0000u32.to_le_bytes());
+            dev.bar_write((table & 7) as u8, e + 4, &0u32.to_le_bytes());
+            dev.bar_write((table & 7) as u8, e + 8, &(v as u32).to_le_bytes());
+            dev.bar_write((table & 7) as u8, e + 12, &0u32.to_le_bytes());
+        }
+        let mc = TestDriver::cfg_read16(dev, cap + 2);
+        TestDriver::cfg_write16(dev, cap + 2, (mc | 0x8000) & !0x4000);
+        d.cw(dev, co::CONFIG_MSIX_VECTOR, 2, 0);
+        let admin_index = d.cr(dev, co::ADMIN_QUEUE_INDEX, 2) as u16;
+        assert_eq!(admin_index, ADMIN_Q);
+        for q in [0, admin_index] {
+            d.setup_queue(t, dev, q, q + 1);
+        }
+        d.cw(dev, co::DEVICE_STATUS, 1, u64::from(s | STATUS_DRIVER_OK));
+        let r = d.admin(t, dev, opcode::LIST_QUERY, 0, &[], 8);
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.result, SUPPORTED_OPCODES.to_le_bytes());
+        if list_use {
+            let r = d.admin(
+                t,
+                dev,
+                opcode::LIST_USE,
+                0,
+                &SUPPORTED_OPCODES.to_le_bytes(),
+                0,
+            );
+            assert!(r.ok(), "{r:?}");
+        }
+        (d, f)
+    }
+
+    fn setup_queue(
+        &mut self,
+        t: &mut TestDriver,
+        dev: &mut dyn PciDevice,
+        index: u16,
+        vector: u16,
+    ) {
+        self.cw(dev, co::QUEUE_SELECT, 2, u64::from(index));
+        let size = self.cr(dev, co::QUEUE_SIZE, 2) as u16;
+        assert!(size > 0);
+        self.cw(dev, co::QUEUE_MSIX_VECTOR, 2, u64::from(vector));
+        let desc = t
+            .alloc_pages((u64::from(size) * 16).div_ceil(4096))
+            .unwrap();
+        let avail = t.alloc_pages(1).unwrap();
+        let used = t
+            .alloc_pages((6 + 8 * u64::from(size)).div_ceil(4096))
+            .unwrap();
+        for (f, a) in [
+            (co::QUEUE_DESC, desc),
+            (co::QUEUE_DRIVER, avail),
+            (co::QUEUE_DEVICE, used),
+        ] {
+            self.cw(dev, f, 8, a);
+        }
+        self.cw(dev, co::QUEUE_ENABLE, 2, 1);
+        self.queues.insert(
+            index,
+            MiniQueue {
+                index,
+                size,
+                desc,
+                avail,
+                used,
+                avail_idx: 0,
+                last_used: 0,
+            },
+        );
+    }
+
+    /// Publishes a chain of raw descriptors `(addr, len, flags, next)`
+    /// written at descriptor indices `first..`, head = `first`.
+    fn publish_raw(&mut self, t: &TestDriver, q: u16, descs: &[(u64, u32, u16, u16)], first: u16) {
+        let mq = self.queues.get_mut(&q).unwrap();
+        for (k, &(a, l, fl, nx)) in descs.iter().enumerate() {
+            let i = (first + k as u16) % mq.size;
+            let mut b = [0u8; 16];
+            b[0..8].copy_from_slice(&a.to_le_bytes());
+            b[8..12].copy_from_slice(&l.to_le_bytes());
+            b[12..14].copy_from_slice(&fl.to_le_bytes());
+            b[14..16].copy_from_slice(&nx.to_le_bytes());
+            t.write_mem(mq.desc + 16 * u64::from(i), &b).unwrap();
+        }
+        let slot = mq.avail + 4 + 2 * u64::from(mq.avail_idx % mq.size);
+        t.write_mem(slot, &first.to_le_bytes()).unwrap();
+        mq.avail_idx = mq.avail_idx.wrapping_add(1);
+        t.write_mem(mq.avail + 2, &mq.avail_idx.to_le_bytes())
+            .unwrap();
+    }
+
+    fn kick(&self, dev: &mut dyn PciDevice, q: u16) {
+        let off = u64::from(q) * u64::from(self.caps.notify_off_multiplier);
+        TestDriver::region_write(dev, &self.caps.notify, off, 2, u64::from(q));
+        dev.doorbell(q);
+    }
+
+    fn pop_used(&mut self, t: &TestDriver, q: u16) -> Option<(u16, u32)> {
+        let mq = self.queues.get_mut(&q).unwrap();
+        let b = t.read_mem(mq.used + 2, 2).unwrap();
+        if u16::from_le_bytes([b[0], b[1]]) == mq.last_used {
+            return None;
+        }
+        let e = t
+            .read_mem(mq.used + 4 + 8 * u64::from(mq.last_used % mq.size), 8)
+            .unwrap();
+        mq.last_used = mq.last_used.wrapping_add(1);
+        Some((
+            u16::from_le_bytes([e[0], e[1]]),
+            u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+        ))
+    }
+
+    /// One admin command: header + data in one descriptor, status + result
+    /// in another; returns the completion.
+    pub(crate) fn admin(
+        &mut self,
+        t: &mut TestDriver,
+        dev: &mut dyn PciDevice,
+        op: u16,
+        member: u64,
+        data: &[u8],
+        result_len: u32,
+    ) -> Reply {
+        self.admin_group(t, dev, op, GROUP_TYPE_SRIOV, member, data, result_len)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admin_group(
+        &mut self,
+        t: &mut TestDriver,
+        dev: &mut dyn PciDevice,
+        op: u16,
+        group: u16,
+        member: u64,
+        data: &[u8],
+        result_len: u32,
+    ) -> Reply {
+        let mut cmd = Vec::with_capacity(24 + data.len());
+        cmd.extend_from_slice(&op.to_le_bytes());
+        cmd.extend_from_slice(&group.to_le_bytes());
+        cmd.extend_from_slice(&[0; 12]);
+        cmd.extend_from_slice(&member.to_le_bytes());
+        cmd.extend_from_slice(data);
+        assert!(cmd.len() as u64 <= CMD_BUF_LEN);
+        assert!(u64::from(result_len) + 8 <= RES_BUF_LEN);
+        t.write_mem(self.cmd_buf, &cmd).unwrap();
+        let head = self.queues[&ADMIN_Q].avail_idx.wrapping_mul(2) % self.queues[&ADMIN_Q].size;
+        self.publish_raw(
+            t,
+            ADMIN_Q,
+            &[
+                (
+                    self.cmd_buf,
+                    cmd.len() as u32,
+                    1,
+                    (head + 1) % self.queues[&ADMIN_Q].size,
+                ),
+                (self.res_buf, 8 + result_len, 2, 0),
+            ],
+            head,
+        );
+        self.kick(dev, ADMIN_Q);
+        let (id, used_len) = self
+            .pop_used(t, ADMIN_Q)
+            .expect("admin command not completed");
+        assert_eq!(id, head);
+        let b = t.read_mem(self.res_buf, 8 + result_len as usize).unwrap();
+        let n = (used_len as usize)
+            .saturating_sub(8)
+            .min(result_len as usize);
+        Reply {
+            status: u16::from_le_bytes([b[0], b[1]]),
+            qualifier: u16::from_le_bytes([b[2], b[3]]),
+            output: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            result: b[8..8 + n].to_vec(),
+            used_len,
+        }
+    }
+}
+
+/// Temporary files, removed on drop.
+pub(crate) struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "vpf-dev-{}-{name}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The whole machine: bus, PF at 00:04.0, its files, the guest memory
+/// (owned by `t`, which also plays the VF drivers) and the PF driver.
+pub(crate) struct Rig {
+    pub bus: PciBus,
+    pub pf: Arc<Mutex<VirtioPf>>,
+    pub irqs: Arc<Irqs>,
+    pub t: TestDriver,
+    pub pfd: Option<PfDriver>,
+    pub dir: TempDir,
+    pub total: u16,
+}
+
+/// VF backing file scheme of a rig.
+#[derive(Clone, Copy)]
+pub(crate) enum Files {
+    /// One file per VF.
+    PerVf,
+    /// All VFs share one file.
+    Shared,
+}
+
+pub(crate) fn vf_file(dir: &std::path::Path, files: Files, n: u16) -> PathBuf {
+    match files {
+        Files::PerVf => dir.join(format!("vf{n}.img")),
+        Files::Shared => dir.join("shared.img"),
+    }
+}
+
+impl Rig {
+    pub(crate) fn new(name: &str, total: u16, files: Files) -> Rig {
+        let dir = TempDir::new(name);
+        std::fs::write(dir.0.join("pf.img"), vec![0u8; DISK_LEN]).unwrap();
+        for n in 1..=total {
+            std::fs::write(vf_file(&dir.0, files, n), vec![0u8; DISK_LEN]).unwrap();
+        }
+        let t = TestDriver::new(MEM_LEN);
+        let irqs = Arc::new(Irqs::default());
+        let d = dir.0.clone();
+        let cfg = PfConfig::new(
+            dir.0.join("pf.img"),
+            Box::new(move |n| vf_file(&d, files, n)),
+            total,
+            PF_BDF,
+            false,
+        )
+        .unwrap();
+        let pf = VirtioPf::new(cfg, t.mem_atomic(), irqs.clone()).unwrap();
+        let bus = PciBus::new();
+        bus.add_function(PF_BDF, pf.clone()).unwrap();
+        Rig {
+            bus,
+            pf,
+            irqs,
+            t,
+            pfd: None,
+            dir,
+            total,
+        }
+    }
+
+    pub(crate) fn on(&self, bdf: Bdf) -> OnBus<'_> {
+        OnBus::new(&self.bus, bdf)
+    }
+
+    pub(crate) fn vf_bdf(&self, n: u16) -> Bdf {
+        Bdf::from_rid(PF_BDF.rid() + 8 + n - 1)
+    }
+
+    /// Firmware / Linux probing the PF: BAR0 placed, memory and bus
+    /// mastering on.
+    pub(crate) fn probe_pf(&mut self) {
+        let mut pf = self.on(PF_BDF);
+        assert_eq!(TestDriver::size_bar0(&mut pf).unwrap(), 0x8000);
+        TestDriver::cfg_write32(&mut pf, 0x10, PF_BAR0 as u32);
+        TestDriver::cfg_write32(&mut pf, 0x14, (PF_BAR0 >> 32) as u32);
+        TestDriver::cfg_write16(&mut pf, 0x04, 0x6);
+    }
+
+    /// Linux's `sriov_numvfs` write: VF BAR0 assigned, NumVFs, then VF
+    /// Enable | VF MSE in one write.
+    pub(crate) fn enable_vfs(&mut self, n: u16) {
+        let mut pf = self.on(PF_BDF);
+        TestDriver::cfg_write32(&mut pf, SRIOV + 0x24, VF_BAR0 as u32);
+        TestDriver::cfg_write32(&mut pf, SRIOV + 0x28, (VF_BAR0 >> 32) as u32);
+        TestDriver::cfg_write16(&mut pf, SRIOV + 0x10, n);
+        let ctrl = TestDriver::cfg_read16(&mut pf, SRIOV + 0x08);
+        TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, ctrl | 0x1 | 0x8);
+    }
+
+    pub(crate) fn bring_up_pf(&mut self) {
+        self.bring_up_pf_with(true)
+    }
+
+    pub(crate) fn bring_up_pf_with(&mut self, list_use: bool) {
+        let mut pf = OnBus::new(&self.bus, PF_BDF);
+        let wanted = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_F_SR_IOV)
+            | (1u64 << VIRTIO_F_ADMIN_VQ)
+            | (1u64 << 9);
+        let (d, f) = PfDriver::bring_up(&mut self.t, &mut pf, wanted, list_use);
+        assert_eq!(f, wanted);
+        self.pfd = Some(d);
+    }
+
+    /// PF probed and up, `n` VFs enabled.
+    pub(crate) fn up(name: &str, total: u16, n: u16, files: Files) -> Rig {
+        let mut r = Rig::new(name, total, files);
+        r.probe_pf();
+        r.bring_up_pf();
+        r.enable_vfs(n);
+        r
+    }
+
+    pub(crate) fn admin(&mut self, op: u16, member: u64, data: &[u8], result_len: u32) -> Reply {
+        let mut pf = OnBus::new(&self.bus, PF_BDF);
+        let d = self.pfd.as_mut().expect("PF not brought up");
+        d.admin(&mut self.t, &mut pf, op, member, data, result_len)
+    }
+
+    pub(crate) fn set_mode(&mut self, member: u16, mode: Mode) {
+        let r = self.admin(opcode::DEV_MODE_SET, member.into(), &[mode as u8], 0);
+        assert!(r.ok(), "DEV_MODE_SET {mode:?}: {r:?}");
+    }
+
+    pub(crate) fn mode(&mut self, member: u16) -> u8 {
+        let r = self.admin(opcode::DEV_MODE_GET, member.into(), &[], 1);
+        assert!(r.ok(), "{r:?}");
+        r.result[0]
+    }
+
+    /// Probe VF `n` with `t` (its BAR0 is placed by the PF) and bring it
+    /// up as a virtio-blk device; returns the negotiated features.
+    pub(crate) fn bring_up_vf(&mut self, n: u16) -> u64 {
+        let bdf = self.vf_bdf(n);
+        let mut vf = OnBus::new(&self.bus, bdf);
+        let bar = VF_BAR0 + u64::from(n - 1) * VF_BAR0_SIZE;
+        self.t.probe_placed(&mut vf, bar).unwrap();
+        self.t.bring_up(&mut vf, u64::MAX, 1).unwrap()
+    }
+
+    /// Rings VF `n`'s queue 0 doorbell (as `t`, the VF's driver).
+    pub(crate) fn kick_vf(&mut self, n: u16) {
+        let mut vf = OnBus::new(&self.bus, self.vf_bdf(n));
+        self.t.kick(&mut vf, 0).unwrap();
+    }
+
+    /// Submits a block request on VF `n`, kicks, pops one used element.
+    pub(crate) fn request(&mut self, n: u16, segs: &[Seg]) -> (Submitted, Option<UsedElem>) {
+        let mut vf = OnBus::new(&self.bus, self.vf_bdf(n));
+        self.t.request(&mut vf, 0, segs, Layout::Direct).unwrap()
+    }
+
+    pub(crate) fn start_records_all(&mut self, member: u16) {
+        let r = self.admin(
+            opcode::DEV_WRITE_RECORDS_START,
+            member.into(),
+            &records_start(4096, &[(0, MEM_LEN as u64 / 4096)]),
+            0,
+        );
+        assert!(r.ok(), "{r:?}");
+    }
+
+    /// Every record of `member` over the whole memory, ascending.
+    pub(crate) fn read_records(&mut self, member: u16) -> Vec<u64> {
+        let mut data = Vec::new();
+        data.extend_from_slice(&0u64.to_le_bytes());
+        data.extend_from_slice(&(MEM_LEN as u64).to_le_bytes());
+        let r = self.admin(
+            opcode::DEV_WRITE_RECORDS_READ,
+            member.into(),
+            &data,
+            8 * 4096,
+        );
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.output as usize * 8, r.result.len());
+        r.result
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    /// The whole context stream of `member`, read in `chunk`-byte pieces.
+    pub(crate) fn read_context(&mut self, member: u16, chunk: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let r = self.admin(opcode::DEV_CTX_READ, member.into(), &[], chunk);
+            assert!(r.ok(), "{r:?}");
+            assert_eq!(r.output as usize, r.result.len());
+            out.extend_from_slice(&r.result);
+            if r.result.len() < chunk as usize {
+                return out;
+            }
+        }
+    }
+
+    pub(crate) fn write_context(&mut self, member: u16, ctx: &[u8], chunk: usize) {
+        for c in ctx.chunks(chunk) {
+            let r = self.admin(opcode::DEV_CTX_WRITE, member.into(), c, 0);
+            assert!(r.ok(), "{r:?}");
+        }
+    }
+
+    pub(crate) fn file(&self, n: u16, files: Files) -> Vec<u8> {
+        std::fs::read(vf_file(&self.dir.0, files, n)).unwrap()
+    }
+}
+
+pub(crate) fn records_start(page_size: u64, ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&page_size.to_le_bytes());
+    d.extend_from_slice(&(ranges.len() as u32).to_le_bytes());
+    d.extend_from_slice(&[0; 4]);
+    for &(a, c) in ranges {
+        d.extend_from_slice(&a.to_le_bytes());
+        d.extend_from_slice(&c.to_le_bytes());
+    }
+    d
+}
+
+fn blk_header(ty: u32, sector: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(16);
+    h.extend_from_slice(&ty.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&sector.to_le_bytes());
+    h
+}
+
+pub(crate) fn write_req(sector: u64, data: &[u8]) -> Vec<Seg> {
+    vec![
+        Seg::Readable(blk_header(VIRTIO_BLK_T_OUT, sector)),
+        Seg::Readable(data.to_vec()),
+        Seg::Writable(1),
+    ]
+}
+
+pub(crate) fn read_req(sector: u64, len: u32) -> Vec<Seg> {
+    vec![
+        Seg::Readable(blk_header(VIRTIO_BLK_T_IN, sector)),
+        Seg::Writable(len),
+        Seg::Writable(1),
+    ]
+}
+
+/// The status byte of a submitted block request.
+pub(crate) fn status_of(t: &TestDriver, s: &Submitted) -> u8 {
+    let (a, l) = *s.writable().last().unwrap();
+    t.read_mem(a + u64::from(l) - 1, 1).unwrap()[0]
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
+        .collect()
+}
+
+fn pages_of(addr: u64, len: u64) -> impl Iterator<Item = u64> {
+    let first = addr / 4096;
+    let last = (addr + len.max(1) - 1) / 4096;
+    (first..=last).map(|p| p * 4096)
+}
+
+// ---- layout ------------------------------------------------------------------
+
+#[test]
+fn vf_layout_puts_vfs_on_the_next_devices() {
+    let l = vf_layout(Bdf::new(0, 4, 0), 64).unwrap();
+    assert_eq!((l.first_vf_offset, l.vf_stride), (8, 1));
+    assert_eq!(l.vf_bdfs[0], Bdf::new(0, 5, 0));
+    assert_eq!(l.vf_bdfs[7], Bdf::new(0, 5, 7));
+    assert_eq!(l.vf_bdfs[8], Bdf::new(0, 6, 0));
+    assert_eq!(l.vf_bdfs[63], Bdf::new(0, 0x0c, 7));
+    let l = vf_layout(Bdf::new(1, 2, 3), 2).unwrap();
+    assert_eq!(l.first_vf_offset, 5);
+    assert_eq!(l.vf_bdfs, vec![Bdf::new(1, 3, 0), Bdf::new(1, 3, 1)]);
+    assert!(matches!(
+        vf_layout(Bdf::new(0, 30, 0), 16),
+        Err(PfError::VfLayout { .. })
+    ));
+    assert!(matches!(
+        vf_layout(Bdf::new(0, 4, 0), 0),
+        Err(PfError::TotalVfs(0))
+    ));
+    assert!(matches!(
+        vf_layout(Bdf::new(0, 4, 0), 65),
+        Err(PfError::TotalVfs(65))
+    ));
+}
+
+#[test]
+fn construction_checks_vf_files() {
+    let dir = TempDir::new("ctor");
+    std::fs::write(dir.0.join("pf.img"), vec![0u8; 4096]).unwrap();
+    let t = TestDriver::new(1 << 20);
+    let d = dir.0.clone();
+    let cfg = PfConfig::new(
+        dir.0.join("pf.img"),
+        Box::new(move |n| d.join(format!("missing{n}"))),
+        2,
+        PF_BDF,
+        false,
+    )
+    .unwrap();
+    let irqs: Arc<dyn InterruptManager> = Arc::new(Irqs::default());
+    assert!(matches!(
+        VirtioPf::new(cfg, t.mem_atomic(), irqs),
+        Err(PfError::VfDisk { vf: 1, .. })
+    ));
+}
+
+// ---- PCI presentation ----------------------------------------------------------
+
+/// R-PCI-1: a PCI Express virtio-blk endpoint with a 4 KiB configuration
+/// space reachable through ECAM.
+#[test]
+fn r_pci_1_pf_is_a_pcie_virtio_blk_endpoint() {
+    let r = Rig::new("pci1", 4, Files::PerVf);
+    let mut pf = r.on(PF_BDF);
+    assert_eq!(TestDriver::cfg_read16(&mut pf, 0x00), 0x1af4);
+    assert_eq!(TestDriver::cfg_read16(&mut pf, 0x02), 0x1042);
+    assert!(TestDriver::cfg_read8(&mut pf, 0x08) >= 1);
+    assert_eq!(TestDriver::cfg_read8(&mut pf, 0x0b), 0x01);
+    let caps = TestDriver::capabilities(&mut pf);
+    let pcie = caps.iter().find(|c| c.0 == 0x10).unwrap().1;
+    // Capability version 2, endpoint.
+    let reg = TestDriver::cfg_read16(&mut pf, pcie + 2);
+    assert_eq!(reg & 0xf, 2);
+    assert_eq!((reg >> 4) & 0xf, 0);
+    // Extended configuration space through ECAM: the SR-IOV header.
+    assert_eq!(TestDriver::cfg_read32(&mut pf, 0x100) & 0xffff, 0x0010);
+    // Nothing at the VFs' functions yet.
+    assert_eq!(
+        TestDriver::cfg_read32(&mut r.on(r.vf_bdf(1)), 0),
+        0xffff_ffff
+    );
+}
+
+/// R-PCI-2: the SR-IOV Extended Capability's fields.
+#[test]
+fn r_pci_2_sriov_capability_fields() {
+    let r = Rig::new("pci2", 6, Files::PerVf);
+    let mut pf = r.on(PF_BDF);
+    let hdr = TestDriver::cfg_read32(&mut pf, SRIOV);
+    assert_eq!(hdr & 0xffff, 0x0010);
+    assert_eq!((hdr >> 16) & 0xf, 1);
+    assert_eq!(
+        TestDriver::cfg_read16(&mut pf, SRIOV + 0x0c),
+        6,
+        "InitialVFs"
+    );
+    assert_eq!(TestDriver::cfg_read16(&mut pf, SRIOV + 0x0e), 6, "TotalVFs");
+    assert_eq!(
+        TestDriver::cfg_read16(&mut pf, SRIOV + 0x14),
+        8,
+        "First VF Offset"
+    );
+    assert_eq!(
+        TestDriver::cfg_read16(&mut pf, SRIOV + 0x16),
+        1,
+        "VF Stride"
+    );
+    assert_eq!(
+        TestDriver::cfg_read16(&mut pf, SRIOV + 0x1a),
+        0x1042,
+        "VF Device ID"
+    );
+    assert_eq!(
+        TestDriver::cfg_read32(&mut pf, SRIOV + 0x1c) & 1,
+        1,
+        "4 KiB page"
+    );
+    // VF BAR0: 64-bit memory, sized like a BAR to the per-VF size.
+    let lo = TestDriver::cfg_read32(&mut pf, SRIOV + 0x24);
+    assert_eq!(lo & 0x7, 0b100);
+    TestDriver::cfg_write32(&mut pf, SRIOV + 0x24, 0xffff_ffff);
+    TestDriver::cfg_write32(&mut pf, SRIOV + 0x28, 0xffff_ffff);
+    let mlo = TestDriver::cfg_read32(&mut pf, SRIOV + 0x24) & !0xf;
+    let mhi = TestDriver::cfg_read32(&mut pf, SRIOV + 0x28);
+    let size = (!(u64::from(mlo) | (u64::from(mhi) << 32))).wrapping_add(1);
+    assert_eq!(size, 32 * 1024);
+    // NumVFs writable up to TotalVFs while VF Enable is clear.
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x10, 3);
+    assert_eq!(TestDriver::cfg_read16(&mut pf, SRIOV + 0x10), 3);
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x10, 7);
+    assert_eq!(TestDriver::cfg_read16(&mut pf, SRIOV + 0x10), 3);
+    // Control: VF Enable (0) and VF MSE (3) are writable.
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, 0x9);
+    assert_eq!(TestDriver::cfg_read16(&mut pf, SRIOV + 0x08) & 0x9, 0x9);
+    // Every VF routing ID lands on a free function of bus 0.
+    let all = r.pf.lock().unwrap().all_vf_bdfs();
+    assert_eq!(all.len(), 6);
+    assert!(all.iter().all(|b| b.bus() == 0 && *b != PF_BDF));
+}
+
+/// R-PCI-3: VF Enable with NumVFs = N creates VFs 1..N at their routing
+/// IDs; clearing it removes them.
+#[test]
+fn r_pci_3_vf_enable_creates_and_clear_removes_vfs() {
+    let mut r = Rig::new("pci3", 4, Files::PerVf);
+    r.probe_pf();
+    r.enable_vfs(3);
+    let ids = r.bus.function_ids();
+    assert_eq!(
+        ids,
+        vec![PF_BDF, r.vf_bdf(1), r.vf_bdf(2), r.vf_bdf(3)],
+        "PF plus three VFs"
+    );
+    assert_eq!(r.vf_bdf(1), Bdf::new(0, 5, 0));
+    assert_eq!(r.pf.lock().unwrap().vfs().len(), 3);
+    // NumVFs is frozen while VF Enable is set.
+    let mut pf = r.on(PF_BDF);
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x10, 1);
+    assert_eq!(TestDriver::cfg_read16(&mut pf, SRIOV + 0x10), 3);
+    // Clear VF Enable: gone.
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, 0);
+    assert_eq!(r.bus.function_ids(), vec![PF_BDF]);
+    assert!(r.pf.lock().unwrap().vfs().is_empty());
+    assert_eq!(
+        TestDriver::cfg_read32(&mut r.on(r.vf_bdf(1)), 0),
+        0xffff_ffff
+    );
+    // And again with a different count.
+    r.enable_vfs(4);
+    assert_eq!(r.bus.function_ids().len(), 5);
+    // PF FLR clears VF Enable, so the VFs go too.
+    let mut pf = r.on(PF_BDF);
+    let pcie = TestDriver::capabilities(&mut pf)
+        .into_iter()
+        .find(|c| c.0 == 0x10)
+        .unwrap()
+        .1;
+    TestDriver::cfg_write16(&mut pf, pcie + 8, 0x8000);
+    assert_eq!(r.bus.function_ids(), vec![PF_BDF]);
+}
+
+/// R-PCI-3: VF n's BAR0 is at VF BAR0 + (n − 1) × 32 KiB and decodes only
+/// while VF MSE is set; the VF's own BAR registers read 0.
+#[test]
+fn r_pci_3_vf_bar0_decodes_only_with_vf_mse() {
+    let mut r = Rig::new("pci3bar", 4, Files::PerVf);
+    r.probe_pf();
+    let mut pf = r.on(PF_BDF);
+    TestDriver::cfg_write32(&mut pf, SRIOV + 0x24, VF_BAR0 as u32);
+    TestDriver::cfg_write32(&mut pf, SRIOV + 0x28, 0);
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x10, 2);
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, 0x1);
+    assert_eq!(r.bus.function_ids().len(), 3);
+    for n in 1..=2 {
+        assert!(r.bus.decoded_bars_of(r.vf_bdf(n)).is_empty());
+    }
+    let mut b = [0u8; 2];
+    assert!(!r.bus.mmio_read(VF_BAR0 + 0x12, &mut b));
+    // VF MSE on.
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, 0x9);
+    for n in 1..=2u16 {
+        let bars = r.bus.decoded_bars_of(r.vf_bdf(n));
+        assert_eq!(bars.len(), 1);
+        assert_eq!(bars[0].base, VF_BAR0 + u64::from(n - 1) * 0x8000);
+        assert_eq!(bars[0].size, 0x8000);
+        // num_queues of the VF's common configuration reads 1.
+        assert!(r.bus.mmio_read(bars[0].base + 0x12, &mut b));
+        assert_eq!(u16::from_le_bytes(b), 1);
+        let mut vf = r.on(r.vf_bdf(n));
+        for bar in 0..6 {
+            assert_eq!(TestDriver::cfg_read32(&mut vf, 0x10 + 4 * bar), 0);
+        }
+    }
+    // Moving VF BAR0 moves every VF.
+    TestDriver::cfg_write32(&mut pf, SRIOV + 0x24, (VF_BAR0 + 0x10_0000) as u32);
+    assert_eq!(
+        r.bus.decoded_bars_of(r.vf_bdf(2))[0].base,
+        VF_BAR0 + 0x10_0000 + 0x8000
+    );
+    // VF MSE off: nothing decoded, the VFs still exist.
+    TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, 0x1);
+    assert!(r.bus.decoded_bars_of(r.vf_bdf(1)).is_empty());
+    assert_eq!(r.bus.function_ids().len(), 3);
+}
+
+/// R-PCI-4: each VF is a modern virtio PCI device with its capabilities in
+/// BAR0, its own MSI-X, a PCIe capability advertising FLR, and 0xFFFF IDs.
+#[test]
+fn r_pci_4_vf_is_a_modern_virtio_function_with_msix_and_flr() {
+    let mut r = Rig::new("pci4", 2, Files::PerVf);
+    r.probe_pf();
+    r.enable_vfs(2);
+    let mut vf = r.on(r.vf_bdf(2));
+    assert_eq!(TestDriver::cfg_read32(&mut vf, 0), 0xffff_ffff);
+    let caps = TestDriver::read_caps(&mut vf).unwrap();
+    for reg in [caps.common, caps.notify, caps.isr, caps.device] {
+        assert_eq!(reg.bar, 0);
+    }
+    let msix = caps.msix.expect("MSI-X capability");
+    assert_eq!(
+        TestDriver::cfg_read32(&mut vf, msix + 4) & 7,
+        0,
+        "table in BAR0"
+    );
+    let pcie = caps.pcie.expect("PCIe capability");
+    let devcap = TestDriver::cfg_read32(&mut vf, pcie + 4);
+    assert_ne!(devcap & (1 << 28), 0, "FLR advertised");
+    // Its own interrupt group.
+    let f = r.bring_up_vf(2);
+    assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
+    assert_eq!(f & (1 << VIRTIO_F_SR_IOV), 0, "a VF is not a PF");
+    let (s, u) = r.request(2, &write_req(0, &[1; 512]));
+    assert!(u.is_some());
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    assert!(!r.irqs.of(r.vf_bdf(2)).triggered().is_empty());
+    assert!(r.irqs.of(r.vf_bdf(1)).triggered().is_empty());
+}
+
+/// R-PCI-5: the PF offers VERSION_1, SR_IOV and ADMIN_VQ, has MSI-X, the
+/// admin queue follows the device queues, and the PF is a working
+/// virtio-blk device itself.
+#[test]
+fn r_pci_5_pf_features_admin_queue_and_own_disk() {
+    let mut r = Rig::new("pci5", 2, Files::PerVf);
+    r.probe_pf();
+    let mut pf = r.on(PF_BDF);
+    let caps = TestDriver::read_caps(&mut pf).unwrap();
+    assert!(caps.msix.is_some());
+    let rd = |pf: &mut OnBus, o: u64, l| TestDriver::region_read(pf, &caps.common, o, l);
+    let wr = |pf: &mut OnBus, o: u64, v| TestDriver::region_write(pf, &caps.common, o, 4, v);
+    wr(&mut pf, co::DEVICE_FEATURE_SELECT, 1);
+    let hi = rd(&mut pf, co::DEVICE_FEATURE, 4);
+    for bit in [VIRTIO_F_VERSION_1, VIRTIO_F_SR_IOV, VIRTIO_F_ADMIN_VQ] {
+        assert_ne!(hi & (1 << (bit - 32)), 0, "feature {bit}");
+    }
+    assert_eq!(rd(&mut pf, co::NUM_QUEUES, 2), 1);
+    assert_eq!(rd(&mut pf, co::ADMIN_QUEUE_INDEX, 2), 1);
+    assert_eq!(rd(&mut pf, co::ADMIN_QUEUE_NUM, 2), 1);
+    // Linux's bring-up: LIST_QUERY / LIST_USE at DRIVER_OK, no VF yet.
+    r.bring_up_pf();
+    assert_eq!(
+        r.pf.lock().unwrap().transport().device().admin().in_use(),
+        SUPPORTED_OPCODES
+    );
+    // Block I/O on the PF's own queue 0 and disk.
+    let mut pf = OnBus::new(&r.bus, PF_BDF);
+    let d = r.pfd.as_mut().unwrap();
+    let hdr = r.t.alloc(16, 8).unwrap();
+    let data = r.t.alloc(512, 8).unwrap();
+    let st = r.t.alloc(1, 8).unwrap();
+    r.t.write_mem(hdr, &blk_header(VIRTIO_BLK_T_OUT, 2))
+        .unwrap();
+    r.t.write_mem(data, &[0x5a; 512]).unwrap();
+    d.publish_raw(
+        &r.t,
+        0,
+        &[(hdr, 16, 1, 1), (data, 512, 1, 2), (st, 1, 2, 0)],
+        0,
+    );
+    d.kick(&mut pf, 0);
+    assert_eq!(d.pop_used(&r.t, 0), Some((0, 1)));
+    assert_eq!(r.t.read_mem(st, 1).unwrap(), [VIRTIO_BLK_S_OK]);
+    let disk = std::fs::read(r.dir.0.join("pf.img")).unwrap();
+    assert_eq!(&disk[1024..1536], &[0x5a; 512][..]);
+    assert!(!r.irqs.of(PF_BDF).triggered().is_empty());
+}
+
+// ---- admin queue -------------------------------------------------------------
+
+/// R-ADM-1 through the real admin queue: validation order and member ids.
+#[test]
+fn r_adm_1_member_ids_and_vf_enable_through_the_queue() {
+    let mut r = Rig::new("adm1", 4, Files::PerVf);
+    r.probe_pf();
+    r.bring_up_pf();
+    // VF Enable clear.
+    let e = r.admin(opcode::DEV_MODE_GET, 1, &[], 1);
+    assert_eq!(
+        (e.status, e.qualifier),
+        (status::EINVAL, qualifier::INVALID_GROUP)
+    );
+    r.enable_vfs(2);
+    for m in [0u64, 3, 1 << 40] {
+        let e = r.admin(opcode::DEV_MODE_GET, m, &[], 1);
+        assert_eq!(
+            (e.status, e.qualifier),
+            (status::EINVAL, qualifier::INVALID_MEMBER)
+        );
+    }
+    assert_eq!(r.mode(2), Mode::Active as u8);
+    // Wrong group type first.
+    let mut pf = OnBus::new(&r.bus, PF_BDF);
+    let d = r.pfd.as_mut().unwrap();
+    let e = d.admin_group(&mut r.t, &mut pf, 0x3f, 7, 99, &[], 1);
+    assert_eq!(
+        (e.status, e.qualifier),
+        (status::EINVAL, qualifier::INVALID_GROUP)
+    );
+    let e = d.admin(&mut r.t, &mut pf, 0x3f, 1, &[], 1);
+    assert_eq!(
+        (e.status, e.qualifier),
+        (status::EINVAL, qualifier::INVALID_OPCODE)
+    );
+}
+
+/// R-ADM-3: PF device reset puts the list in use back to LIST_QUERY /
+/// LIST_USE only; the members keep their modes.
+#[test]
+fn r_adm_3_pf_reset_resets_list_in_use_not_member_modes() {
+    let mut r = Rig::up("adm3", 2, 2, Files::PerVf);
+    r.set_mode(2, Mode::Stop);
+    // The PF driver resets and re-initialises without LIST_USE.
+    let mut pf = OnBus::new(&r.bus, PF_BDF);
+    let caps = TestDriver::read_caps(&mut pf).unwrap();
+    TestDriver::region_write(&mut pf, &caps.common, co::DEVICE_STATUS, 1, 0);
+    assert_eq!(
+        r.pf.lock().unwrap().transport().device().admin().in_use(),
+        0
+    );
+    r.bring_up_pf_with(false);
+    let e = r.admin(opcode::DEV_MODE_GET, 2, &[], 1);
+    assert_eq!(
+        (e.status, e.qualifier),
+        (status::EINVAL, qualifier::INVALID_OPCODE)
+    );
+    let u = r.admin(opcode::LIST_USE, 0, &SUPPORTED_OPCODES.to_le_bytes(), 0);
+    assert!(u.ok());
+    assert_eq!(r.mode(2), Mode::Stop as u8);
+    assert_eq!(r.pf.lock().unwrap().member_mode(2), Some(Mode::Stop));
+}
