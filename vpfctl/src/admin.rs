@@ -123,12 +123,18 @@ impl Reply {
     }
 }
 
+/// Called while waiting for a completion (host tests run the in-process
+/// device's deferred work here; `None` on a real device).
+pub type PollHook = Box<dyn FnMut() + Send>;
+
+/// Bytes of DMA memory [`AdminDev::bring_up`] needs.
+pub const ADMIN_MEM_BYTES: usize = WR_OFF + WR_PAGES * PAGE;
+
 /// The PF with its admin queue ready.
-#[derive(Debug)]
 pub struct AdminDev {
     /// The function.
     pub dev: VirtioPci,
-    mem: DmaMem,
+    mem: Box<dyn Mem + Send>,
     q: SplitQueue,
     qidx: u16,
     notify_off: u16,
@@ -137,7 +143,18 @@ pub struct AdminDev {
     pub features: u64,
     /// LIST_QUERY result, when sent.
     pub supported: Option<u64>,
-    _lock: File,
+    poll_hook: Option<PollHook>,
+    _lock: Option<File>,
+}
+
+impl std::fmt::Debug for AdminDev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminDev")
+            .field("dev", &self.dev.bdf)
+            .field("queue", &self.qidx)
+            .field("features", &self.features)
+            .finish()
+    }
 }
 
 impl AdminDev {
@@ -154,24 +171,38 @@ impl AdminDev {
             return Err(Error::last_os(format!("flock of {}", cfg_path.display())));
         }
         let dev = VirtioPci::open(bdf)?;
+        let mem = DmaMem::alloc(ADMIN_MEM_BYTES)?;
+        Self::bring_up(dev, Box::new(mem), opts, Some(lock), None)
+    }
+
+    /// Reset `dev`, negotiate, set up the admin queue in `mem` (at least
+    /// [`ADMIN_MEM_BYTES`]), DRIVER_OK, and LIST_QUERY + LIST_USE unless
+    /// `opts.list_use` is false.
+    pub fn bring_up(
+        dev: VirtioPci,
+        mem: Box<dyn Mem + Send>,
+        opts: &OpenOpts,
+        lock: Option<File>,
+        poll_hook: Option<PollHook>,
+    ) -> Result<AdminDev> {
+        let bdf = dev.bdf.clone();
         let wanted = (1u64 << F_VERSION_1) | (1u64 << F_SR_IOV) | (1u64 << F_ADMIN_VQ);
         let required = (1u64 << F_VERSION_1) | (1u64 << F_ADMIN_VQ);
         let features = dev.init(wanted, required, opts.timeout)?;
         let (qidx, qnum) = dev.admin_queue();
         if qnum == 0 {
-            return Err(Error::device(bdf, "admin_queue_num is 0: no admin queue"));
+            return Err(Error::device(&bdf, "admin_queue_num is 0: no admin queue"));
         }
         let max = dev.queue_max_size(qidx);
         if max == 0 {
             return Err(Error::device(
-                bdf,
+                &bdf,
                 format!("admin queue {qidx} has queue_size 0"),
             ));
         }
         let size = prev_pow2(max.min(ADMIN_QUEUE_SIZE));
-        let mem = DmaMem::alloc(WR_OFF + WR_PAGES * PAGE)?;
-        let q = SplitQueue::new(&mem, 0, size)?;
-        let notify_off = dev.setup_queue(qidx, &q, &mem)?;
+        let q = SplitQueue::new(&*mem, 0, size)?;
+        let notify_off = dev.setup_queue(qidx, &q, &*mem)?;
         dev.check_notify(notify_off)?;
         dev.driver_ok()?;
         let mut a = AdminDev {
@@ -183,12 +214,13 @@ impl AdminDev {
             timeout: opts.timeout,
             features,
             supported: None,
+            poll_hook,
             _lock: lock,
         };
         if opts.list_use {
             let bits = a.list_query()?;
             a.supported = Some(bits);
-            a.list_use(bits)?;
+            a.list_use(bits)?.check()?;
         }
         Ok(a)
     }
@@ -236,11 +268,14 @@ impl AdminDev {
             bufs.push(Buf::w(WR_OFF, wlen));
         }
         let start = Instant::now();
-        let head = self.q.submit(&self.mem, &bufs)?;
+        let head = self.q.submit(&*self.mem, &bufs)?;
         self.dev.notify(self.qidx, self.notify_off);
         let used = loop {
-            if let Some(u) = self.q.poll(&self.mem)? {
+            if let Some(u) = self.q.poll(&*self.mem)? {
                 break u;
+            }
+            if let Some(h) = self.poll_hook.as_mut() {
+                h();
             }
             let el = start.elapsed();
             if el > self.timeout {

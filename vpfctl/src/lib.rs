@@ -20,3 +20,6 @@ pub mod virtio;
 pub mod virtq;
 pub mod wire;
 pub mod workload;
+
+#[cfg(test)]
+mod model_tests;

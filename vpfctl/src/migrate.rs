@@ -154,6 +154,31 @@ pub fn notify_workload(dir: &Path, dest_bdf: &str) -> Result<i32> {
     Ok(pid)
 }
 
+/// PCI configuration is not part of the device context (the owner carries
+/// it): give B the memory-space and bus-master bits A has, so B may DMA
+/// into the driver's rings the moment it turns Active. Skipped (`null`)
+/// when the members have no sysfs functions (host tests).
+fn carry_command_register(pf: &str, from: u64, to: u64) -> Result<Json> {
+    let (Ok(a), Ok(b)) = (pci::vf_bdf(pf, from), pci::vf_bdf(pf, to)) else {
+        return Ok(Json::Null);
+    };
+    let cmd_of = |bdf: &str| -> Result<u16> {
+        let cfg = pci::read_config(bdf)?;
+        wire::le16(&cfg, pci::PCI_COMMAND)
+            .ok_or_else(|| Error::device(bdf, "config space shorter than the header"))
+    };
+    let ca = cmd_of(&a)?;
+    let cb = cmd_of(&b)?;
+    let want = cb | (ca & (pci::CMD_MEMORY | pci::CMD_BUS_MASTER)) | pci::CMD_BUS_MASTER;
+    if want != cb {
+        pci::write_config_u16(&b, pci::PCI_COMMAND, want)?;
+    }
+    Ok(Json::obj()
+        .with("bdf", b)
+        .with("before", hex(cb.into()))
+        .with("after", hex(want.into())))
+}
+
 /// Run the migration. Errors before any device change return `Err`; a
 /// failure mid-way is reported in the outcome (with the phases reached
 /// and whether A was restored).
@@ -177,8 +202,11 @@ pub fn migrate(a: &mut AdminDev, pf: &str, o: &MigrateOpts) -> Result<Outcome> {
         .with("to_bdf", pci::vf_bdf(pf, o.to).ok());
     let (from, to, ps) = (o.from, o.to, o.page_size);
 
-    // Prepare: check modes, put B in Freeze, pick ranges.
+    // Prepare: carry the PCI command register, check modes, put B in
+    // Freeze, pick ranges.
+    let mut carried = Json::Null;
     let ranges = ph.run("prepare", || {
+        carried = carry_command_register(pf, from, to)?;
         let (ma, _) = a.mode_get(from)?;
         if ma != Mode::Active as u8 {
             return Err(Error::Usage(format!(
@@ -202,15 +230,17 @@ pub fn migrate(a: &mut AdminDev, pf: &str, o: &MigrateOpts) -> Result<Outcome> {
         }
         Ok(coalesce(&o.ranges, ps, cap.supported_ranges as usize))
     })?;
-    j.set("page_size", ps).set(
-        "ranges",
-        Json::A(
-            ranges
-                .iter()
-                .map(|&(a, n)| Json::obj().with("addr", hex(a)).with("pages", n))
-                .collect(),
-        ),
-    );
+    j.set("dest_command_register", carried)
+        .set("page_size", ps)
+        .set(
+            "ranges",
+            Json::A(
+                ranges
+                    .iter()
+                    .map(|&(a, n)| Json::obj().with("addr", hex(a)).with("pages", n))
+                    .collect(),
+            ),
+        );
 
     ph.run("wr_start", || {
         a.exec_ok(&crate::admin::Request::new(

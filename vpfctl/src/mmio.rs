@@ -126,6 +126,36 @@ impl Drop for Bar {
     }
 }
 
+/// Register access to one virtio structure (offsets relative to it): a
+/// [`Region`] of a mapped BAR in the guest, or an in-process device model
+/// in host tests.
+pub trait Regs: Send + std::fmt::Debug {
+    /// Length of the structure.
+    fn len(&self) -> usize;
+    /// Whether the structure is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// 8-bit read.
+    fn r8(&self, off: usize) -> u8;
+    /// 16-bit read.
+    fn r16(&self, off: usize) -> u16;
+    /// 32-bit read.
+    fn r32(&self, off: usize) -> u32;
+    /// 8-bit write.
+    fn w8(&self, off: usize, v: u8);
+    /// 16-bit write.
+    fn w16(&self, off: usize, v: u16);
+    /// 32-bit write.
+    fn w32(&self, off: usize, v: u32);
+    /// 64-bit field written as two 32-bit halves, low first (what virtio
+    /// allows for the ring address registers).
+    fn w64_halves(&self, off: usize, v: u64) {
+        self.w32(off, v as u32);
+        self.w32(off + 4, (v >> 32) as u32);
+    }
+}
+
 /// A window of a BAR (one virtio structure); offsets are relative to it.
 #[derive(Debug, Clone)]
 pub struct Region {
@@ -157,45 +187,41 @@ impl Region {
         );
         self.base + off
     }
+}
 
+impl Regs for Region {
     /// Length of the window.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the window is empty.
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// 8-bit read.
-    pub fn r8(&self, off: usize) -> u8 {
+    fn r8(&self, off: usize) -> u8 {
         self.bar.read8(self.at(off, 1))
     }
     /// 16-bit read.
-    pub fn r16(&self, off: usize) -> u16 {
+    fn r16(&self, off: usize) -> u16 {
         self.bar.read16(self.at(off, 2))
     }
     /// 32-bit read.
-    pub fn r32(&self, off: usize) -> u32 {
+    fn r32(&self, off: usize) -> u32 {
         self.bar.read32(self.at(off, 4))
     }
     /// 8-bit write.
-    pub fn w8(&self, off: usize, v: u8) {
+    fn w8(&self, off: usize, v: u8) {
         self.bar.write8(self.at(off, 1), v)
     }
     /// 16-bit write.
-    pub fn w16(&self, off: usize, v: u16) {
+    fn w16(&self, off: usize, v: u16) {
         self.bar.write16(self.at(off, 2), v)
     }
     /// 32-bit write.
-    pub fn w32(&self, off: usize, v: u32) {
+    fn w32(&self, off: usize, v: u32) {
         self.bar.write32(self.at(off, 4), v)
-    }
-    /// 64-bit field written as two 32-bit halves, low first (what virtio
-    /// allows for the ring address registers).
-    pub fn w64_halves(&self, off: usize, v: u64) {
-        self.w32(off, v as u32);
-        self.w32(off + 4, (v >> 32) as u32);
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::dma::Mem;
 use crate::error::{Error, Result};
-use crate::mmio::{Bar, Region};
+use crate::mmio::{Bar, Region, Regs};
 use crate::pci::{self, VirtioCaps};
 use crate::virtq::SplitQueue;
 
@@ -84,10 +84,10 @@ pub struct VirtioPci {
     pub bdf: String,
     /// Parsed capabilities.
     pub caps: VirtioCaps,
-    common: Region,
-    notify: Region,
-    isr: Option<Region>,
-    device: Option<Region>,
+    common: Box<dyn Regs>,
+    notify: Box<dyn Regs>,
+    isr: Option<Box<dyn Regs>>,
+    device: Option<Box<dyn Regs>>,
 }
 
 impl VirtioPci {
@@ -117,28 +117,54 @@ impl VirtioPci {
         )?;
         let n = caps.notify;
         let notify = Region::new(bar(n.bar)?, n.offset, n.length, 2, "notification")?;
-        let isr = match caps.isr {
-            Some(r) => Some(Region::new(bar(r.bar)?, r.offset, r.length, 1, "ISR")?),
+        let isr: Option<Box<dyn Regs>> = match caps.isr {
+            Some(r) => Some(Box::new(Region::new(
+                bar(r.bar)?,
+                r.offset,
+                r.length,
+                1,
+                "ISR",
+            )?)),
             None => None,
         };
-        let device = match caps.device {
-            Some(r) => Some(Region::new(
+        let device: Option<Box<dyn Regs>> = match caps.device {
+            Some(r) => Some(Box::new(Region::new(
                 bar(r.bar)?,
                 r.offset,
                 r.length,
                 0,
                 "device configuration",
-            )?),
+            )?)),
             None => None,
         };
-        Ok(VirtioPci {
+        Ok(VirtioPci::from_regs(
+            bdf,
+            caps,
+            Box::new(common),
+            Box::new(notify),
+            isr,
+            device,
+        ))
+    }
+
+    /// A function whose structures are reached through `regs` (used by
+    /// [`VirtioPci::open`], and by host tests with an in-process device).
+    pub fn from_regs(
+        bdf: &str,
+        caps: VirtioCaps,
+        common: Box<dyn Regs>,
+        notify: Box<dyn Regs>,
+        isr: Option<Box<dyn Regs>>,
+        device: Option<Box<dyn Regs>>,
+    ) -> VirtioPci {
+        VirtioPci {
             bdf: bdf.to_string(),
             caps,
             common,
             notify,
             isr,
             device,
-        })
+        }
     }
 
     /// `device_status`.
@@ -231,7 +257,7 @@ impl VirtioPci {
 
     /// Program queue `index` with `q`'s rings in `mem` and enable it; no
     /// MSI-X vector (we poll). Returns the queue's notify offset.
-    pub fn setup_queue<M: Mem>(&self, index: u16, q: &SplitQueue, mem: &M) -> Result<u16> {
+    pub fn setup_queue<M: Mem + ?Sized>(&self, index: u16, q: &SplitQueue, mem: &M) -> Result<u16> {
         let c = &self.common;
         c.w16(cc::QUEUE_SELECT, index);
         let max = c.r16(cc::QUEUE_SIZE);

@@ -73,7 +73,7 @@ pub struct SplitQueue {
 impl SplitQueue {
     /// Set up a queue of `size` entries whose rings start at page-aligned
     /// offset `base` of `mem` (zeroes the rings; asks for no interrupts).
-    pub fn new<M: Mem>(mem: &M, base: usize, size: u16) -> Result<SplitQueue> {
+    pub fn new<M: Mem + ?Sized>(mem: &M, base: usize, size: u16) -> Result<SplitQueue> {
         if !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
             return Err(Error::Queue(format!(
                 "queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}"
@@ -133,7 +133,7 @@ impl SplitQueue {
     /// Build a chain from `bufs` (readable buffers first) and publish it.
     /// Returns the head descriptor index. Buffers crossing physically
     /// discontiguous pages become several descriptors.
-    pub fn submit<M: Mem>(&mut self, mem: &M, bufs: &[Buf]) -> Result<u16> {
+    pub fn submit<M: Mem + ?Sized>(&mut self, mem: &M, bufs: &[Buf]) -> Result<u16> {
         if let Some(w) = bufs.iter().position(|b| b.write) {
             if bufs[w..].iter().any(|b| !b.write) {
                 return Err(Error::Queue(
@@ -192,7 +192,7 @@ impl SplitQueue {
     /// Take one used entry, if the device published one. Errors when the
     /// device publishes more entries than are in flight or names a head
     /// that is not in flight (an exactly-once violation).
-    pub fn poll<M: Mem>(&mut self, mem: &M) -> Result<Option<Used>> {
+    pub fn poll<M: Mem + ?Sized>(&mut self, mem: &M) -> Result<Option<Used>> {
         let used_idx = mem.r16(self.used_off() + 2);
         if used_idx == self.last_used {
             return Ok(None);
