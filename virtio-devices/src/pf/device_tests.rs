@@ -45,7 +45,7 @@ impl Irqs {
             .lock()
             .unwrap()
             .entry(bdf)
-            .or_insert_with(RecordingInterrupts::new)
+            .or_default()
             .clone()
     }
 }
@@ -114,7 +114,6 @@ impl PciDevice for OnBus<'_> {
 
 /// A split virtqueue of the PF driven by the test's own small driver.
 struct MiniQueue {
-    index: u16,
     size: u16,
     desc: u64,
     avail: u64,
@@ -268,7 +267,6 @@ impl PfDriver {
         self.queues.insert(
             index,
             MiniQueue {
-                index,
                 size,
                 desc,
                 avail,
@@ -420,7 +418,6 @@ pub(crate) struct Rig {
     pub t: TestDriver,
     pub pfd: Option<PfDriver>,
     pub dir: TempDir,
-    pub total: u16,
 }
 
 /// VF backing file scheme of a rig.
@@ -467,7 +464,6 @@ impl Rig {
             t,
             pfd: None,
             dir,
-            total,
         }
     }
 
@@ -1033,4 +1029,509 @@ fn r_adm_3_pf_reset_resets_list_in_use_not_member_modes() {
     assert!(u.ok());
     assert_eq!(r.mode(2), Mode::Stop as u8);
     assert_eq!(r.pf.lock().unwrap().member_mode(2), Some(Mode::Stop));
+}
+
+// ---- VF I/O and modes ----------------------------------------------------------
+
+/// Each VF is a virtio-blk device on the backing file chosen for it; VFs
+/// may share one file.
+#[test]
+fn vf_block_io_reaches_its_backing_file() {
+    let mut r = Rig::up("vfio", 3, 3, Files::PerVf);
+    r.bring_up_vf(2);
+    let data = pattern(7, 1024);
+    let (s, u) = r.request(2, &write_req(4, &data));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    let (s, u) = r.request(2, &read_req(4, 1024));
+    assert_eq!(u.unwrap().len, 1025);
+    let (a, _) = s.writable()[0];
+    assert_eq!(r.t.read_mem(a, 1024).unwrap(), data);
+    assert_eq!(&r.file(2, Files::PerVf)[2048..3072], &data[..]);
+    assert!(r.file(1, Files::PerVf).iter().all(|b| *b == 0));
+    assert!(r.file(3, Files::PerVf).iter().all(|b| *b == 0));
+
+    // Shared storage: what VF 1 writes, VF 2 reads.
+    let mut r = Rig::up("vfio-shared", 2, 2, Files::Shared);
+    r.bring_up_vf(1);
+    r.request(1, &write_req(9, &data));
+    r.bring_up_vf(2);
+    let (s, _) = r.request(2, &read_req(9, 1024));
+    assert_eq!(r.t.read_mem(s.writable()[0].0, 1024).unwrap(), data);
+}
+
+/// R-MODE-3, R-MODE-4: in Stop a VF takes no request, writes nothing and
+/// sends no interrupt, but remembers the notification; back in Active it
+/// serves the queue and delivers the interrupt. Freeze ignores the
+/// notification, and Active still examines the queue.
+#[test]
+fn r_mode_4_stop_holds_vf_io_and_active_resumes_it() {
+    let mut r = Rig::up("stop", 2, 2, Files::PerVf);
+    r.bring_up_vf(1);
+    let (_, u) = r.request(1, &write_req(0, &[1; 512]));
+    assert!(u.is_some());
+    let irq = r.irqs.of(r.vf_bdf(1));
+    irq.clear();
+    r.set_mode(1, Mode::Stop);
+    let data = pattern(3, 512);
+    r.start_records_all(1);
+    let s = r.t.submit(0, &write_req(5, &data), Layout::Direct).unwrap();
+    r.kick_vf(1);
+    assert_eq!(r.t.pop_used(0).unwrap(), None);
+    assert_eq!(status_of(&r.t, &s), 0xaa, "status untouched");
+    assert!(r.read_records(1).is_empty(), "no driver memory written");
+    assert!(irq.triggered().is_empty());
+    assert!(r.file(1, Files::PerVf)[2560..3072].iter().all(|b| *b == 0));
+    r.set_mode(1, Mode::Active);
+    let u = r.t.pop_used(0).unwrap().expect("served on Active");
+    assert_eq!(u.id, s.head);
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    assert_eq!(&r.file(1, Files::PerVf)[2560..3072], &data[..]);
+    assert!(!irq.triggered().is_empty());
+
+    // Freeze: the kick is ignored; Active examines the queue anyway.
+    r.set_mode(1, Mode::Freeze);
+    let s = r.t.submit(0, &read_req(5, 512), Layout::Direct).unwrap();
+    r.kick_vf(1);
+    assert_eq!(r.t.pop_used(0).unwrap(), None);
+    r.set_mode(1, Mode::Active);
+    assert_eq!(r.t.pop_used(0).unwrap().map(|u| u.id), Some(s.head));
+    assert_eq!(r.t.read_mem(s.writable()[0].0, 512).unwrap(), data);
+}
+
+/// R-MODE-7, R-WR-6: FLR of a VF in Stop resets its virtio state but keeps
+/// its mode, its write recording and its records; so does a virtio reset.
+#[test]
+fn r_mode_7_vf_flr_in_stop_keeps_mode_and_write_records() {
+    let mut r = Rig::up("flr", 2, 2, Files::PerVf);
+    r.bring_up_vf(1);
+    r.start_records_all(1);
+    let (s, _) = r.request(1, &read_req(0, 4096));
+    let buf_pages: Vec<u64> = pages_of(s.writable()[0].0, 4096).collect();
+    r.set_mode(1, Mode::Stop);
+    let bdf = r.vf_bdf(1);
+    let mut vf = r.on(bdf);
+    let pcie = TestDriver::read_caps(&mut vf).unwrap().pcie.unwrap();
+    TestDriver::cfg_write16(&mut vf, pcie + 8, 0x8000);
+    // Virtio state reset, PCI command register reset by FLR.
+    assert_eq!(TestDriver::cfg_read16(&mut vf, 0x04), 0);
+    assert_eq!(r.t.status(&mut vf), 0);
+    assert_eq!(r.mode(1), Mode::Stop as u8);
+    let recs = r.read_records(1);
+    for p in &buf_pages {
+        assert!(recs.contains(p), "page {p:#x} recorded before FLR is kept");
+    }
+    // Recording goes on: the driver re-initialises the VF (configuration
+    // writes are accepted in Stop), the member becomes Active, I/O is
+    // recorded.
+    r.bring_up_vf(1);
+    r.set_mode(1, Mode::Active);
+    let (s, _) = r.request(1, &read_req(8, 512));
+    let recs = r.read_records(1);
+    assert!(recs.contains(&(s.writable()[0].0 & !4095)));
+    // Virtio reset in Stop: same.
+    r.set_mode(1, Mode::Stop);
+    let mut vf = r.on(bdf);
+    r.t.set_status(&mut vf, 0);
+    assert_eq!(r.t.status(&mut vf), 0);
+    assert_eq!(r.mode(1), Mode::Stop as u8);
+    let rd = r.admin(
+        opcode::DEV_WRITE_RECORDS_READ,
+        1,
+        &[0u64.to_le_bytes(), (MEM_LEN as u64).to_le_bytes()].concat(),
+        64,
+    );
+    assert!(rd.ok(), "recording still started: {rd:?}");
+}
+
+// ---- device context round trip ---------------------------------------------------
+
+fn apply_write(model: &mut [u8], sector: u64, data: &[u8]) {
+    let o = (sector * 512) as usize;
+    model[o..o + data.len()].copy_from_slice(data);
+}
+
+/// R-CTX-7 end to end through the admin queue: member A with requests in
+/// flight goes through the pre-copy flow (records started, context read in
+/// Active, Stop, Freeze, final read); the context is written into member
+/// B on the same backing file; B becomes Active and the driver carries on
+/// with B from the same rings. Every request completes exactly once and
+/// the file holds exactly what was written.
+#[test]
+fn r_ctx_7_round_trip_between_members_through_the_admin_queue() {
+    let mut r = Rig::up("ctx7", 2, 2, Files::Shared);
+    let mut model = vec![0u8; DISK_LEN];
+    r.bring_up_vf(1);
+    // Completed and consumed.
+    let d = pattern(1, 1024);
+    let (s, u) = r.request(1, &write_req(0, &d));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    apply_write(&mut model, 0, &d);
+    r.start_records_all(1);
+    // Completed by A, not yet consumed by the driver.
+    let mut pending = Vec::new();
+    for (k, sector) in [(2u8, 10u64), (3, 20)] {
+        let d = pattern(k, 512);
+        pending.push(
+            r.t.submit(0, &write_req(sector, &d), Layout::Direct)
+                .unwrap(),
+        );
+        apply_write(&mut model, sector, &d);
+    }
+    r.kick_vf(1);
+    // Published, not kicked: in flight from the driver's point of view.
+    let d4 = pattern(4, 2048);
+    pending.push(
+        r.t.submit(0, &write_req(30, &d4), Layout::Indirect)
+            .unwrap(),
+    );
+    apply_write(&mut model, 30, &d4);
+
+    // Pre-copy: context read while Active.
+    let first = r.read_context(1, 64);
+    assert!(!first.is_empty());
+    r.set_mode(1, Mode::Stop);
+    // The driver keeps going while A is stopped.
+    let d5 = pattern(5, 512);
+    pending.push(r.t.submit(0, &write_req(40, &d5), Layout::Direct).unwrap());
+    apply_write(&mut model, 40, &d5);
+    r.kick_vf(1);
+    r.set_mode(1, Mode::Freeze);
+    let size = r.admin(opcode::DEV_CTX_SIZE_GET, 1, &[0], 8);
+    assert!(size.ok());
+    let ctx = r.read_context(1, 37);
+    assert_eq!(
+        u64::from_le_bytes(size.result[..8].try_into().unwrap()),
+        ctx.len() as u64
+    );
+    let records = r.read_records(1);
+    assert!(!records.is_empty());
+
+    // B: the hypervisor that owns B carries its PCI state and MSI-X table.
+    let b = r.vf_bdf(2);
+    let mut vf_b = OnBus::new(&r.bus, b);
+    r.t.probe_placed(&mut vf_b, VF_BAR0 + VF_BAR0_SIZE).unwrap();
+    r.t.enable_msix(&mut vf_b, 2).unwrap();
+    r.set_mode(2, Mode::Freeze);
+    r.write_context(2, &ctx, 50);
+    // The written context takes effect on leaving Freeze: B's own context
+    // is then A's, byte for byte.
+    r.set_mode(2, Mode::Stop);
+    assert_eq!(r.read_context(2, 4096), ctx);
+    r.set_mode(2, Mode::Active);
+
+    // The driver carries on with B.
+    let mut seen = Vec::new();
+    while let Some(u) = r.t.pop_used(0).unwrap() {
+        seen.push(u.id);
+    }
+    let mut want: Vec<u16> = pending.iter().map(|s| s.head).collect();
+    want.sort_unstable();
+    seen.sort_unstable();
+    assert_eq!(seen, want, "every request completed exactly once");
+    for s in &pending {
+        assert_eq!(status_of(&r.t, s), VIRTIO_BLK_S_OK);
+    }
+    let d6 = pattern(6, 512);
+    let (s, u) = r.request(2, &write_req(50, &d6));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    // B interrupts through the MSI-X vector the context carried.
+    assert_eq!(r.irqs.of(b).triggered(), vec![1]);
+    apply_write(&mut model, 50, &d6);
+    // A is frozen: a stray kick of A does nothing.
+    r.kick_vf(1);
+    assert_eq!(r.t.pop_used(0).unwrap(), None);
+    assert!(
+        r.file(1, Files::Shared) == model,
+        "file content is exactly what was written"
+    );
+}
+
+/// VQ_SPLIT_DEV_OWN_DESC: heads a written context lists as device-owned
+/// are reported while the member is not Active and served exactly once
+/// when it becomes Active.
+#[test]
+fn r_mode_3_adopted_device_owned_heads_are_served_once() {
+    let mut r = Rig::up("owned", 2, 2, Files::Shared);
+    r.bring_up_vf(1);
+    r.request(1, &write_req(0, &[9; 512]));
+    let d = pattern(8, 1024);
+    let s = r.t.submit(0, &write_req(12, &d), Layout::Direct).unwrap();
+    r.set_mode(1, Mode::Freeze);
+    let bytes = r.read_context(1, 4096);
+    let limits = {
+        use super::migration::MemberDevice;
+        let vf = r.pf.lock().unwrap().vf(1).unwrap();
+        let l = vf.lock().unwrap().context_limits();
+        l
+    };
+    let mut ctx = MemberContext::decode(&bytes, &limits).unwrap();
+    // As if A had taken the request and not finished it.
+    ctx.queues[0].avail_idx = ctx.queues[0].avail_idx.wrapping_add(1);
+    ctx.queues[0].device_owned = vec![s.head];
+    let b = r.vf_bdf(2);
+    let mut vf_b = OnBus::new(&r.bus, b);
+    r.t.probe_placed(&mut vf_b, VF_BAR0 + VF_BAR0_SIZE).unwrap();
+    r.t.enable_msix(&mut vf_b, 2).unwrap();
+    r.set_mode(2, Mode::Freeze);
+    r.write_context(2, &ctx.to_bytes(), 4096);
+    r.set_mode(2, Mode::Stop);
+    let back = MemberContext::decode(&r.read_context(2, 4096), &limits).unwrap();
+    assert_eq!(back.queues[0].device_owned, vec![s.head]);
+    r.set_mode(2, Mode::Active);
+    assert_eq!(r.t.pop_used(0).unwrap().map(|u| u.id), Some(s.head));
+    assert_eq!(r.t.pop_used(0).unwrap(), None);
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    assert_eq!(&r.file(1, Files::Shared)[12 * 512..12 * 512 + 1024], &d[..]);
+    let (s2, u) = r.request(2, &read_req(12, 1024));
+    assert_eq!(u.map(|u| u.id), Some(s2.head));
+    assert_eq!(r.t.read_mem(s2.writable()[0].0, 1024).unwrap(), d);
+}
+
+// ---- write records ----------------------------------------------------------------
+
+/// R-WR-3 accuracy: the records equal, page for page, the pages the
+/// device wrote as computed from the requests issued (data of reads and
+/// GET_ID, status bytes, the used ring); nothing the driver or the PF
+/// wrote; re-dirtied pages come back; a narrower range records only its
+/// pages.
+#[test]
+fn r_wr_3_records_equal_the_pages_the_member_wrote() {
+    let mut r = Rig::up("wr3", 2, 2, Files::PerVf);
+    let disk = pattern(0x33, DISK_LEN);
+    std::fs::write(vf_file(&r.dir.0, Files::PerVf, 1), &disk).unwrap();
+    r.bring_up_vf(1);
+    r.start_records_all(1);
+    assert!(r.read_records(1).is_empty());
+    let used_page = r.t.queue(0).unwrap().used & !4095;
+    // Scratch pages for buffers placed across page boundaries.
+    let area = r.t.alloc_pages(64).unwrap();
+    let mut expect = BTreeSet::new();
+    expect.insert(used_page);
+    let mut reqs: Vec<Vec<Seg>> = vec![
+        // A read whose data straddles two pages.
+        vec![
+            Seg::Readable(blk_header(VIRTIO_BLK_T_IN, 1)),
+            Seg::WritableAt(area + 4096 - 256, 512),
+            Seg::WritableAt(area + 10 * 4096 + 7, 1),
+        ],
+        // Data split over three descriptors on three pages, status with
+        // the last one.
+        vec![
+            Seg::Readable(blk_header(VIRTIO_BLK_T_IN, 3)),
+            Seg::WritableAt(area + 2 * 4096, 512),
+            Seg::WritableAt(area + 5 * 4096 + 100, 1024),
+            Seg::WritableAt(area + 20 * 4096 + 4095, 513),
+        ],
+        // A write: only the status byte.
+        write_req(7, &[1; 1024]),
+        // GET_ID: 20 bytes of serial.
+        vec![
+            Seg::Readable(blk_header(VIRTIO_BLK_T_GET_ID, 0)),
+            Seg::WritableAt(area + 30 * 4096 + 4090, 20),
+            Seg::WritableAt(area + 40 * 4096, 1),
+        ],
+        // Past the end of the disk: status only.
+        vec![
+            Seg::Readable(blk_header(VIRTIO_BLK_T_IN, 1 << 30)),
+            Seg::WritableAt(area + 50 * 4096, 512),
+            Seg::WritableAt(area + 51 * 4096, 1),
+        ],
+    ];
+    reqs.push(read_req(100, 4096 * 3));
+    for segs in &reqs {
+        let (s, u) = r.request(1, segs);
+        let u = u.expect("completed");
+        // What the device wrote: `used_len` bytes of the writable stream
+        // but the status is its last byte.
+        let w = s.writable();
+        let total: u64 = w.iter().map(|x| u64::from(x.1)).sum();
+        let data_written = u64::from(u.len).saturating_sub(1);
+        let mut off = 0u64;
+        for &(a, l) in &w {
+            let l = u64::from(l);
+            let lo = off;
+            let hi = off + l;
+            // Data bytes [0, data_written) and the status byte at total-1.
+            let d_hi = data_written.min(hi);
+            if d_hi > lo {
+                expect.extend(pages_of(a, d_hi - lo));
+            }
+            if (lo..hi).contains(&(total - 1)) {
+                expect.insert((a + (total - 1 - lo)) & !4095);
+            }
+            off = hi;
+        }
+    }
+    // The PF's own I/O and the driver's writes are not the member's.
+    r.t.write_mem(area + 60 * 4096, &[1; 64]).unwrap();
+    let recs = r.read_records(1);
+    let got: BTreeSet<u64> = recs.iter().copied().collect();
+    assert_eq!(recs.len(), got.len(), "no duplicates");
+    assert!(recs.windows(2).all(|w| w[0] < w[1]), "ascending");
+    assert_eq!(got, expect, "records equal the pages the device wrote");
+    // The VMM's dirty log saw them too.
+    let dirty: BTreeSet<u64> = r.t.dirty_pages().into_iter().collect();
+    assert!(expect.is_subset(&dirty));
+    // Cleared on read; a page written again comes back.
+    assert!(r.read_records(1).is_empty());
+    let (s, _) = r.request(1, &reqs[0]);
+    let again: BTreeSet<u64> = r.read_records(1).into_iter().collect();
+    let mut want = BTreeSet::from([used_page, (area + 4096 - 256) & !4095, area + 4096]);
+    want.insert(s.writable()[1].0 & !4095);
+    assert_eq!(again, want);
+    // A narrower range: only the used ring page.
+    assert!(r.admin(opcode::DEV_WRITE_RECORDS_STOP, 1, &[], 0).ok());
+    let st = r.admin(
+        opcode::DEV_WRITE_RECORDS_START,
+        1,
+        &records_start(4096, &[(used_page, 1)]),
+        0,
+    );
+    assert!(st.ok());
+    r.request(1, &reqs[1]);
+    assert_eq!(r.read_records(1), vec![used_page]);
+}
+
+// ---- garbage ----------------------------------------------------------------------
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Garbage on the admin queue (random descriptors, flags, lengths,
+/// addresses, loops, indirect tables, random commands) and on the SR-IOV
+/// capability never panics; the admin queue keeps serving and a VF that
+/// the garbage does not address keeps working.
+#[test]
+fn garbage_on_admin_queue_and_sriov_capability_never_panics() {
+    let mut r = Rig::up("garbage", 4, 4, Files::PerVf);
+    r.bring_up_vf(2);
+    let scratch = r.t.alloc_pages(16).unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut pf = OnBus::new(&r.bus, PF_BDF);
+    let d = r.pfd.as_mut().unwrap();
+    let qsize = d.queues[&ADMIN_Q].size;
+    for i in 0..400u32 {
+        // A random command in the scratch area.
+        let mut cmd = vec![0u8; 24 + rng.below(64) as usize];
+        for b in cmd.iter_mut() {
+            *b = rng.next() as u8;
+        }
+        let op = [0u16, 1, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17, 18, 0x3f][rng.below(14) as usize];
+        cmd[0..2].copy_from_slice(&op.to_le_bytes());
+        if rng.below(4) != 0 {
+            cmd[2..4].copy_from_slice(&GROUP_TYPE_SRIOV.to_le_bytes());
+        }
+        let member = [0u64, 1, 3, 4, 5, rng.next()][rng.below(6) as usize];
+        cmd[16..24].copy_from_slice(&member.to_le_bytes());
+        r.t.write_mem(scratch, &cmd).unwrap();
+        let n = 1 + rng.below(4) as usize;
+        let head = (i as u16 * 4) % qsize;
+        let mut descs = Vec::new();
+        for k in 0..n {
+            let addr = match rng.below(5) {
+                0 => rng.next(),
+                1 => scratch + 4096 * (1 + rng.below(8)),
+                _ => scratch + rng.below(4096),
+            };
+            let len = match rng.below(4) {
+                0 => rng.next() as u32,
+                _ => rng.below(80) as u32,
+            };
+            let mut flags = (rng.next() & 0x7) as u16;
+            if k + 1 < n {
+                flags |= 1;
+            }
+            let next = match rng.below(4) {
+                0 => rng.next() as u16,
+                1 => head,
+                _ => (head + k as u16 + 1) % qsize,
+            };
+            descs.push((addr, len, flags, next));
+        }
+        if rng.below(3) == 0 {
+            // A well-formed command in an indirect table.
+            let table = scratch + 12 * 4096;
+            let mut t = Vec::new();
+            for (k, (a, l, f)) in [
+                (scratch, cmd.len() as u32, 1u16),
+                (scratch + 4096, 8 + rng.below(64) as u32, 2),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                t.extend_from_slice(&a.to_le_bytes());
+                t.extend_from_slice(&l.to_le_bytes());
+                t.extend_from_slice(&f.to_le_bytes());
+                t.extend_from_slice(&((k as u16 + 1) % 2).to_le_bytes());
+            }
+            r.t.write_mem(table, &t).unwrap();
+            descs = vec![(table, 32, 4, 0)];
+        }
+        d.publish_raw(&r.t, ADMIN_Q, &descs, head);
+        d.kick(&mut pf, ADMIN_Q);
+        while d.pop_used(&r.t, ADMIN_Q).is_some() {}
+    }
+    // Garbage must not have disturbed the admin queue or member 2.
+    let st = TestDriver::region_read(&mut pf, &d.caps.common, co::DEVICE_STATUS, 1) as u8;
+    assert_eq!(st & STATUS_DEVICE_NEEDS_RESET, 0);
+    let q = d.admin(&mut r.t, &mut pf, opcode::LIST_QUERY, 0, &[], 8);
+    assert!(q.ok());
+    let q = d.admin(
+        &mut r.t,
+        &mut pf,
+        opcode::LIST_USE,
+        0,
+        &SUPPORTED_OPCODES.to_le_bytes(),
+        0,
+    );
+    assert!(q.ok());
+    assert_eq!(r.mode(2), Mode::Active as u8);
+    let data = pattern(0x44, 512);
+    let (s, u) = r.request(2, &write_req(1, &data));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    assert_eq!(&r.file(2, Files::PerVf)[512..1024], &data[..]);
+
+    // Random writes to the SR-IOV capability: the bus always shows exactly
+    // the VFs the registers say, decoded only with VF MSE.
+    let mut pfc = r.on(PF_BDF);
+    for _ in 0..2000 {
+        let off = SRIOV + rng.below(0x44) as u16;
+        let len = [1usize, 2, 4][rng.below(3) as usize];
+        let v = rng.next().to_le_bytes();
+        pfc.config_write(off, &v[..len]);
+        let ctrl = TestDriver::cfg_read16(&mut pfc, SRIOV + 0x08);
+        let num = TestDriver::cfg_read16(&mut pfc, SRIOV + 0x10);
+        assert!(num <= 4);
+        let vfs = r.bus.function_ids().len() - 1;
+        if ctrl & 1 != 0 {
+            assert_eq!(vfs, usize::from(num));
+        } else {
+            assert_eq!(vfs, 0);
+        }
+        for n in 1..=vfs as u16 {
+            let bars = r.bus.decoded_bars_of(r.vf_bdf(n));
+            if ctrl & 8 == 0 {
+                assert!(bars.is_empty());
+            }
+        }
+    }
+    // Back to a clean state: VFs work again.
+    TestDriver::cfg_write16(&mut pfc, SRIOV + 0x08, 0);
+    r.enable_vfs(2);
+    r.bring_up_vf(2);
+    let (s, u) = r.request(2, &read_req(1, 512));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    assert_eq!(r.t.read_mem(s.writable()[0].0, 512).unwrap(), data);
 }
