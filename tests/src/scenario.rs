@@ -8,6 +8,8 @@ use crate::host::Mode;
 
 /// Marker printed by the inner /init once userspace runs.
 pub const MARK_INIT: &str = "@@CH-TEST:INIT@@";
+/// Key of the marker the inner /init prints when a module fails to load.
+pub const KEY_MODULE_FAILED: &str = "CH-TEST:MODULE-FAILED";
 /// Key of the marker the inner /init prints with the scenario script's status.
 pub const KEY_SCENARIO_EXIT: &str = "CH-TEST:SCENARIO-EXIT";
 /// Marker printed by the outer /init right before it starts the VMM.
@@ -134,34 +136,44 @@ impl Scenario {
                 return Err(bad(format!("bad file name {name:?}")));
             }
         }
+        if ["--kernel", "--initramfs", "--cmdline"]
+            .iter()
+            .any(|o| self.vmm_args.iter().any(|a| a == o))
+        {
+            return Err(bad(
+                "--kernel, --initramfs and --cmdline come from the runner (use Scenario::cmdline)"
+                    .into(),
+            ));
+        }
         if self.vmm_args.iter().any(|a| a.contains('\n')) {
             return Err(bad("VMM arguments cannot contain newlines".into()));
         }
         Ok(())
     }
 
-    /// The full VMM argument list (runner's arguments first).
+    /// The full VMM argument list: the runner's arguments first, then the
+    /// scenario's. `--serial tty`, `--console off`, `--cpus boot=1` and
+    /// `--memory size=512M` are added only when the scenario gives no such
+    /// option; the kernel, initramfs and command line always come from the
+    /// runner and the scenario ([`Scenario::cmdline`]).
     pub fn full_args(&self) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--kernel",
-            GUEST_KERNEL,
-            "--initramfs",
-            GUEST_INITRD,
-            "--cmdline",
-            &self.cmdline,
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if !self.vmm_args.iter().any(|a| a == "--cpus") {
-            args.extend(["--cpus".to_string(), "boot=1".to_string()]);
-        }
-        if !self.vmm_args.iter().any(|a| a == "--memory") {
-            args.extend(["--memory".to_string(), "size=512M".to_string()]);
+        let mut args: Vec<String> = vec![
+            "--kernel".into(),
+            GUEST_KERNEL.into(),
+            "--initramfs".into(),
+            GUEST_INITRD.into(),
+            "--cmdline".into(),
+            self.cmdline.clone(),
+        ];
+        for (opt, default) in [
+            ("--serial", "tty"),
+            ("--console", "off"),
+            ("--cpus", "boot=1"),
+            ("--memory", "size=512M"),
+        ] {
+            if !self.vmm_args.iter().any(|a| a == opt) {
+                args.extend([opt.to_string(), default.to_string()]);
+            }
         }
         args.extend(self.vmm_args.iter().cloned());
         args
@@ -314,6 +326,10 @@ mod tests {
             .windows(2)
             .any(|w| w[0] == "--kernel" && w[1] == GUEST_KERNEL));
         assert!(a.windows(2).any(|w| w[0] == "--cpus" && w[1] == "boot=2"));
+        let s = Scenario::new("t").args(["--serial", "off"]);
+        let a = s.full_args();
+        assert_eq!(a.iter().filter(|x| *x == "--serial").count(), 1);
+        assert!(a.windows(2).any(|w| w[0] == "--serial" && w[1] == "off"));
     }
 
     #[test]
@@ -330,5 +346,9 @@ mod tests {
             .validate()
             .is_err());
         assert!(Scenario::new("t").args(["a\nb"]).validate().is_err());
+        assert!(Scenario::new("t")
+            .args(["--kernel", "x"])
+            .validate()
+            .is_err());
     }
 }

@@ -18,6 +18,12 @@ fn runner() -> &'static Runner {
 /// to the end and powered off with VMM exit status 0.
 fn boot(scenario: Scenario) -> RunOutput {
     let out = tests::run(runner(), &scenario);
+    let failed = out.markers(tests::scenario::KEY_MODULE_FAILED);
+    assert!(
+        failed.is_empty(),
+        "guest modules failed to load: {failed:?}\n{}",
+        out.summary()
+    );
     assert!(
         out.reached_init(),
         "the guest never reached /init\n{}",

@@ -81,12 +81,8 @@ exit 0"#,
     let disk = pattern(7, 64 * 1024);
     let note = b"note: odd sized file\n".to_vec();
     let scenario = Scenario::new("harness-files")
-        .args([
-            "--disk",
-            "path=disk.img",
-            "--cmdline",
-            "with spaces and 'quotes'",
-        ])
+        .args(["--disk", "path=disk.img"])
+        .cmdline("console=ttyS0 with  spaces and 'quotes' \"too\"")
         .file("disk.img", disk.clone())
         .file("expected.img", disk.clone())
         .file("sub/note.txt", note.clone());
