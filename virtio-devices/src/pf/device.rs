@@ -38,7 +38,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vm_migration::dirty::{WriteRecorder, DEFAULT_SUPPORTED_RANGES};
 use vm_migration::GuestMemoryMmap;
 
-use super::admin::{qualifier, status, AdminCompletion, DeferredChain};
+use super::admin::{qualifier, status, AdminCommand, AdminCompletion, DeferredChain, Execution};
 use super::migration::{AdminState, Member, MemberTable, Mode};
 use super::vf::{SharedVf, VfFunction};
 use super::{process_chain, AdminBuffers, ChainOutcome};
@@ -595,6 +595,22 @@ impl VirtioPf {
     /// Member `n`'s migration mode.
     pub fn member_mode(&self, n: u16) -> Option<Mode> {
         self.dev.device().table.member(n).map(|m| m.mode())
+    }
+
+    /// Runs one admin command directly against the executor and the member
+    /// table, as the admin queue would (for host-side tools, tests and
+    /// benchmarks; the guest's commands come through the queue). Result
+    /// bytes go to `result`, at most `cap` of them meaningful. VFs of this
+    /// PF quiesce synchronously, so no command is ever
+    /// [`Execution::Deferred`] here.
+    pub fn execute_admin(
+        &mut self,
+        cmd: &AdminCommand<'_>,
+        result: &mut Vec<u8>,
+        cap: usize,
+    ) -> Execution {
+        let pf = self.dev.device_mut();
+        pf.admin.execute(&mut pf.table, cmd, result, cap)
     }
 
     /// Completes admin commands that were waiting on their member and are
