@@ -159,6 +159,10 @@ fetch_deb() {
 }
 KERNEL_DEB="$(fetch_deb "$KERNEL_PACKAGE" "$KERNEL_PKG_VERSION")"
 BUSYBOX_DEB="$(fetch_deb busybox-static "$BUSYBOX_VERSION")"
+# Drop packages of earlier versions.
+for f in "$DEB_DIR"/*.deb; do
+    [ "$f" = "$KERNEL_DEB" ] || [ "$f" = "$BUSYBOX_DEB" ] || rm -f "$f"
+done
 
 unpack() {
     local deb="$1" dest="$2"
@@ -191,8 +195,10 @@ while IFS= read -r -d '' f; do
 done < <(find "$MODDIR" -name '*.ko*' -print0)
 [ "${#MOD_PATH[@]}" -gt 0 ] || die "no modules found under $MODDIR"
 
-KO_CACHE="$GUEST_DIR/ko"
+# Decompressed modules, per kernel package (older kernels' are dropped).
+KO_CACHE="$GUEST_DIR/ko/$(basename "$KERNEL_DEB" .deb)"
 mkdir -p "$KO_CACHE"
+find "$GUEST_DIR/ko" -mindepth 1 -maxdepth 1 ! -path "$KO_CACHE" -exec rm -rf {} +
 # Decompressed .ko for a module name (cached).
 module_ko() {
     local name="${1//-/_}" src out
