@@ -602,3 +602,196 @@ fn migrate_refuses_bad_requests_without_touching_the_source() {
     assert!(matches!(e, Error::Usage(_)), "{e}");
     assert_eq!(a.mode_get(1).unwrap().0, Mode::Active as u8);
 }
+
+const WORKLOAD_BASE: u64 = 0x80_0000;
+
+/// `blk-workload`'s platform on the model: VF n is `0000:00:04.n`.
+struct ModelPlatform {
+    pf: Arc<Mutex<VirtioPf>>,
+    gm: GuestMemoryMmap,
+}
+
+impl crate::workload::DmaBuf for GmMem {
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        vec![(self.base, (self.len / PAGE) as u64)]
+    }
+    fn check_stable(&self) -> crate::error::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::workload::Platform for ModelPlatform {
+    fn prepare(&self, _: &str, _: bool) -> crate::error::Result<()> {
+        Ok(())
+    }
+    fn open(&self, bdf: &str) -> crate::error::Result<VirtioPci> {
+        let n: u16 = bdf.rsplit('.').next().unwrap().parse().unwrap();
+        let vf = self
+            .pf
+            .lock()
+            .unwrap()
+            .vf(n)
+            .ok_or_else(|| Error::device(bdf, "no such VF"))?;
+        let dev: Arc<Mutex<dyn PciDevice>> = vf;
+        Ok(virtio_of(dev, bdf))
+    }
+    fn alloc(&self, len: usize) -> crate::error::Result<Box<dyn crate::workload::DmaBuf>> {
+        Ok(Box::new(GmMem {
+            gm: self.gm.clone(),
+            base: WORKLOAD_BASE,
+            len: len.div_ceil(PAGE) * PAGE,
+        }))
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+}
+
+/// The real workload loop (`workload::run_on`) on VF1 in a thread while
+/// `migrate` moves its member to VF2 and the test script's part is played
+/// by hand: wait for `ready`, migrate with the published ranges, write
+/// `moved`. Then the checks an integration test makes from the log.
+#[test]
+fn workload_follows_its_member_through_migrate() {
+    use crate::json::Json;
+    use std::collections::{BTreeSet, HashMap};
+
+    let r = rig("workload");
+    r.enable_vfs(2);
+    let dir = r._dir.join("wl");
+    let log = r._dir.join("wl.log");
+    let opts = crate::workload::WorkloadOpts {
+        vf: "0000:00:04.1".into(),
+        log: log.clone(),
+        state_dir: Some(dir.clone()),
+        start_sector: 8,
+        blocks: 16,
+        block_bytes: 4096,
+        inflight: 4,
+        queue_size: 16,
+        requests: 0,
+        after_move: 40,
+        seed: 5,
+        stall_timeout: Duration::from_secs(20),
+        bind: false,
+    };
+    let (pf, gm) = (r.pf.clone(), r.gm.clone());
+    let h = std::thread::spawn(move || crate::workload::run_on(&ModelPlatform { pf, gm }, &opts));
+    let t = std::time::Instant::now();
+    while !dir.join("ready").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "workload never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let mut a = r.admin(true).unwrap();
+    let _dest = r.vf(2); // bus mastering, as migrate carries it through sysfs
+    let o = MigrateOpts {
+        from: 1,
+        to: 2,
+        // Long enough a pre-copy that the workload gets requests through
+        // while VF1 records.
+        rounds: 300,
+        page_size: 4096,
+        ranges: migrate::read_ranges_file(&dir.join("ranges")).unwrap(),
+        read_chunk: 4096,
+        write_chunk: None,
+        workload_dir: None,
+        no_rollback: false,
+    };
+    let out = migrate::migrate(&mut a, "pf", &o).unwrap();
+    assert!(out.err.is_none(), "{:?}", out.err);
+    std::fs::write(dir.join("moved.tmp"), "0000:00:04.2\n").unwrap();
+    std::fs::rename(dir.join("moved.tmp"), dir.join("moved")).unwrap();
+    let sum = h.join().unwrap().unwrap();
+    assert_eq!(sum.moves, 1);
+    assert_eq!(sum.device, "0000:00:04.2");
+    assert_eq!((sum.verify_failures, sum.status_errors), (0, 0));
+    assert!(dir.join("moved.1").exists());
+    assert!(std::fs::read_to_string(dir.join("done"))
+        .unwrap()
+        .contains("result=ok"));
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(text.lines().filter(|l| l.starts_with("MOVED ")).count(), 1);
+    // Exactly once.
+    let mut submits: HashMap<u64, u64> = HashMap::new();
+    let mut dones: HashMap<u64, (u64, Vec<u64>, String)> = HashMap::new();
+    for l in text.lines() {
+        let id = || field(l, "id").unwrap().parse::<u64>().unwrap();
+        let t = || field(l, "t").unwrap().parse::<u64>().unwrap();
+        if l.starts_with("SUBMIT ") {
+            assert!(submits.insert(id(), t()).is_none());
+        } else if l.starts_with("DONE ") {
+            let pages = field(l, "wpages")
+                .unwrap()
+                .split(',')
+                .map(|p| wire::parse_u64(p).unwrap())
+                .collect();
+            let dev = field(l, "dev").unwrap().to_string();
+            assert!(
+                dones.insert(id(), (t(), pages, dev)).is_none(),
+                "two DONE for {}",
+                id()
+            );
+        }
+    }
+    assert_eq!(submits.len(), dones.len());
+    assert!(submits.keys().all(|k| dones.contains_key(k)));
+    assert!(dones.values().any(|d| d.2 == "0000:00:04.2"));
+    // Write-record coverage: requests submitted after recording started
+    // and completed before Stop was sent were written by VF1 while it
+    // recorded; their pages must be among the recorded ones.
+    let num = |k: &str| match out.json.get(k) {
+        Some(Json::U(v)) => *v,
+        other => panic!("{k}: {other:?}"),
+    };
+    let (t0, t1) = (num("t_wr_started_ns"), num("t_stop_issued_ns"));
+    let recorded: BTreeSet<u64> = match out.json.get("recorded_pages") {
+        Some(Json::A(v)) => v
+            .iter()
+            .map(|x| match x {
+                Json::S(s) => wire::parse_u64(s).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect(),
+        other => panic!("{other:?}"),
+    };
+    let mut checked = 0;
+    for (id, ts) in &submits {
+        let (td, pages, _) = &dones[id];
+        if *ts > t0 && *td < t1 {
+            checked += 1;
+            for p in pages {
+                assert!(
+                    recorded.contains(p),
+                    "request {id}: page {p:#x} not recorded"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{} requests, {checked} checked against {} recorded pages",
+        submits.len(),
+        recorded.len()
+    );
+    assert!(checked > 0, "no request ran while VF1 recorded");
+    // The backing file holds what the log's FINAL lines say.
+    let disk = std::fs::read(&r.vf_disk).unwrap();
+    let mut finals = 0;
+    for l in text.lines().filter(|l| l.starts_with("FINAL ")) {
+        let sector: usize = field(l, "sector").unwrap().parse().unwrap();
+        let bytes: usize = field(l, "bytes").unwrap().parse().unwrap();
+        let dseed = wire::parse_u64(field(l, "dseed").unwrap()).unwrap();
+        assert_eq!(
+            &disk[sector * 512..sector * 512 + bytes],
+            &pattern(dseed, bytes)[..]
+        );
+        finals += 1;
+    }
+    assert!(finals > 0);
+}

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::dma::{DmaMem, Mem, PAGE};
+use crate::error::Result as VResult;
 use crate::error::{Error, Result};
 use crate::migrate::mono_ns;
 use crate::pci;
@@ -300,18 +301,63 @@ impl Scheduler {
     }
 }
 
+/// DMA memory the workload can publish and re-check.
+pub trait DmaBuf: Mem + Send {
+    /// `(address, 4 KiB pages)` ranges of the memory.
+    fn ranges(&self) -> Vec<(u64, u64)>;
+    /// Error if the memory moved since allocation.
+    fn check_stable(&self) -> VResult<()>;
+}
+
+impl DmaBuf for DmaMem {
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        DmaMem::ranges(self)
+    }
+    fn check_stable(&self) -> VResult<()> {
+        DmaMem::check_stable(self)
+    }
+}
+
+/// How the workload reaches functions and memory: sysfs and pagemap in
+/// the guest ([`Sysfs`]), an in-process device model in host tests.
+pub trait Platform {
+    /// Make `bdf` drivable from userspace (binding it if `bind`).
+    fn prepare(&self, bdf: &str, bind: bool) -> VResult<()>;
+    /// Map the function's virtio structures.
+    fn open(&self, bdf: &str) -> VResult<VirtioPci>;
+    /// Allocate DMA memory.
+    fn alloc(&self, len: usize) -> VResult<Box<dyn DmaBuf>>;
+}
+
+/// The real platform: sysfs, `resourceN` mmap, pagemap.
+#[derive(Debug, Clone, Copy)]
+pub struct Sysfs;
+
+impl Platform for Sysfs {
+    fn prepare(&self, bdf: &str, bind: bool) -> VResult<()> {
+        pci::prepare_for_userspace(bdf, bind)
+    }
+    fn open(&self, bdf: &str) -> VResult<VirtioPci> {
+        VirtioPci::open(bdf)
+    }
+    fn alloc(&self, len: usize) -> VResult<Box<dyn DmaBuf>> {
+        Ok(Box::new(DmaMem::alloc(len)?))
+    }
+}
+
 struct Attached {
     dev: VirtioPci,
     notify_off: u16,
 }
 
 fn attach_fresh(
+    p: &dyn Platform,
     bdf: &str,
-    mem: &DmaMem,
+    mem: &dyn DmaBuf,
     q: &SplitQueue,
     timeout: Duration,
 ) -> Result<(Attached, u64)> {
-    let dev = VirtioPci::open(bdf)?;
+    let dev = p.open(bdf)?;
     let required = 1u64 << F_VERSION_1;
     dev.init(required, required, timeout)?;
     if dev.num_queues() == 0 {
@@ -327,8 +373,13 @@ fn attach_fresh(
 
 /// Take over `bdf` after a migration: no reset, no queue programming; the
 /// device must already run our queue 0 (its context came from the source).
-fn attach_moved(bdf: &str, mem: &DmaMem, q: &SplitQueue) -> Result<(Attached, u64)> {
-    let dev = VirtioPci::open(bdf)?;
+fn attach_moved(
+    p: &dyn Platform,
+    bdf: &str,
+    mem: &dyn DmaBuf,
+    q: &SplitQueue,
+) -> Result<(Attached, u64)> {
+    let dev = p.open(bdf)?;
     let status = dev.status();
     if status & st::DRIVER_OK == 0 {
         return Err(Error::device(
@@ -381,9 +432,15 @@ fn install_signals() {
     }
 }
 
-/// Run the workload. Returns the summary; a verification failure or an
-/// exactly-once violation is an `Err(Verify)` after the log is complete.
+/// Run the workload on the real platform. Returns the summary; a
+/// verification failure or an exactly-once violation is an
+/// `Err(Verify)` after the log is complete.
 pub fn run(o: &WorkloadOpts) -> Result<Summary> {
+    run_on(&Sysfs, o)
+}
+
+/// [`run`] on any platform.
+pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
     if o.block_bytes == 0
         || !o.block_bytes.is_multiple_of(SECTOR as usize)
         || o.block_bytes > 1 << 20
@@ -400,13 +457,14 @@ pub fn run(o: &WorkloadOpts) -> Result<Summary> {
         )));
     }
     install_signals();
-    pci::prepare_for_userspace(&o.vf, o.bind)?;
+    p.prepare(&o.vf, o.bind)?;
     let block_pages = o.block_bytes.div_ceil(PAGE);
     let hdr_off = RING_PAGES * PAGE;
     let data_off = hdr_off + PAGE;
-    let mem = DmaMem::alloc(data_off + o.inflight * block_pages * PAGE)?;
-    let mut q = SplitQueue::new(&mem, 0, o.queue_size)?;
-    let (mut cur, capacity) = attach_fresh(&o.vf, &mem, &q, o.stall_timeout)?;
+    let mem_box = p.alloc(data_off + o.inflight * block_pages * PAGE)?;
+    let mem: &dyn DmaBuf = &*mem_box;
+    let mut q = SplitQueue::new(mem, 0, o.queue_size)?;
+    let (mut cur, capacity) = attach_fresh(p, &o.vf, mem, &q, o.stall_timeout)?;
     let sectors_needed = o.start_sector + o.blocks * o.block_bytes as u64 / SECTOR;
     if sectors_needed > capacity {
         return Err(Error::Usage(format!(
@@ -467,8 +525,8 @@ pub fn run(o: &WorkloadOpts) -> Result<Summary> {
                 if let Ok(s) = std::fs::read_to_string(&mf) {
                     let dest = pci::normalize_bdf(&s)
                         .map_err(|m| Error::Usage(format!("{}: {m}", mf.display())))?;
-                    pci::prepare_for_userspace(&dest, o.bind)?;
-                    let (next, desc) = attach_moved(&dest, &mem, &q)?;
+                    p.prepare(&dest, o.bind)?;
+                    let (next, desc) = attach_moved(p, &dest, mem, &q)?;
                     sum.moves += 1;
                     let done = d.join(format!("moved.{}", sum.moves));
                     std::fs::rename(&mf, &done).map_err(|e| Error::io("rename", &mf, e))?;
@@ -517,7 +575,7 @@ pub fn run(o: &WorkloadOpts) -> Result<Summary> {
                 },
                 Buf::w(slot_hdr + 16, 1),
             ];
-            let head = q.submit(&mem, &bufs)?;
+            let head = q.submit(mem, &bufs)?;
             sched.submitted(&issue, head);
             sum.submitted += 1;
             log.line(&format!(
@@ -545,7 +603,7 @@ pub fn run(o: &WorkloadOpts) -> Result<Summary> {
         // Complete.
         let mut progressed = false;
         loop {
-            let used = match q.poll(&mem) {
+            let used = match q.poll(mem) {
                 Ok(Some(u)) => u,
                 Ok(None) => break,
                 Err(e) => {
