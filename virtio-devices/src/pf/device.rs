@@ -264,6 +264,9 @@ pub struct PfDevice {
     table: VfTable,
     bufs: AdminBuffers,
     deferred: Vec<DeferredChain>,
+    /// Members whose deferred mode change outlived a reset of the admin
+    /// queue: polled until it finishes, the completion discarded.
+    orphans: Vec<u16>,
 }
 
 impl PfDevice {
@@ -275,6 +278,7 @@ impl PfDevice {
             table: VfTable::new(),
             bufs: AdminBuffers::new(),
             deferred: Vec::new(),
+            orphans: Vec::new(),
         }
     }
 
@@ -293,6 +297,21 @@ impl PfDevice {
         self.deferred.len()
     }
 
+    /// The admin queue went away with commands still deferred: their
+    /// members' mode changes must still finish.
+    fn orphan_deferred(&mut self) {
+        for d in self.deferred.drain(..) {
+            self.orphans.push(d.member);
+        }
+        self.poll_orphans();
+    }
+
+    fn poll_orphans(&mut self) {
+        let (admin, table) = (&mut self.admin, &mut self.table);
+        self.orphans
+            .retain(|&id| table.member_mut(id).is_some() && admin.poll(table, id).is_none());
+    }
+
     /// Completes deferred commands whose member is ready (R-ADM-4): they
     /// go on the used ring in the order they become ready, whatever order
     /// they arrived in.
@@ -301,6 +320,7 @@ impl PfDevice {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<bool, DeviceError> {
+        self.poll_orphans();
         let mut used = false;
         let mut i = 0;
         while i < self.deferred.len() {
@@ -364,11 +384,11 @@ impl VirtioDevice for PfDevice {
         // state and stay as they are.
         self.block.reset();
         self.admin.reset();
-        self.deferred.clear();
+        self.orphan_deferred();
     }
     fn queue_reset(&mut self, index: u16) {
         if usize::from(index) == self.block.queue_max_sizes().len() {
-            self.deferred.clear();
+            self.orphan_deferred();
         } else {
             self.block.queue_reset(index);
         }
@@ -621,6 +641,7 @@ impl VirtioPf {
         let qi = dev.num_device_queues();
         let mem = dev.memory().memory();
         let pf = dev.device_mut();
+        pf.poll_orphans();
         if pf.deferred.is_empty() {
             return false;
         }

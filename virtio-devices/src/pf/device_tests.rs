@@ -41,12 +41,7 @@ pub(crate) struct Irqs {
 
 impl Irqs {
     pub(crate) fn of(&self, bdf: Bdf) -> Arc<RecordingInterrupts> {
-        self.groups
-            .lock()
-            .unwrap()
-            .entry(bdf)
-            .or_default()
-            .clone()
+        self.groups.lock().unwrap().entry(bdf).or_default().clone()
     }
 }
 
@@ -1534,4 +1529,62 @@ fn garbage_on_admin_queue_and_sriov_capability_never_panics() {
     let (s, u) = r.request(2, &read_req(1, 512));
     assert_eq!(u.map(|u| u.id), Some(s.head));
     assert_eq!(r.t.read_mem(s.writable()[0].0, 512).unwrap(), data);
+}
+
+/// R-ADM-4: commands of different members published together complete
+/// independently, each on its own used element, none waiting on another.
+#[test]
+fn r_adm_4_commands_of_different_members_complete_independently() {
+    let mut r = Rig::up("adm4", 3, 3, Files::PerVf);
+    let bufs = r.t.alloc_pages(2).unwrap();
+    let mut pf = OnBus::new(&r.bus, PF_BDF);
+    let d = r.pfd.as_mut().unwrap();
+    let size = d.queues[&ADMIN_Q].size;
+    let mut heads = Vec::new();
+    for (k, (member, op, data)) in [
+        (3u64, opcode::DEV_MODE_SET, vec![2u8]),
+        (1, opcode::DEV_MODE_SET, vec![1]),
+        (2, opcode::DEV_MODE_GET, vec![]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut cmd = op.to_le_bytes().to_vec();
+        cmd.extend_from_slice(&GROUP_TYPE_SRIOV.to_le_bytes());
+        cmd.extend_from_slice(&[0; 12]);
+        cmd.extend_from_slice(&member.to_le_bytes());
+        cmd.extend_from_slice(&data);
+        let c = bufs + 256 * k as u64;
+        let res = bufs + 4096 + 256 * k as u64;
+        r.t.write_mem(c, &cmd).unwrap();
+        let head = d.queues[&ADMIN_Q].avail_idx.wrapping_mul(2) % size;
+        d.publish_raw(
+            &r.t,
+            ADMIN_Q,
+            &[(c, cmd.len() as u32, 1, (head + 1) % size), (res, 9, 2, 0)],
+            head,
+        );
+        heads.push((head, res));
+    }
+    d.kick(&mut pf, ADMIN_Q);
+    let mut done = Vec::new();
+    while let Some((id, len)) = d.pop_used(&r.t, ADMIN_Q) {
+        done.push((id, len));
+    }
+    assert_eq!(done.len(), 3);
+    for (head, res) in heads {
+        assert!(done.iter().any(|&(id, _)| id == head));
+        assert_eq!(r.t.read_mem(res, 2).unwrap(), [0, 0], "status OK");
+    }
+    assert_eq!(r.mode(3), Mode::Freeze as u8);
+    assert_eq!(r.mode(1), Mode::Stop as u8);
+    assert_eq!(r.mode(2), Mode::Active as u8);
+    // The VMM's device thread finds each function's doorbells at their
+    // current addresses.
+    let vf2 = r.bus.function(r.vf_bdf(2)).unwrap();
+    let db = vf2.lock().unwrap().doorbells();
+    assert_eq!(db[0].address, VF_BAR0 + VF_BAR0_SIZE + 0x3000);
+    let pfdb = r.bus.function(PF_BDF).unwrap().lock().unwrap().doorbells();
+    assert_eq!(pfdb.len(), 2, "block queue and admin queue");
+    assert_eq!(pfdb[1].address, PF_BAR0 + 0x3000 + 4);
 }
