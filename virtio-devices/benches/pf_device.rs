@@ -34,20 +34,14 @@ struct Irqs;
 
 impl InterruptManager for Irqs {
     fn create_group(&self, _: Bdf, _: u16) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
-        Ok(RecordingNoop::new())
+        Ok(Arc::new(NoInterrupts))
     }
 }
 
 /// Interrupts that go nowhere (a recorder would grow without bound).
-struct RecordingNoop;
+struct NoInterrupts;
 
-impl RecordingNoop {
-    fn new() -> Arc<dyn InterruptSourceGroup> {
-        Arc::new(RecordingNoop)
-    }
-}
-
-impl InterruptSourceGroup for RecordingNoop {
+impl InterruptSourceGroup for NoInterrupts {
     fn trigger(&self, _: u16) -> std::io::Result<()> {
         Ok(())
     }
