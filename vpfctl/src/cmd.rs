@@ -490,6 +490,52 @@ pub fn raw(a: &mut AdminDev, req: &Request) -> Result<Outcome> {
     Ok(o)
 }
 
+/// Percentile `p` (0..=100) of sorted samples (nearest rank).
+pub fn percentile(sorted: &[u64], p: u32) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (u64::from(p) * sorted.len() as u64).div_ceil(100).max(1) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// `bench`: the same command `count` times; every reply must be OK.
+pub fn bench(a: &mut AdminDev, req: &Request, count: u32) -> Result<Outcome> {
+    let mut us = Vec::with_capacity(count as usize);
+    for _ in 0..count.max(1) {
+        let r = a.exec(req)?;
+        if !r.is_ok() {
+            return Ok(finish(r, vec![], String::new()));
+        }
+        us.push(r.elapsed.as_micros() as u64);
+    }
+    us.sort_unstable();
+    let (min, med, p99, max) = (
+        us[0],
+        percentile(&us, 50),
+        percentile(&us, 99),
+        us[us.len() - 1],
+    );
+    let j = Json::obj()
+        .with("opcode", opcode::name(req.opcode))
+        .with("member", req.member)
+        .with("ok", true)
+        .with("count", us.len())
+        .with("min_us", min)
+        .with("median_us", med)
+        .with("p99_us", p99)
+        .with("max_us", max);
+    Ok(Outcome::ok(
+        j,
+        format!(
+            "{} x{} member {}: min {min} us, median {med} us, p99 {p99} us, max {max} us",
+            opcode::name(req.opcode),
+            us.len(),
+            req.member
+        ),
+    ))
+}
+
 /// Parse an opcode given by number or name (`DEV_MODE_GET`, `mode_get`).
 pub fn parse_opcode(s: &str) -> std::result::Result<u16, String> {
     if let Ok(v) = wire::parse_u64(s) {
@@ -579,6 +625,17 @@ mod tests {
             r#"[{"type":3,"name":"VQ_SPLIT_RUNTIME_CFG","length":5,"queue":2}]"#
         );
         assert!(h.contains("VQ_SPLIT_RUNTIME_CFG"));
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50), 50);
+        assert_eq!(percentile(&v, 99), 99);
+        assert_eq!(percentile(&v, 100), 100);
+        assert_eq!(percentile(&[7], 50), 7);
+        assert_eq!(percentile(&[1, 2, 3], 50), 2);
+        assert_eq!(percentile(&[], 50), 0);
     }
 
     #[test]

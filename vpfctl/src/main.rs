@@ -257,6 +257,25 @@ enum Cmd {
         #[arg(long)]
         no_rollback: bool,
     },
+    /// Admin command round trip: send one command --count times and print
+    /// min / median / p99 / max (submit to used entry, µs).
+    Bench {
+        /// Member id.
+        #[arg(long, default_value_t = 1)]
+        member: u64,
+        /// Opcode (number or name; default DEV_MODE_GET).
+        #[arg(long, value_parser = cmd::parse_opcode, default_value = "DEV_MODE_GET")]
+        opcode: u16,
+        /// Command-specific data, hex.
+        #[arg(long, default_value = "")]
+        data: String,
+        /// Result bytes to offer.
+        #[arg(long, default_value_t = 8)]
+        result_len: usize,
+        /// Commands to send.
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+    },
     /// Userspace virtio-blk write-and-verify workload on one VF.
     BlkWorkload {
         /// The VF to start on.
@@ -566,6 +585,7 @@ fn cmd_name(c: &Cmd) -> &'static str {
         Cmd::WrRead { .. } => "wr-read",
         Cmd::Raw { .. } => "raw",
         Cmd::Migrate { .. } => "migrate",
+        Cmd::Bench { .. } => "bench",
         Cmd::BlkWorkload { .. } => "blk-workload",
     }
 }
@@ -655,6 +675,16 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
             };
             migrate::migrate(a, pf, &o)
         }
+        Cmd::Bench {
+            member,
+            opcode,
+            data,
+            result_len,
+            count,
+        } => {
+            let req = Request::new(*opcode, *member, wire::parse_hex(data)?, *result_len);
+            cmd::bench(a, &req, *count)
+        }
         _ => Err(Error::Usage("not an admin command".into())),
     }
 }
@@ -662,8 +692,14 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
 fn main() {
     let cli = Cli::parse();
     let code = match run(&cli) {
-        Ok(o) => {
+        Ok(mut o) => {
             if cli.json {
+                if let Some(e) = &o.err {
+                    if o.json.get("error").is_none() {
+                        o.json.set("error", e.to_string());
+                    }
+                    o.json.set("exit_code", e.exit_code());
+                }
                 println!("{}", o.json.to_string_compact());
             } else if !o.human.is_empty() {
                 println!("{}", o.human);

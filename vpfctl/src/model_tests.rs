@@ -795,3 +795,25 @@ fn workload_follows_its_member_through_migrate() {
     }
     assert!(finals > 0);
 }
+
+#[test]
+fn bench_reports_round_trips() {
+    let r = rig("bench");
+    r.enable_vfs(1);
+    let mut a = r.admin(true).unwrap();
+    let o = crate::cmd::bench(
+        &mut a,
+        &Request::new(opcode::DEV_MODE_GET, 1, vec![], 1),
+        20,
+    )
+    .unwrap();
+    assert!(o.err.is_none());
+    assert_eq!(o.json.get("count"), Some(&crate::json::Json::U(20)));
+    let o = crate::cmd::bench(
+        &mut a,
+        &Request::new(opcode::DEV_MODE_GET, 9, vec![], 1),
+        20,
+    )
+    .unwrap();
+    assert!(o.err.is_some());
+}
