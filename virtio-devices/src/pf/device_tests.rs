@@ -1588,3 +1588,66 @@ fn r_adm_4_commands_of_different_members_complete_independently() {
     assert_eq!(pfdb.len(), 2, "block queue and admin queue");
     assert_eq!(pfdb[1].address, PF_BAR0 + 0x3000 + 4);
 }
+
+/// Lock order (PF → VF, never the bus while holding either): admin
+/// commands and SR-IOV writes on the PF race VF configuration and BAR
+/// accesses, doorbells and decode-map rebuilds from other threads without
+/// deadlock.
+#[test]
+fn lock_order_pf_then_vf_survives_concurrent_access() {
+    let r = Rig::up("locks", 4, 4, Files::PerVf);
+    let bus = Arc::new(r.bus);
+    let pf = r.pf.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    {
+        // The PF side: admin commands (PF then VF) and VF MSE toggles.
+        let (bus, pf, stop) = (bus.clone(), pf.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut bytes = opcode::DEV_MODE_SET.to_le_bytes().to_vec();
+                bytes.extend_from_slice(&GROUP_TYPE_SRIOV.to_le_bytes());
+                bytes.extend_from_slice(&[0; 12]);
+                bytes.extend_from_slice(&(1 + i % 4).to_le_bytes());
+                bytes.push((i % 3) as u8);
+                let cmd = super::admin::AdminCommand::parse(&bytes).unwrap();
+                pf.lock().unwrap().execute_admin(&cmd, &mut out, 64);
+                let ctrl: u16 = if i % 2 == 0 { 0x1 } else { 0x9 };
+                bus.ecam_write(ecam_offset(PF_BDF, SRIOV + 8), &ctrl.to_le_bytes());
+                i += 1;
+            }
+        }));
+    }
+    for n in 1..=4u16 {
+        // VF side: configuration, BAR reads, doorbells, rebuilds.
+        let (bus, stop) = (bus.clone(), stop.clone());
+        let bdf = Bdf::from_rid(PF_BDF.rid() + 8 + n - 1);
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut b = [0u8; 4];
+                bus.ecam_read(ecam_offset(bdf, 0), &mut b);
+                bus.mmio_read(
+                    VF_BAR0 + u64::from(n - 1) * VF_BAR0_SIZE + 0x12,
+                    &mut b[..2],
+                );
+                if let Some(f) = bus.function(bdf) {
+                    f.lock().unwrap().doorbell(0);
+                }
+                bus.rebuild_decode_map();
+            }
+        }));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for t in threads {
+        while !t.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "deadlock");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        t.join().unwrap();
+    }
+    assert_eq!(bus.function_ids().len(), 5);
+}
