@@ -1614,7 +1614,7 @@ fn lock_order_pf_then_vf_survives_concurrent_access() {
                 bytes.push((i % 3) as u8);
                 let cmd = super::admin::AdminCommand::parse(&bytes).unwrap();
                 pf.lock().unwrap().execute_admin(&cmd, &mut out, 64);
-                let ctrl: u16 = if i % 2 == 0 { 0x1 } else { 0x9 };
+                let ctrl: u16 = if i.is_multiple_of(2) { 0x1 } else { 0x9 };
                 bus.ecam_write(ecam_offset(PF_BDF, SRIOV + 8), &ctrl.to_le_bytes());
                 i += 1;
             }
