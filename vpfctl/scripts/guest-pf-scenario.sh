@@ -1,0 +1,154 @@
+#!/bin/sh
+# Guest-side scenario for the real-guest integration tests of the userspace
+# owner (busybox sh, vpfctl in PATH, the PF as the only virtio function with
+# SR-IOV, at least 2 VFs whose backing files are the same file).
+#
+# Prints one marker per check: @@VPF:<check>=ok@@ or @@VPF:<check>=fail <why>@@,
+# then the workload's FINAL lines as "VPF-FINAL sector=.. bytes=.. id=.. dseed=.."
+# for the host-side comparison of the backing file, the migrate JSON as
+# "VPF-MIGRATE {...}", the admin round trip as "VPF-BENCH {...}", and finally
+# @@VPF:RESULT=ok@@ or @@VPF:RESULT=fail@@. Exit status 0 only if all passed.
+#
+# Knobs (environment): VPF_AFTER_MOVE (requests after the move, default 200),
+# VPF_INFLIGHT (default 8), VPF_ROUNDS (pre-copy rounds, default 2).
+set -u
+V=${VPFCTL:-vpfctl}
+FAILED=0
+AFTER_MOVE=${VPF_AFTER_MOVE:-200}
+INFLIGHT=${VPF_INFLIGHT:-8}
+ROUNDS=${VPF_ROUNDS:-2}
+W=/tmp/vpf
+rm -rf "$W"
+mkdir -p "$W"
+
+ok() { echo "@@VPF:$1=ok@@"; }
+fail() { echo "@@VPF:$1=fail $2@@"; FAILED=1; }
+
+# expect NAME STATUS QUALIFIER CMD... : the command must complete with that
+# status and qualifier (by name, from its --json output).
+expect() {
+    name=$1 st=$2 q=$3
+    shift 3
+    out=$("$@" --json 2>/dev/null)
+    rc=$?
+    case "$out" in
+    *"\"status\":\"$st\""*"\"qualifier\":\"$q\""*) ok "$name" ;;
+    *) fail "$name" "rc=$rc $out" ;;
+    esac
+}
+
+# run NAME CMD... : the command must succeed.
+run() {
+    name=$1
+    shift
+    if out=$("$@" 2>&1); then ok "$name"; else fail "$name" "rc=$? $out"; fi
+}
+
+PF=$($V --json info | sed -n 's/.*"dev":"\([^"]*\)".*/\1/p')
+[ -n "$PF" ] || { fail find-pf "no virtio PF with SR-IOV"; echo "@@VPF:RESULT=fail@@"; exit 1; }
+echo "VPF-PF $PF"
+run bind-pf $V bind --dev "$PF"
+run sriov-off $V sriov --numvfs 0
+
+# Admin commands that need no member work with VF Enable clear.
+run list-query $V list-query
+run list-use $V list-use
+expect vf-enable-clear EINVAL Q_INVALID_GROUP $V mode-get --member 1
+
+run sriov-on $V sriov --numvfs 2 --autoprobe off
+VF1=$($V vf-bdf --member 1)
+VF2=$($V vf-bdf --member 2)
+echo "VPF-VFS $VF1 $VF2"
+
+# Every admin command, expected to succeed.
+expect mode-get OK Q_OK $V mode-get --member 1
+expect ctx-size OK Q_OK $V ctx-size --member 1
+expect ctx-size-freeze OK Q_OK $V ctx-size --member 1 --freeze
+expect ctx-fields OK Q_OK $V ctx-fields --member 1
+expect wr-cap OK Q_OK $V wr-cap --member 1
+run ctx-read-active $V ctx-read --member 1 --out "$W/ctx-active.bin"
+run freeze-2 $V mode-set --member 2 --mode stop
+run freeze-2b $V mode-set --member 2 --mode freeze
+run ctx-read-freeze $V ctx-read --member 2 --out "$W/ctx2.bin" --chunk 64
+run ctx-write-self $V ctx-write --member 2 --in "$W/ctx2.bin" --chunk 50
+expect ctx-discard OK Q_OK $V ctx-discard --member 2
+expect wr-start OK Q_OK $V wr-start --member 2 --range 0x100000:16
+expect wr-read OK Q_OK $V wr-read --member 2 --addr 0x100000 --len 0x10000
+expect wr-stop OK Q_OK $V wr-stop --member 2
+expect wr-stop-again OK Q_OK $V wr-stop --member 2
+
+# Error cases.
+expect member-0 EINVAL Q_INVALID_MEMBER $V mode-get --member 0
+expect member-above-numvfs EINVAL Q_INVALID_MEMBER $V mode-get --member 3
+expect bad-group EINVAL Q_INVALID_GROUP $V raw --opcode DEV_MODE_GET --group 2 --member 1
+expect bad-opcode EINVAL Q_INVALID_OPCODE $V raw --opcode 0x0e --member 1
+expect not-in-use EINVAL Q_INVALID_OPCODE $V --no-list-use mode-get --member 1
+expect bad-mode EINVAL Q_INVALID_FIELD $V mode-set --member 1 --mode 3
+expect ctx-write-outside-freeze EINVAL Q_INVALID_COMMAND $V raw --opcode DEV_CTX_WRITE --member 1 --data 01000000
+expect wr-read-not-started EINVAL Q_INVALID_COMMAND $V wr-read --member 1 --addr 0 --len 4096
+expect wr-start-bad-page-size EINVAL Q_INVALID_FIELD $V wr-start --member 1 --page-size 3000 --range 0:1
+# One PCI_COMMON_CFG field of length 63 (must be 64), member 2 in Freeze.
+HDR=01000000""0000""000000000000""3f00000000000000
+VAL=$(i=0; while [ $i -lt 63 ]; do printf 00; i=$((i + 1)); done)
+expect wrong-field-length EINVAL Q_INVALID_FIELD $V raw --opcode DEV_CTX_WRITE --member 2 --data "$HDR$VAL"
+out=$($V raw --opcode DEV_MODE_GET --member 1 --readable 07000100000000000000 --json 2>/dev/null)
+case "$out" in *'"used_len":0'*) ok malformed-short-header ;; *) fail malformed-short-header "$out" ;; esac
+expect queue-still-serves OK Q_OK $V mode-get --member 1
+run active-2 $V mode-set --member 2 --mode active
+echo "VPF-BENCH $($V --json bench --member 1 --count 50)"
+
+# Member migration under load: workload on VF1, migrate 1 -> 2, carry on on VF2.
+D=$W/wl
+$V blk-workload --vf "$VF1" --log "$W/wl.log" --state-dir "$D" --inflight "$INFLIGHT" \
+    --after-move "$AFTER_MOVE" > "$W/wl.out" 2>&1 &
+WL=$!
+n=0
+while [ ! -e "$D/ready" ]; do
+    sleep 0.1
+    n=$((n + 1))
+    [ $n -lt 600 ] || break
+done
+[ -e "$D/ready" ] && ok workload-ready || fail workload-ready "$(cat "$W/wl.out")"
+sleep 1
+$V --json migrate --from 1 --to 2 --rounds "$ROUNDS" --workload-dir "$D" > "$W/migrate.json" 2> "$W/migrate.err"
+rc=$?
+echo "VPF-MIGRATE $(cat "$W/migrate.json")"
+[ $rc = 0 ] && ok migrate || fail migrate "rc=$rc $(cat "$W/migrate.err")"
+wait $WL
+rc=$?
+[ $rc = 0 ] && ok workload-exit || fail workload-exit "rc=$rc $(cat "$W/wl.out")"
+grep -q "^END .*result=ok" "$W/wl.log" && ok workload-verified || fail workload-verified "$(grep ^END "$W/wl.log")"
+[ "$(grep -c '^MOVED ' "$W/wl.log")" = 1 ] && ok workload-moved || fail workload-moved "no MOVED line"
+grep -q "^DONE .*dev=$VF2" "$W/wl.log" && ok completions-on-dest || fail completions-on-dest "none on $VF2"
+
+# Exactly once: every SUBMIT id has exactly one DONE.
+awk '/^SUBMIT /{for(i=2;i<=NF;i++) if ($i ~ /^id=/) s[substr($i,4)]++}
+     /^DONE /{for(i=2;i<=NF;i++) if ($i ~ /^id=/) d[substr($i,4)]++}
+     END{bad=0; for(k in s) if (d[k]!=1) bad++; for(k in d) if (s[k]!=1) bad++;
+         print bad; }' "$W/wl.log" > "$W/once"
+[ "$(cat "$W/once")" = 0 ] && ok exactly-once || fail exactly-once "$(cat "$W/once") ids"
+
+# Write records cover every page VF1 wrote while recording: requests
+# submitted after recording started and completed before Stop was sent.
+T0=$(sed -n 's/.*"t_wr_started_ns":\([0-9]*\).*/\1/p' "$W/migrate.json")
+T1=$(sed -n 's/.*"t_stop_issued_ns":\([0-9]*\).*/\1/p' "$W/migrate.json")
+REC=$(sed -n 's/.*"recorded_pages":\[\([^]]*\)\].*/\1/p' "$W/migrate.json" | tr -d '"' | tr ',' ' ')
+awk -v t0="$T0" -v t1="$T1" -v rec="$REC" '
+    BEGIN { n = split(rec, r, " "); for (i = 1; i <= n; i++) have[tolower(r[i])] = 1 }
+    function val(k,   i) { for (i = 2; i <= NF; i++) if (index($i, k "=") == 1) return substr($i, length(k) + 2); return "" }
+    /^SUBMIT / { st[val("id")] = val("t") + 0 }
+    /^DONE / {
+        id = val("id"); td = val("t") + 0
+        if (st[id] > t0 && td < t1) {
+            checked++
+            m = split(val("wpages"), p, ",")
+            for (i = 1; i <= m; i++) if (!(tolower(p[i]) in have)) { missing++; print "missing " p[i] " of request " id > "/dev/stderr" }
+        }
+    }
+    END { printf "%d %d\n", checked + 0, missing + 0 }' "$W/wl.log" > "$W/cover" 2> "$W/cover.err"
+set -- $(cat "$W/cover")
+if [ "${2:-1}" = 0 ] && [ "${1:-0}" -gt 0 ]; then ok record-coverage; else fail record-coverage "checked=${1:-?} missing=${2:-?} $(head -3 "$W/cover.err")"; fi
+
+grep '^FINAL ' "$W/wl.log" | sed 's/^FINAL /VPF-FINAL /'
+if [ $FAILED = 0 ]; then echo "@@VPF:RESULT=ok@@"; else echo "@@VPF:RESULT=fail@@"; fi
+exit $FAILED
