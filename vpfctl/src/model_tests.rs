@@ -695,7 +695,7 @@ fn workload_follows_its_member_through_migrate() {
         to: 2,
         // Long enough a pre-copy that the workload gets requests through
         // while VF1 records.
-        rounds: 300,
+        rounds: 2000,
         page_size: 4096,
         ranges: migrate::read_ranges_file(&dir.join("ranges")).unwrap(),
         read_chunk: 4096,
