@@ -39,8 +39,10 @@ use vm_migration::dirty::{WriteRecorder, DEFAULT_SUPPORTED_RANGES};
 use vm_migration::GuestMemoryMmap;
 
 use super::admin::{qualifier, status, AdminCommand, AdminCompletion, DeferredChain, Execution};
-use super::migration::{AdminState, Member, MemberTable, Mode};
-use super::vf::{SharedVf, VfFunction};
+use super::migration::{AdminState, Member, MemberTable, MigrationError, MigrationSnapshot, Mode};
+use super::vf::{
+    restore_function, snapshot_function, FunctionSnapshot, RestoreError, SharedVf, VfFunction,
+};
 use super::{process_chain, AdminBuffers, ChainOutcome};
 use crate::block::{Block, BlockConfig, BlockError, DEFAULT_QUEUE_SIZE};
 use crate::device::{
@@ -95,6 +97,22 @@ pub enum PfError {
     Transport(#[from] TransportError),
     #[error("SR-IOV capability: {0}")]
     Sriov(#[from] SriovError),
+    #[error("admin commands are in progress; snapshot after they complete")]
+    Busy,
+    #[error("restoring {what}: {source}")]
+    Restore {
+        what: String,
+        #[source]
+        source: RestoreError,
+    },
+    #[error("restoring the migration state of VF {vf}: {source}")]
+    RestoreMember {
+        vf: u16,
+        #[source]
+        source: MigrationError,
+    },
+    #[error("the snapshot has VF {0}, which the restored SR-IOV registers do not enable")]
+    RestoreMissingVf(u16),
     #[error("SR-IOV capability landed at {0:#x}, not at 0x100 (another extended capability precedes it)")]
     SriovOffset(u16),
 }
@@ -458,6 +476,32 @@ impl VirtioDevice for PfDevice {
     }
 }
 
+/// Everything of a PF and its VFs the VMM carries across a snapshot or a
+/// migration of the VM that owns them (spec §6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PfSnapshot {
+    /// The PF's function (its configuration space holds the SR-IOV
+    /// registers: VF Enable, NumVFs, VF MSE, VF BAR0).
+    pub pf: FunctionSnapshot,
+    /// The admin commands in use (LIST_USE).
+    pub admin_in_use: u64,
+    /// Every existing VF.
+    pub vfs: Vec<VfSnapshot>,
+}
+
+/// One VF in a [`PfSnapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfSnapshot {
+    /// VF number (1-based).
+    pub number: u16,
+    /// Its function.
+    pub function: FunctionSnapshot,
+    /// Device-owned heads adopted from a written context, per queue.
+    pub adopted: Vec<Vec<u16>>,
+    /// Mode, context streams, write-record ranges and unread records.
+    pub migration: MigrationSnapshot,
+}
+
 /// The virtio-pf PF as a PCI function.
 pub struct VirtioPf {
     dev: VirtioPciDevice<PfDevice>,
@@ -615,6 +659,91 @@ impl VirtioPf {
     /// Member `n`'s migration mode.
     pub fn member_mode(&self, n: u16) -> Option<Mode> {
         self.dev.device().table.member(n).map(|m| m.mode())
+    }
+
+    /// Captures the PF and every VF (spec §6). Refused while an admin
+    /// command waits on its member (never the case with block members).
+    /// Call with the VM paused.
+    pub fn snapshot(&self) -> Result<PfSnapshot, PfError> {
+        let pf = self.dev.device();
+        if !pf.deferred.is_empty() || !pf.orphans.is_empty() {
+            return Err(PfError::Busy);
+        }
+        let vfs = pf
+            .table
+            .members()
+            .map(|(number, m)| {
+                let (function, adopted) = m.device.lock().snapshot();
+                VfSnapshot {
+                    number,
+                    function,
+                    adopted,
+                    migration: m.migration.snapshot(),
+                }
+            })
+            .collect();
+        Ok(PfSnapshot {
+            pf: snapshot_function(&self.dev),
+            admin_in_use: pf.admin.in_use(),
+            vfs,
+        })
+    }
+
+    /// Restores a [`PfSnapshot`] into a freshly built PF of the same
+    /// configuration (same TotalVFs, layout and backing files; guest
+    /// memory already restored). The VFs the restored SR-IOV registers
+    /// enable are created and restored; the returned change lists them for
+    /// the bus (and any VF this PF had before, as removed). Nothing is
+    /// served and no interrupt is sent.
+    pub fn restore(&mut self, snap: &PfSnapshot) -> Result<FunctionChange, PfError> {
+        restore_function(&mut self.dev, &snap.pf).map_err(|source| PfError::Restore {
+            what: "the PF".into(),
+            source,
+        })?;
+        self.dev.device_mut().admin.set_in_use(snap.admin_in_use);
+        let mut change = FunctionChange::default();
+        let old = std::mem::take(&mut self.dev.device_mut().table.members);
+        for m in old.into_iter().flatten() {
+            change.removed.push(m.device.lock().bdf());
+        }
+        let regs = self.sriov.regs(self.dev.pci_config());
+        if regs.vf_enabled() {
+            let src = self.mem.memory();
+            let mut members = Vec::with_capacity(usize::from(regs.num_vfs));
+            for n in 1..=regs.num_vfs {
+                match self.create_vf(n, &src) {
+                    Some((bdf, m)) => {
+                        change
+                            .added
+                            .push((bdf, m.device.0.clone() as SharedPciDevice));
+                        members.push(Some(m));
+                    }
+                    None => members.push(None),
+                }
+            }
+            self.dev.device_mut().table.members = members;
+        }
+        self.sync_table();
+        for v in &snap.vfs {
+            let table = &mut self.dev.device_mut().table;
+            let m = table
+                .member_mut(v.number)
+                .ok_or(PfError::RestoreMissingVf(v.number))?;
+            m.device
+                .lock()
+                .restore(&v.function, &v.adopted)
+                .map_err(|source| PfError::Restore {
+                    what: format!("VF {}", v.number),
+                    source,
+                })?;
+            m.migration
+                .restore(&v.migration)
+                .map_err(|source| PfError::RestoreMember {
+                    vf: v.number,
+                    source,
+                })?;
+        }
+        Ok(change)
     }
 
     /// Runs one admin command directly against the executor and the member

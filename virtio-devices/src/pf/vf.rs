@@ -239,6 +239,81 @@ impl<D: VirtioDevice> VfFunction<D> {
     }
 }
 
+/// Everything of one virtio-pci function the VMM carries across a
+/// snapshot or migration of the VM that owns the PF (spec §6): its PCI
+/// configuration space (BAR placement included), MSI-X table and PBA,
+/// virtio state (registers, features, queues and ring positions) and mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionSnapshot {
+    pub config: pci::PciConfigurationState,
+    pub msix: pci::MsixConfigState,
+    pub virtio: crate::transport::VirtioPciState,
+    pub mode: TransportMode,
+}
+
+/// Errors restoring a [`FunctionSnapshot`].
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("configuration space: {0}")]
+    Config(#[from] pci::ConfigError),
+    #[error("MSI-X: {0}")]
+    Msix(#[from] pci::MsixError),
+    #[error("virtio state: {0}")]
+    Virtio(#[from] crate::transport::StateError),
+}
+
+/// Captures `dev`'s [`FunctionSnapshot`].
+pub fn snapshot_function<D: VirtioDevice>(dev: &VirtioPciDevice<D>) -> FunctionSnapshot {
+    FunctionSnapshot {
+        config: dev.pci_config().state(),
+        msix: dev.msix().state(),
+        virtio: dev.state(),
+        mode: dev.mode(),
+    }
+}
+
+/// Restores `snap` into `dev`, a freshly built function of the same
+/// configuration (a failure part-way leaves it to be discarded). Nothing is
+/// served and no interrupt is sent: the mode is set before the virtio
+/// state, so a function saved in Stop or Freeze stays quiet, and one saved
+/// Active serves its queues at the next notification.
+pub fn restore_function<D: VirtioDevice>(
+    dev: &mut VirtioPciDevice<D>,
+    snap: &FunctionSnapshot,
+) -> Result<(), RestoreError> {
+    let mut config = dev.pci_config().clone();
+    config.set_state(&snap.config)?;
+    dev.msix_mut().set_state(&snap.msix)?;
+    if snap.mode != TransportMode::Active {
+        dev.set_mode(snap.mode);
+    }
+    dev.set_state(&snap.virtio)?;
+    *dev.pci_config_mut() = config;
+    Ok(())
+}
+
+impl<D: VirtioDevice> VfFunction<D> {
+    /// The VF's [`FunctionSnapshot`] and adopted heads.
+    pub fn snapshot(&self) -> (FunctionSnapshot, Vec<Vec<u16>>) {
+        (snapshot_function(&self.dev), self.adopted.clone())
+    }
+
+    /// Restores what [`VfFunction::snapshot`] captured (BAR0's address
+    /// comes from the PF).
+    pub fn restore(
+        &mut self,
+        snap: &FunctionSnapshot,
+        adopted: &[Vec<u16>],
+    ) -> Result<(), RestoreError> {
+        restore_function(&mut self.dev, snap)?;
+        let nq = usize::from(self.dev.num_device_queues());
+        self.adopted = adopted.to_vec();
+        self.adopted.resize(nq, Vec::new());
+        self.adopted.truncate(nq);
+        Ok(())
+    }
+}
+
 impl<D: VirtioDevice> PciDevice for VfFunction<D> {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         self.dev.config_read(offset, data)
