@@ -1735,3 +1735,53 @@ fn spec_6_snapshot_and_restore_of_pf_and_vfs() {
     assert!(!r.irqs.of(r.vf_bdf(1)).triggered().is_empty());
     assert!(r.read_records(1).contains(&(s.writable()[0].0 & !4095)));
 }
+
+/// VF Enable with NumVFs = 0 creates nothing and member commands see no
+/// member; a read-only PF makes read-only VFs.
+#[test]
+fn r_pci_3_zero_vfs_and_read_only_members() {
+    let mut r = Rig::new("zero", 2, Files::PerVf);
+    r.probe_pf();
+    r.bring_up_pf();
+    r.enable_vfs(0);
+    assert_eq!(r.bus.function_ids(), vec![PF_BDF]);
+    let e = r.admin(opcode::DEV_MODE_GET, 1, &[], 1);
+    assert_eq!(
+        (e.status, e.qualifier),
+        (status::EINVAL, qualifier::INVALID_MEMBER)
+    );
+
+    let dir = TempDir::new("ro");
+    for f in ["pf.img", "vf.img"] {
+        std::fs::write(dir.0.join(f), vec![0u8; 8192]).unwrap();
+    }
+    let mut t = TestDriver::new(8 << 20);
+    let d = dir.0.clone();
+    let cfg = PfConfig::new(
+        dir.0.join("pf.img"),
+        Box::new(move |_| d.join("vf.img")),
+        1,
+        PF_BDF,
+        true,
+    )
+    .unwrap();
+    let pf = VirtioPf::new(cfg, t.mem_atomic(), Arc::new(Irqs::default())).unwrap();
+    let bus = PciBus::new();
+    bus.add_function(PF_BDF, pf).unwrap();
+    let mut p = OnBus::new(&bus, PF_BDF);
+    TestDriver::cfg_write32(&mut p, SRIOV + 0x24, VF_BAR0 as u32);
+    TestDriver::cfg_write16(&mut p, SRIOV + 0x10, 1);
+    TestDriver::cfg_write16(&mut p, SRIOV + 0x08, 0x9);
+    let mut vf = OnBus::new(&bus, Bdf::new(0, 5, 0));
+    t.probe_placed(&mut vf, VF_BAR0).unwrap();
+    let f = t.bring_up(&mut vf, u64::MAX, 1).unwrap();
+    assert_ne!(f & (1 << crate::block::VIRTIO_BLK_F_RO), 0);
+    let (s, _) = t
+        .request(&mut vf, 0, &write_req(0, &[1; 512]), Layout::Direct)
+        .unwrap();
+    assert_eq!(status_of(&t, &s), crate::block::VIRTIO_BLK_S_IOERR);
+    assert!(std::fs::read(dir.0.join("vf.img"))
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
+}
