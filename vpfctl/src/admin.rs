@@ -235,6 +235,34 @@ impl AdminDev {
         self.q.size()
     }
 
+    /// The admin queue's memory and ring offsets, for writing garbage
+    /// into it on purpose (`garbage`): `(memory, desc, avail, used, size,
+    /// scratch offset, scratch length)`. The queue's bookkeeping is void
+    /// afterwards; bring the PF up again.
+    pub fn raw_ring(&self) -> (&dyn Mem, usize, usize, usize, u16, usize, usize) {
+        (
+            &*self.mem,
+            self.q.desc_off(),
+            self.q.avail_off(),
+            self.q.used_off(),
+            self.q.size(),
+            RD_OFF,
+            (RD_PAGES + WR_PAGES) * PAGE,
+        )
+    }
+
+    /// Ring the admin queue's doorbell.
+    pub fn kick(&self) {
+        self.dev.notify(self.qidx, self.notify_off);
+    }
+
+    /// Run the poll hook once (host tests' deferred device work).
+    pub fn run_poll_hook(&mut self) {
+        if let Some(h) = self.poll_hook.as_mut() {
+            h();
+        }
+    }
+
     /// Send one command and poll for its completion.
     pub fn exec(&mut self, req: &Request) -> Result<Reply> {
         let readable = req

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod cmd;
 pub mod dma;
 pub mod error;
+pub mod garbage;
 pub mod json;
 pub mod migrate;
 pub mod mmio;

@@ -16,7 +16,7 @@ use vpfctl::admin::{AdminDev, OpenOpts, Request};
 use vpfctl::cmd::{self, Outcome};
 use vpfctl::error::{Error, Result};
 use vpfctl::json::{hex, Json};
-use vpfctl::{migrate, pci, wire, workload};
+use vpfctl::{garbage, migrate, pci, wire, workload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -276,6 +276,26 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         count: u32,
     },
+    /// Write garbage to the PF's admin queue (and with --sriov its SR-IOV
+    /// capability) on purpose, then check the device still answers.
+    Garbage {
+        /// Rounds of admin-queue garbage (each after a fresh PF bring-up).
+        #[arg(long, default_value_t = 200)]
+        rounds: u32,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Milliseconds to watch each round.
+        #[arg(long, default_value_t = 20)]
+        wait_ms: u64,
+        /// Also write this many random values to the read-only SR-IOV
+        /// registers and the VF Migration bits (VFs stay enabled).
+        #[arg(long, default_value_t = 0)]
+        sriov_writes: u32,
+        /// Afterwards DEV_MODE_GET on this member must succeed.
+        #[arg(long)]
+        check_member: Option<u64>,
+    },
     /// Userspace virtio-blk write-and-verify workload on one VF.
     BlkWorkload {
         /// The VF to start on.
@@ -489,6 +509,49 @@ fn run(cli: &Cli) -> Result<Outcome> {
                 b,
             ))
         }
+        Cmd::Garbage {
+            rounds,
+            seed,
+            wait_ms,
+            sriov_writes,
+            check_member,
+        } => {
+            let pf = pf_of(cli)?;
+            let opts = OpenOpts {
+                timeout: Duration::from_millis(cli.timeout_ms),
+                bind: cli.bind,
+                list_use: true,
+            };
+            let mut rng = garbage::Rng::new(seed.wrapping_add(0x5eed));
+            let sriov = if *sriov_writes > 0 {
+                garbage::sriov_garbage(
+                    &mut rng,
+                    *sriov_writes,
+                    &mut || pci::read_config(&pf),
+                    &mut |off, v| pci::write_config_u16(&pf, usize::from(off), v),
+                )?
+            } else {
+                Json::Null
+            };
+            let mut reopen = || AdminDev::open(&pf, &opts);
+            let mut check = |a: &mut AdminDev| -> Result<()> {
+                if let Some(m) = check_member {
+                    a.mode_get(*m)?;
+                }
+                Ok(())
+            };
+            let mut o = garbage::run(
+                &mut reopen,
+                &mut check,
+                &garbage::GarbageOpts {
+                    rounds: *rounds,
+                    seed: *seed,
+                    wait: Duration::from_millis(*wait_ms),
+                },
+            )?;
+            o.json.set("pf", pf.as_str()).set("sriov", sriov);
+            Ok(o)
+        }
         Cmd::BlkWorkload {
             vf,
             log,
@@ -586,6 +649,7 @@ fn cmd_name(c: &Cmd) -> &'static str {
         Cmd::Raw { .. } => "raw",
         Cmd::Migrate { .. } => "migrate",
         Cmd::Bench { .. } => "bench",
+        Cmd::Garbage { .. } => "garbage",
         Cmd::BlkWorkload { .. } => "blk-workload",
     }
 }

@@ -817,3 +817,57 @@ fn bench_reports_round_trips() {
     .unwrap();
     assert!(o.err.is_some());
 }
+
+/// Garbage on the admin queue and in the SR-IOV capability does not break
+/// the PF, and VF1 keeps serving I/O throughout.
+#[test]
+fn garbage_leaves_the_pf_and_other_vfs_working() {
+    let r = rig("garbage");
+    r.enable_vfs(2);
+    let mut d = Driver::start(r.vf(1), r.driver_mem());
+    d.write(0, 1, true);
+    assert_eq!(d.drain().len(), 1);
+    let mut rng = crate::garbage::Rng::new(3);
+    let pf_cfg = r.pf.clone();
+    let pf_w = r.pf.clone();
+    let s = crate::garbage::sriov_garbage(
+        &mut rng,
+        500,
+        &mut || {
+            let dev: Arc<Mutex<dyn PciDevice>> = pf_cfg.clone();
+            Ok(config_space(&dev))
+        },
+        &mut |off, v| {
+            pf_w.lock().unwrap().config_write(off, &v.to_le_bytes());
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        s.get("read_only_intact"),
+        Some(&crate::json::Json::Bool(true))
+    );
+    let mut reopen = || r.admin(true);
+    let mut check = |a: &mut AdminDev| -> crate::error::Result<()> {
+        a.mode_get(1)?;
+        a.mode_get(2)?;
+        Ok(())
+    };
+    let o = crate::garbage::run(
+        &mut reopen,
+        &mut check,
+        &crate::garbage::GarbageOpts {
+            rounds: 250,
+            seed: 11,
+            wait: Duration::from_millis(1),
+        },
+    )
+    .unwrap();
+    eprintln!("{}", o.human);
+    assert!(o.err.is_none());
+    // VF1 still serves the same rings.
+    d.write(8, 2, true);
+    assert_eq!(d.drain().len(), 1);
+    let disk = std::fs::read(&r.vf_disk).unwrap();
+    assert_eq!(&disk[4096..8192], &pattern(2, 4096)[..]);
+}
