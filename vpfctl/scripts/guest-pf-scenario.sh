@@ -150,5 +150,14 @@ set -- $(cat "$W/cover")
 if [ "${2:-1}" = 0 ] && [ "${1:-0}" -gt 0 ]; then ok record-coverage; else fail record-coverage "checked=${1:-?} missing=${2:-?} $(head -3 "$W/cover.err")"; fi
 
 grep '^FINAL ' "$W/wl.log" | sed 's/^FINAL /VPF-FINAL /'
+
+# Garbage on the admin queue and SR-IOV capability; VFs keep working.
+# (The second workload uses sectors 1024.. so the first one's FINAL blocks stay.)
+g=$($V --json garbage --rounds 100 --sriov-writes 200 --check-member 1 2>&1)
+rc=$?
+echo "VPF-GARBAGE $g"
+[ $rc = 0 ] && ok garbage || fail garbage "rc=$rc"
+$V blk-workload --vf "$VF2" --log "$W/after.log" --requests 64 --start-sector 1024 --blocks 16 > "$W/after.out" 2>&1 \
+    && ok vf-works-after-garbage || fail vf-works-after-garbage "$(cat "$W/after.out")"
 if [ $FAILED = 0 ]; then echo "@@VPF:RESULT=ok@@"; else echo "@@VPF:RESULT=fail@@"; fi
 exit $FAILED
