@@ -871,5 +871,26 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(c.cmd, Cmd::Migrate { rounds: 3, .. }));
+        // --pf after the subcommand, as the docs show it.
+        let c =
+            Cli::try_parse_from(["vpfctl", "sriov", "--pf", "00:04.0", "--numvfs", "2"]).unwrap();
+        assert_eq!(c.pf.as_deref(), Some("0000:00:04.0"));
+        assert!(matches!(c.cmd, Cmd::Sriov { numvfs: 2, .. }));
+        let c = Cli::try_parse_from([
+            "vpfctl",
+            "migrate",
+            "--pf",
+            "0000:00:04.0",
+            "--from",
+            "1",
+            "--to",
+            "2",
+            "--range",
+            "0x1000:2",
+            "--json",
+        ])
+        .unwrap();
+        assert!(c.json);
+        assert!(matches!(c.cmd, Cmd::Migrate { from: 1, to: 2, .. }));
     }
 }
