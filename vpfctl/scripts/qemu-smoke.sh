@@ -2,7 +2,8 @@
 # Smoke test of vpfctl's userspace virtio path in a real Debian 6.12 guest
 # under QEMU TCG, against QEMU's modern virtio-blk-pci (no SR-IOV, no admin
 # queue): pci-pf-stub binding, capability parsing, BAR mmap, pagemap DMA,
-# blk-workload (verified requests, SIGTERM drain), the exactly-once log
+# blk-workload (verified requests, SIGTERM drain, the moved-file + SIGUSR1
+# protocol onto the same device), the exactly-once log
 # check, the admin path refusing a device without VIRTIO_F_ADMIN_VQ, and
 # the host-side check of the disk image against the log's FINAL lines.
 #
@@ -40,6 +41,15 @@ grep -E "^(FINAL|END)" /tmp/wl.log
 grep ^SUBMIT /tmp/wl.log | sed 's/.* id=\([0-9]*\) .*/\1/' | sort > /tmp/s
 grep ^DONE /tmp/wl.log | sed 's/.* id=\([0-9]*\) .*/\1/' | sort > /tmp/d
 cmp /tmp/s /tmp/d && echo "SMOKE-OK exactly once" || echo "SMOKE-FAIL exactly once"
+# The move protocol (to the same device: QEMU has no VFs): moved file +
+# SIGUSR1, MOVED line, --after-move ends the run.
+vpfctl blk-workload --vf $BLK --log /tmp/mv.log --state-dir /tmp/mv --after-move 100 --start-sector 1024 &
+P=$!
+while [ ! -e /tmp/mv/ready ]; do sleep 0.1; done
+echo $BLK > /tmp/mv/moved.tmp; mv /tmp/mv/moved.tmp /tmp/mv/moved; kill -USR1 $P
+wait $P; rc=$?
+[ $rc = 0 ] && [ -e /tmp/mv/moved.1 ] && grep -q "^MOVED " /tmp/mv.log && grep -q "result=ok" /tmp/mv/done \
+  && echo "SMOKE-OK move protocol" || echo "SMOKE-FAIL move protocol rc=$rc"
 sync
 SCEN
 (cd "$W/extra" && printf "bin/vpfctl\nscenario.sh\n" | cpio -o -H newc 2>/dev/null | gzip > ../extra.cpio.gz)
