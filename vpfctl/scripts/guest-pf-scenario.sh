@@ -99,7 +99,7 @@ echo "VPF-BENCH $($V --json bench --member 1 --count 50)"
 
 # Member migration under load: workload on VF1, migrate 1 -> 2, carry on on VF2.
 D=$W/wl
-$V blk-workload --vf "$VF1" --log "$W/wl.log" --state-dir "$D" --inflight "$INFLIGHT" \
+$V --timeout-ms 60000 blk-workload --vf "$VF1" --log "$W/wl.log" --state-dir "$D" --inflight "$INFLIGHT" \
     --after-move "$AFTER_MOVE" > "$W/wl.out" 2>&1 &
 WL=$!
 n=0
@@ -110,7 +110,7 @@ while [ ! -e "$D/ready" ]; do
 done
 [ -e "$D/ready" ] && ok workload-ready || fail workload-ready "$(cat "$W/wl.out")"
 sleep 1
-$V --json migrate --from 1 --to 2 --rounds "$ROUNDS" --workload-dir "$D" > "$W/migrate.json" 2> "$W/migrate.err"
+$V --json --timeout-ms 60000 migrate --from 1 --to 2 --rounds "$ROUNDS" --workload-dir "$D" > "$W/migrate.json" 2> "$W/migrate.err"
 rc=$?
 echo "VPF-MIGRATE $(cat "$W/migrate.json")"
 [ $rc = 0 ] && ok migrate || fail migrate "rc=$rc $(cat "$W/migrate.err")"

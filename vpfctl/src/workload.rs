@@ -456,9 +456,17 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
             o.inflight, o.blocks
         )));
     }
+    let block_pages = o.block_bytes.div_ceil(PAGE);
+    // Worst case (every data page discontiguous): header, pages, status.
+    let descs = o.inflight * (2 + block_pages);
+    if descs > usize::from(o.queue_size) {
+        return Err(Error::Usage(format!(
+            "--inflight {} requests of {} bytes may need {descs} descriptors; --queue-size is {}",
+            o.inflight, o.block_bytes, o.queue_size
+        )));
+    }
     install_signals();
     p.prepare(&o.vf, o.bind)?;
-    let block_pages = o.block_bytes.div_ceil(PAGE);
     let hdr_off = RING_PAGES * PAGE;
     let data_off = hdr_off + PAGE;
     let mem_box = p.alloc(data_off + o.inflight * block_pages * PAGE)?;
