@@ -16,11 +16,19 @@
 //! No `/dev/kvm` at all, a failed image build or VMM build, a timeout: each is
 //! an [`Error`], and the tests fail with it. Nothing is skipped.
 //!
-//! Environment: `CH_TEST_MODE` (auto|direct|nested|qemu-reference),
-//! `CH_BINARY` (the VMM; default: `cargo build --release -p vmm` into the
-//! workspace's target/), `CH_GUEST_DIR` (prebuilt images; default: run
-//! scripts/build-guest-image.sh, cached in build/guest), `CH_TEST_RUN_DIR`
-//! (default build/runs), `CH_TEST_TIMEOUT_SECS`.
+//! Environment:
+//! * `CH_TEST_MODE`: auto (default) | direct | nested | qemu-reference.
+//! * `CH_BINARY`: the VMM to run; default: `cargo build --release -p vmm`
+//!   into the workspace's target/ (or `CH_VMM_TARGET_DIR`), once per process.
+//! * `CH_GUEST_DIR`: prebuilt guest images, used as they are; default: run
+//!   scripts/build-guest-image.sh (cached in build/guest).
+//! * `CH_TEST_RUN_DIR`: where scenario directories go (default build/runs;
+//!   each keeps `output.log`, every output line with its host timestamp).
+//! * `CH_TEST_TIMEOUT_SECS`: time limit of a run (default 60 s direct, 180 s
+//!   nested, 300 s qemu-reference; a scenario may set its own).
+//!
+//! VM runs are serialized: one at a time per machine (a lock file in the run
+//! directory), since a nested run already keeps both cores busy.
 
 pub mod cpio;
 pub mod error;
