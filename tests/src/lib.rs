@@ -8,7 +8,7 @@
 //!   loaded, vmx/svm in /proc/cpuinfo): the VMM runs on the host.
 //! * **nested**: any other `/dev/kvm` (here: kvm_pvm, which cannot run Linux):
 //!   the VMM runs inside a QEMU TCG host VM (`-cpu max`, nested SVM) whose
-//!   /init loads kvm + kvm_amd; see [`runner`] for how files travel.
+//!   /init loads kvm + kvm_amd; see [`mod@runner`] for how files travel.
 //! * **qemu-reference** (`CH_TEST_MODE=qemu-reference`): QEMU TCG stands in
 //!   for the VMM, to check scenarios and guest images against a known-good
 //!   VMM.
