@@ -323,3 +323,110 @@ mod tests {
         assert!(OutputConfig::parse("--serial", "pty").is_err());
     }
 }
+
+/// The member device type of a virtio-pf.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberType {
+    Block,
+}
+
+/// The most VFs one virtio-pf may have.
+pub const MAX_TOTAL_VFS: u64 = 64;
+
+/// `--device virtio-pf,id=NAME,member=blk,total_vfs=N,disk=PF.img,vf_disk=PATTERN`.
+///
+/// `vf_disk` names each VF's backing file; `%n` in it is replaced by the VF
+/// number (1..N). Without `%n` every VF shares the one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioPfConfig {
+    pub id: Option<String>,
+    pub member: MemberType,
+    pub total_vfs: u16,
+    pub disk: PathBuf,
+    pub vf_disk: String,
+    pub readonly: bool,
+}
+
+impl VirtioPfConfig {
+    /// The backing file of VF `n` (1-based).
+    pub fn vf_disk_path(&self, n: u16) -> PathBuf {
+        PathBuf::from(self.vf_disk.replace("%n", &n.to_string()))
+    }
+}
+
+/// A `--device` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceConfig {
+    VirtioPf(VirtioPfConfig),
+}
+
+impl DeviceConfig {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let (kind, rest) = s.split_once(',').unwrap_or((s, ""));
+        match kind {
+            "virtio-pf" => Ok(DeviceConfig::VirtioPf(Self::parse_pf(rest)?)),
+            other => Err(ConfigError::InvalidValue {
+                option: "--device",
+                key: "type",
+                value: other.to_string(),
+                reason: "the only device type is virtio-pf (e.g. --device virtio-pf,total_vfs=4,disk=pf.img,vf_disk=vf%n.img)".into(),
+            }),
+        }
+    }
+
+    fn parse_pf(s: &str) -> Result<VirtioPfConfig, ConfigError> {
+        let p = OptionParser::parse(
+            "--device virtio-pf",
+            s,
+            &["id", "member", "total_vfs", "disk", "vf_disk", "readonly"],
+            None,
+        )?;
+        let member = match p.get("member").unwrap_or("blk") {
+            "blk" | "block" => MemberType::Block,
+            m => return Err(p.invalid("member", m, "the only member type is blk")),
+        };
+        let total = p.number("total_vfs", 4)?;
+        if total == 0 || total > MAX_TOTAL_VFS {
+            return Err(p.invalid(
+                "total_vfs",
+                p.get("total_vfs").unwrap_or(""),
+                format!("must be 1..{MAX_TOTAL_VFS}"),
+            ));
+        }
+        let disk = PathBuf::from(p.required("disk")?);
+        let vf_disk = p.required("vf_disk")?.to_string();
+        Ok(VirtioPfConfig {
+            id: p.get("id").map(str::to_string),
+            member,
+            total_vfs: total as u16,
+            disk,
+            vf_disk,
+            readonly: p.toggle("readonly", false)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn virtio_pf_options() {
+        let DeviceConfig::VirtioPf(c) = DeviceConfig::parse(
+            "virtio-pf,id=pf0,member=blk,total_vfs=8,disk=pf.img,vf_disk=d/vf%n.img",
+        )
+        .unwrap();
+        assert_eq!(c.total_vfs, 8);
+        assert_eq!(c.id.as_deref(), Some("pf0"));
+        assert_eq!(c.vf_disk_path(3), PathBuf::from("d/vf3.img"));
+        let DeviceConfig::VirtioPf(shared) =
+            DeviceConfig::parse("virtio-pf,disk=a,vf_disk=shared.img").unwrap();
+        assert_eq!(shared.vf_disk_path(1), shared.vf_disk_path(2));
+        assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,total_vfs=0").is_err());
+        assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,total_vfs=65").is_err());
+        assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,colour=red").is_err());
+        assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,member=net").is_err());
+        assert!(DeviceConfig::parse("vfio,path=/x").is_err());
+        assert!(DeviceConfig::parse("virtio-pf,vf_disk=b").is_err());
+    }
+}

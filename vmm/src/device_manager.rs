@@ -84,10 +84,6 @@ impl DeviceManager {
         })
     }
 
-    pub fn bus(&self) -> &PciBus {
-        &self.bus
-    }
-
     /// Adds a function at `bdf`, places its BARs as firmware would and
     /// enables memory decoding.
     pub fn add_function(&self, bdf: Bdf, dev: SharedPciDevice) -> Result<(), DeviceManagerError> {

@@ -18,7 +18,7 @@ mod vcpu;
 mod vm;
 mod wiring;
 
-use config::{ConfigError, CpusConfig, DiskConfig, MemoryConfig, OutputConfig};
+use config::{ConfigError, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
 
 /// Command line, in Cloud Hypervisor's syntax.
 #[derive(Parser, Debug)]
@@ -53,6 +53,13 @@ struct Cli {
     /// Repeatable; one option may also list several disks.
     #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME]", num_args = 1.., action = clap::ArgAction::Append)]
     disk: Vec<String>,
+
+    /// Extra device. "virtio-pf,id=<name>,member=blk,total_vfs=<1..64>,
+    /// disk=<PF backing file>,vf_disk=<VF backing file; %n is the VF number>
+    /// [,readonly=on]": a virtio-blk SR-IOV physical function with an admin
+    /// virtqueue. Repeatable.
+    #[arg(long, value_name = "virtio-pf,...", num_args = 1.., action = clap::ArgAction::Append)]
+    device: Vec<String>,
 
     /// Serial port (COM1): "tty", "off" or "file=<path>".
     #[arg(long, value_name = "tty|off|file=PATH", default_value = "tty")]
@@ -105,8 +112,12 @@ fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
             .iter()
             .map(|d| DiskConfig::parse(d))
             .collect::<Result<_, _>>()?,
+        devices: cli
+            .device
+            .iter()
+            .map(|d| DeviceConfig::parse(d))
+            .collect::<Result<_, _>>()?,
         serial: OutputConfig::parse("--serial", &cli.serial)?,
-        console,
     })
 }
 

@@ -43,10 +43,6 @@ impl Platform {
         }
     }
 
-    pub fn devices(&self) -> &DeviceManager {
-        &self.devices
-    }
-
     pub fn devices_arc(&self) -> Arc<DeviceManager> {
         self.devices.clone()
     }

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::{acpi, boot, layout};
-use crate::config::{CpusConfig, DiskConfig, MemoryConfig, OutputConfig};
+use crate::config::{CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::serial::{FlushingWriter, SerialPort};
 use crate::firmware::{BarAllocator, FirmwareError};
@@ -33,8 +33,8 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     pub memory: MemoryConfig,
     pub disks: Vec<DiskConfig>,
+    pub devices: Vec<DeviceConfig>,
     pub serial: OutputConfig,
-    pub console: OutputConfig,
 }
 
 #[derive(Debug, Error)]
@@ -69,6 +69,8 @@ pub enum VmError {
         path: String,
         source: std::io::Error,
     },
+    #[error("--device virtio-pf {name}: {reason}")]
+    VirtioPf { name: String, reason: String },
     #[error("disk {path}: {reason}")]
     Disk { path: String, reason: String },
     #[error("cannot create eventfd: {0}")]
@@ -150,6 +152,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
 
     let mem_size = cfg.memory.size;
     let mem = create_memory(&vm, mem_size)?;
+    let mem_atomic = vm_memory::GuestMemoryAtomic::new(mem.clone());
     let mmio64 = layout::pci_mmio64_window(mem_size);
 
     let max_gsi = kvm.get_nr_memslots().max(1024) as u32;
@@ -172,7 +175,15 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         (mmio64.0, mmio64.1 - mmio64.0),
     )?;
     let devices = DeviceManager::new(vm.clone(), allocator)?;
-    crate::wiring::add_disks(&devices, &mem, &msi, &cfg.disks)?;
+    let next = crate::wiring::add_disks(&devices, &mem_atomic, &msi, &cfg.disks)?;
+    let pfs: Vec<_> = cfg
+        .devices
+        .iter()
+        .map(|d| match d {
+            DeviceConfig::VirtioPf(p) => p.clone(),
+        })
+        .collect();
+    crate::wiring::add_virtio_pfs(&devices, &mem_atomic, &msi, &pfs, next)?;
 
     acpi::create_acpi_tables(
         &mem,

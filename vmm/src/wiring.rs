@@ -1,26 +1,93 @@
 //! Creating the machine's PCI functions from the configuration.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use pci::{Bdf, InterruptManager};
+use virtio_devices::block::{Block, BlockConfig};
+use virtio_devices::pf::device::{PfConfig, VirtioPf};
+use virtio_devices::transport::{required_msix_vectors, VirtioPciDevice, VirtioPciOptions};
+use vm_memory::GuestMemoryAtomic;
 use vm_migration::GuestMemoryMmap;
 
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, VirtioPfConfig};
 use crate::device_manager::DeviceManager;
 use crate::interrupts::MsiManager;
 use crate::vm::VmError;
 
-/// Adds one virtio-blk function per disk at 00:02.0, 00:03.0, ...
+/// The first device number used for the configured functions (00:00.0 is
+/// left free, as a host bridge would have it; 00:01.0 too).
+pub const FIRST_DEVICE: u8 = 2;
+
+/// Adds one virtio-blk function per disk at 00:02.0, 00:03.0, ... and
+/// returns the next free device number.
 pub fn add_disks(
-    _devices: &DeviceManager,
-    _mem: &GuestMemoryMmap,
-    _msi: &Arc<MsiManager>,
+    devices: &DeviceManager,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    msi: &Arc<MsiManager>,
     disks: &[DiskConfig],
-) -> Result<(), VmError> {
-    if let Some(d) = disks.first() {
-        return Err(VmError::Disk {
+) -> Result<u8, VmError> {
+    let mut slot = FIRST_DEVICE;
+    for d in disks {
+        let disk_err = |reason: String| VmError::Disk {
             path: d.path.display().to_string(),
-            reason: "virtio-blk is not wired yet".into(),
-        });
+            reason,
+        };
+        let mut cfg = BlockConfig::new(&d.path);
+        cfg.read_only = d.readonly;
+        cfg.serial = d.id.clone();
+        let block = Block::new(&cfg).map_err(|e| disk_err(e.to_string()))?;
+        let bdf = Bdf::new(0, slot, 0);
+        let irq = msi
+            .create_group(bdf, required_msix_vectors(&block))
+            .map_err(|e| disk_err(format!("interrupts: {e}")))?;
+        let dev = VirtioPciDevice::new(block, mem.clone(), irq, VirtioPciOptions::default())
+            .map_err(|e| disk_err(e.to_string()))?;
+        devices.add_function(bdf, Arc::new(Mutex::new(dev)))?;
+        slot += 1;
     }
-    Ok(())
+    Ok(slot)
+}
+
+/// Adds one virtio-pf per `--device virtio-pf` from device number `slot`
+/// on, leaving free the device numbers its VFs will take when the guest
+/// enables them. Returns the next free device number.
+pub fn add_virtio_pfs(
+    devices: &DeviceManager,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    msi: &Arc<MsiManager>,
+    pfs: &[VirtioPfConfig],
+    mut slot: u8,
+) -> Result<u8, VmError> {
+    for c in pfs {
+        let name = c.id.clone().unwrap_or_else(|| c.disk.display().to_string());
+        let err = |reason: String| VmError::VirtioPf {
+            name: name.clone(),
+            reason,
+        };
+        // The PF, then ceil(total_vfs / 8) device numbers for its VFs.
+        let vf_slots = c.total_vfs.div_ceil(8) as u8;
+        if slot as u16 + vf_slots as u16 > 31 {
+            return Err(err(format!(
+                "total_vfs={} does not fit: bus 0 has no {} free device numbers after 00:{slot:02x}.0",
+                c.total_vfs,
+                vf_slots + 1
+            )));
+        }
+        let bdf = Bdf::new(0, slot, 0);
+        let pattern = c.clone();
+        let cfg = PfConfig::new(
+            &c.disk,
+            Box::new(move |n: u16| pattern.vf_disk_path(n)),
+            c.total_vfs,
+            bdf,
+            c.readonly,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let manager: Arc<dyn InterruptManager> = msi.clone();
+        let pf = VirtioPf::new(cfg, mem.clone(), manager).map_err(|e| err(e.to_string()))?;
+        devices.add_function(bdf, pf)?;
+        log::info!("virtio-pf {name} at {bdf}, {} VFs", c.total_vfs);
+        slot += 1 + vf_slots;
+    }
+    Ok(slot)
 }

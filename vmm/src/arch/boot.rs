@@ -59,8 +59,9 @@ pub struct EntryPoint {
     pub entry: GuestAddress,
 }
 
+/// The zero page as written to guest memory (only ever used as bytes).
 #[derive(Clone, Copy, Default)]
-struct ZeroPage(boot_params);
+struct ZeroPage(#[allow(dead_code)] boot_params);
 
 // SAFETY: boot_params is a plain-old-data C structure made of integers and
 // arrays of integers; every bit pattern is valid and it has no padding that
