@@ -3,7 +3,7 @@
 # under QEMU TCG, against QEMU's modern virtio-blk-pci (no SR-IOV, no admin
 # queue): pci-pf-stub binding, capability parsing, BAR mmap, pagemap DMA,
 # blk-workload (verified requests, SIGTERM drain, the moved-file + SIGUSR1
-# protocol onto the same device), the exactly-once log
+# protocol onto the same device, hugetlb DMA memory), the exactly-once log
 # check, the admin path refusing a device without VIRTIO_F_ADMIN_VQ, and
 # the host-side check of the disk image against the log's FINAL lines.
 #
@@ -16,7 +16,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-vpfctl}
 RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release -p vpfctl --target x86_64-unknown-linux-gnu
 BIN=$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/vpfctl
 W=$(mktemp -d)
-trap 'rm -rf "$W"' EXIT
+[ -n "${VPF_SMOKE_KEEP:-}" ] && echo "keeping $W" || trap 'rm -rf "$W"' EXIT
 mkdir -p "$W/extra/bin"
 cp "$BIN" "$W/extra/bin/vpfctl"
 strip "$W/extra/bin/vpfctl" 2>/dev/null || true
@@ -50,6 +50,13 @@ echo $BLK > /tmp/mv/moved.tmp; mv /tmp/mv/moved.tmp /tmp/mv/moved; kill -USR1 $P
 wait $P; rc=$?
 [ $rc = 0 ] && [ -e /tmp/mv/moved.1 ] && grep -q "^MOVED " /tmp/mv.log && grep -q "result=ok" /tmp/mv/done \
   && echo "SMOKE-OK move protocol" || echo "SMOKE-FAIL move protocol rc=$rc"
+# DMA memory from a hugetlb page when the guest has one reserved: one range.
+echo 4 > /proc/sys/vm/nr_hugepages
+grep -i huge /proc/meminfo
+vpfctl blk-workload --vf $BLK --log /tmp/hp.log --state-dir /tmp/hp --requests 100 --start-sector 2048 \
+  && [ "$(grep -vc '^#' /tmp/hp/ranges)" = 1 ] && echo "SMOKE-OK hugetlb DMA memory ($(grep -v '^#' /tmp/hp/ranges))" \
+  || echo "SMOKE-FAIL hugetlb $(cat /tmp/hp/ranges)"
+echo 0 > /proc/sys/vm/nr_hugepages
 sync
 SCEN
 (cd "$W/extra" && printf "bin/vpfctl\nscenario.sh\n" | cpio -o -H newc 2>/dev/null | gzip > ../extra.cpio.gz)
@@ -82,5 +89,8 @@ for line in open(sys.argv[2]):
 print(f"SMOKE host check: {ok} blocks match the log, {bad} differ")
 sys.exit(1 if bad or not ok else 0)
 PY
-! grep -q SMOKE-FAIL "$W/console.txt"
+if grep -q SMOKE-FAIL "$W/console.txt"; then
+    echo "qemu-smoke: FAIL"
+    exit 1
+fi
 echo "qemu-smoke: PASS"

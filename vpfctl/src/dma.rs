@@ -175,7 +175,7 @@ impl DmaMem {
             )));
         }
         // Touch every page so each has its own frame (no shared zero page).
-        for off in (0..map_len).step_by(PAGE) {
+        for off in (0..len).step_by(PAGE) {
             m.write(off, &[0]);
         }
         m.phys = m.translate()?;
