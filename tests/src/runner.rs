@@ -36,6 +36,12 @@ use crate::scenario::{
 };
 
 /// The outer QEMU TCG host VM's command line (before -kernel/-initrd/drives).
+///
+/// One outer vCPU: with two, multi-threaded TCG occasionally runs a stale
+/// translation of kernel text the outer kernel has just patched (KVM's
+/// static keys flip while the inner guest boots), and the outer kernel dies
+/// with "Oops: int3" in kvm_arch_vcpu_ioctl_run. The inner guest's vCPUs are
+/// threads of the VMM and run fine on one outer vCPU.
 pub const OUTER_QEMU_ARGS: &[&str] = &[
     "-machine",
     "q35,accel=tcg",
@@ -44,7 +50,7 @@ pub const OUTER_QEMU_ARGS: &[&str] = &[
     "-m",
     "2048",
     "-smp",
-    "2",
+    "1",
     "-nodefaults",
     "-no-user-config",
     "-display",
