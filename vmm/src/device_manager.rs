@@ -113,11 +113,9 @@ impl DeviceManager {
         let mut db = lock(&self.doorbells);
         // Drop every registration, then register what the functions report.
         for (token, r) in db.by_token.drain() {
-            let _ = self.vm.unregister_ioevent(
-                &*r.event,
-                &IoEventAddress::Mmio(r.address),
-                NoDatamatch,
-            );
+            let _ =
+                self.vm
+                    .unregister_ioevent(&r.event, &IoEventAddress::Mmio(r.address), NoDatamatch);
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
                 std::os::fd::AsRawFd::as_raw_fd(&*r.event),
@@ -130,7 +128,7 @@ impl DeviceManager {
                 let token = db.next_token;
                 db.next_token += 1;
                 if let Err(e) = self.vm.register_ioevent(
-                    &*d.event,
+                    &d.event,
                     &IoEventAddress::Mmio(d.address),
                     NoDatamatch,
                 ) {
@@ -143,7 +141,7 @@ impl DeviceManager {
                 ) {
                     log::warn!("{bdf}: epoll add of doorbell {}: {e}", d.index);
                     let _ = self.vm.unregister_ioevent(
-                        &*d.event,
+                        &d.event,
                         &IoEventAddress::Mmio(d.address),
                         NoDatamatch,
                     );

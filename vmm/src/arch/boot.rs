@@ -232,7 +232,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {

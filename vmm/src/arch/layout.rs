@@ -63,6 +63,10 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// control register (SLP_TYP in bits 4:2, SLP_EN bit 5).
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 
+// The fixed windows below 4 GiB must not overlap.
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+
 /// The guest RAM ranges for `size` bytes of memory.
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     if size <= MEM_32BIT_RESERVED_START {
@@ -93,8 +97,6 @@ mod tests {
 
     #[test]
     fn windows_do_not_overlap() {
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
         assert_eq!(pci_mmio64_window(512 << 20).0, PCI_MMIO64_START);
         let (start, _) = pci_mmio64_window(100 << 30);
         assert!(start >= RAM_64BIT_START + (100 << 30) - MEM_32BIT_RESERVED_START);
