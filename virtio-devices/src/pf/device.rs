@@ -584,7 +584,11 @@ impl VirtioPf {
                 vf_device_id: VIRTIO_PCI_DEVICE_ID_BASE + VIRTIO_ID_BLOCK as u16,
                 vf_bar0_size: VF_BAR0_SIZE,
                 vf_bar0_prefetchable: false,
-                function_dependency_link: 0,
+                // The PF depends on no other function: the link names the
+                // PF itself. Linux compares it with the PF's whole devfn
+                // (device and function) and refuses VF Enable with ENODEV
+                // when they differ.
+                function_dependency_link: (cfg.bdf.rid() & 0xff) as u8,
             },
         )?;
         if sriov.offset() != SRIOV_CAP_OFFSET {
