@@ -30,6 +30,7 @@
 //! VM runs are serialized: one at a time per machine (a lock file in the run
 //! directory), since a nested run already keeps both cores busy.
 
+pub mod checks;
 pub mod cpio;
 pub mod error;
 pub mod host;

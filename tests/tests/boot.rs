@@ -2,52 +2,11 @@
 //! KVM or nested in a QEMU TCG host VM (see the `tests` crate docs). Each test
 //! asserts what the guest reports between `@@T:KEY=VALUE@@` markers.
 
-use std::sync::OnceLock;
-
+use tests::checks::{boot, marker};
 use tests::pattern::pattern;
-use tests::{RunOutput, Runner, Scenario};
+use tests::{RunOutput, Scenario};
 
 const MIB: usize = 1024 * 1024;
-
-fn runner() -> &'static Runner {
-    static RUNNER: OnceLock<Runner> = OnceLock::new();
-    RUNNER.get_or_init(tests::runner)
-}
-
-/// Runs a scenario and checks that the guest reached /init, ran the script
-/// to the end and powered off with VMM exit status 0.
-fn boot(scenario: Scenario) -> RunOutput {
-    let out = tests::run(runner(), &scenario);
-    let failed = out.markers(tests::scenario::KEY_MODULE_FAILED);
-    assert!(
-        failed.is_empty(),
-        "guest modules failed to load: {failed:?}\n{}",
-        out.summary()
-    );
-    assert!(
-        out.reached_init(),
-        "the guest never reached /init\n{}",
-        out.summary()
-    );
-    assert_eq!(
-        out.scenario_exit(),
-        Some(0),
-        "the scenario script did not finish with status 0\n{}",
-        out.summary()
-    );
-    assert_eq!(
-        out.vmm_exit,
-        0,
-        "the VMM did not exit with status 0 after the guest powered off\n{}",
-        out.summary()
-    );
-    out
-}
-
-fn marker(out: &RunOutput, key: &str) -> String {
-    out.marker(&format!("T:{key}"))
-        .unwrap_or_else(|| panic!("the guest printed no @@T:{key}=...@@\n{}", out.summary()))
-}
 
 #[test]
 fn boots_to_init_and_powers_off() {
