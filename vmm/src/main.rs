@@ -82,6 +82,10 @@ enum MainError {
     NoKernel(String),
     #[error("--initramfs {0}: no such file")]
     NoInitramfs(String),
+    #[error("--device: {0}")]
+    Bus(String),
+    #[error("{option}: {path}: no such file")]
+    NoFile { option: &'static str, path: String },
     #[error("--console: only 'off' is supported (got '{0}')")]
     Console(String),
     #[error(transparent)]
@@ -101,22 +105,48 @@ fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
     if console != OutputConfig::Off {
         return Err(MainError::Console(cli.console.clone()));
     }
+    let disks: Vec<DiskConfig> = cli
+        .disk
+        .iter()
+        .map(|d| DiskConfig::parse(d))
+        .collect::<Result<_, _>>()?;
+    let devices: Vec<DeviceConfig> = cli
+        .device
+        .iter()
+        .map(|d| DeviceConfig::parse(d))
+        .collect::<Result<_, _>>()?;
+    let must_exist = |option: &'static str, p: &std::path::Path| {
+        if p.is_file() {
+            Ok(())
+        } else {
+            Err(MainError::NoFile {
+                option,
+                path: p.display().to_string(),
+            })
+        }
+    };
+    for d in &disks {
+        must_exist("--disk", &d.path)?;
+    }
+    let total: Vec<u16> = devices
+        .iter()
+        .map(|DeviceConfig::VirtioPf(p)| p.total_vfs)
+        .collect();
+    wiring::plan_pf_slots(disks.len(), &total).map_err(MainError::Bus)?;
+    for DeviceConfig::VirtioPf(p) in &devices {
+        must_exist("--device virtio-pf disk", &p.disk)?;
+        for n in 1..=p.total_vfs {
+            must_exist("--device virtio-pf vf_disk", &p.vf_disk_path(n))?;
+        }
+    }
     Ok(vm::VmConfig {
         kernel: cli.kernel.clone(),
         initramfs: cli.initramfs.clone(),
         cmdline: cli.cmdline.clone(),
         cpus: CpusConfig::parse(&cli.cpus)?,
         memory: MemoryConfig::parse(&cli.memory)?,
-        disks: cli
-            .disk
-            .iter()
-            .map(|d| DiskConfig::parse(d))
-            .collect::<Result<_, _>>()?,
-        devices: cli
-            .device
-            .iter()
-            .map(|d| DeviceConfig::parse(d))
-            .collect::<Result<_, _>>()?,
+        disks,
+        devices,
         serial: OutputConfig::parse("--serial", &cli.serial)?,
     })
 }

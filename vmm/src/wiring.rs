@@ -48,6 +48,28 @@ pub fn add_disks(
     Ok(slot)
 }
 
+/// The device numbers on bus 0 of each virtio-pf, after `disks` disk
+/// functions from [`FIRST_DEVICE`] on: each PF is followed by
+/// ceil(total_vfs / 8) device numbers kept free for its VFs (First VF
+/// Offset 8, stride 1). Fails when they do not fit in the 32 device numbers.
+pub fn plan_pf_slots(disks: usize, total_vfs: &[u16]) -> Result<Vec<u8>, String> {
+    let mut slot = FIRST_DEVICE as usize + disks;
+    let mut out = Vec::new();
+    for (i, &n) in total_vfs.iter().enumerate() {
+        let need = 1 + (n as usize).div_ceil(8);
+        if slot + need > 32 {
+            return Err(format!(
+                "virtio-pf #{} with total_vfs={n} needs {need} free device numbers on bus 0 from 00:{slot:02x}.0; only {} are left",
+                i + 1,
+                32usize.saturating_sub(slot)
+            ));
+        }
+        out.push(slot as u8);
+        slot += need;
+    }
+    Ok(out)
+}
+
 /// Adds one virtio-pf per `--device virtio-pf` from device number `slot`
 /// on, leaving free the device numbers its VFs will take when the guest
 /// enables them. Returns the next free device number.
@@ -68,9 +90,8 @@ pub fn add_virtio_pfs(
         let vf_slots = c.total_vfs.div_ceil(8) as u8;
         if slot as u16 + vf_slots as u16 > 31 {
             return Err(err(format!(
-                "total_vfs={} does not fit: bus 0 has no {} free device numbers after 00:{slot:02x}.0",
-                c.total_vfs,
-                vf_slots + 1
+                "total_vfs={} does not fit on bus 0 after 00:{slot:02x}.0",
+                c.total_vfs
             )));
         }
         let bdf = Bdf::new(0, slot, 0);
@@ -90,4 +111,21 @@ pub fn add_virtio_pfs(
         slot += 1 + vf_slots;
     }
     Ok(slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pf_slots_leave_room_for_vfs() {
+        assert_eq!(plan_pf_slots(0, &[4]).unwrap(), vec![2]);
+        // 2 disks, a PF with 9 VFs (2 device numbers), then the next PF.
+        assert_eq!(plan_pf_slots(2, &[9, 64]).unwrap(), vec![4, 7]);
+        // 64 VFs fill 8 device numbers: 3 PFs of 64 VFs need 27.
+        assert!(plan_pf_slots(0, &[64, 64, 64]).is_ok());
+        let e = plan_pf_slots(0, &[64, 64, 64, 17]).unwrap_err();
+        assert!(e.contains("virtio-pf #4"), "{e}");
+        assert!(plan_pf_slots(25, &[64]).is_err());
+    }
 }
