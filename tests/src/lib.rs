@@ -33,6 +33,7 @@
 pub mod checks;
 pub mod cpio;
 pub mod error;
+pub mod guest_tools;
 pub mod host;
 pub mod pattern;
 pub mod runner;

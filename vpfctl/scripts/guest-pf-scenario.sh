@@ -151,6 +151,70 @@ if [ "${2:-1}" = 0 ] && [ "${1:-0}" -gt 0 ]; then ok record-coverage; else fail 
 
 grep '^FINAL ' "$W/wl.log" | sed 's/^FINAL /VPF-FINAL /'
 
+# FLR of a VF in Freeze and in Stop keeps its mode (R-MODE-7) and neither
+# stops write recording nor clears the records (R-WR-6). VF1 is in Freeze
+# after the migration. Its second workload gets its DMA memory from a
+# reserved 2 MiB hugetlb page, so it is one range to record.
+F=$W/flr
+mkdir -p "$F"
+echo 4 > /proc/sys/vm/nr_hugepages
+# The kernel must reset the VF by FLR (its PCIe capability advertises it).
+RM=$(cat "/sys/bus/pci/devices/$VF1/reset_method" 2>/dev/null)
+case " $RM " in *" flr "*) ok flr-method ;; *) fail flr-method "reset_method: $RM" ;; esac
+echo 1 > "/sys/bus/pci/devices/$VF1/reset" && ok flr-in-freeze || fail flr-in-freeze "write to reset failed"
+expect_mode() {
+    out=$($V --json mode-get --member "$2" 2>/dev/null)
+    case "$out" in *"\"mode\":\"$3\""*) ok "$1" ;; *) fail "$1" "$out" ;; esac
+}
+expect_mode flr-freeze-keeps-mode 1 freeze
+run flr-active $V mode-set --member 1 --mode active
+$V --timeout-ms 60000 blk-workload --vf "$VF1" --log "$W/flr.log" --state-dir "$F" --inflight 4 \
+    --start-sector 2048 --blocks 16 --after-move 48 > "$W/flr.out" 2>&1 &
+WL=$!
+n=0
+while [ ! -e "$F/ready" ]; do
+    sleep 0.1
+    n=$((n + 1))
+    [ $n -lt 600 ] || break
+done
+R=$(grep -v '^#' "$F/ranges")
+[ "$(echo "$R" | wc -l)" = 1 ] && [ -n "$R" ] && ok flr-one-range || fail flr-one-range "ranges: $R $(cat "$W/flr.out")"
+RA=${R%%:*}
+RP=${R##*:}
+expect flr-wr-start OK Q_OK $V wr-start --member 1 --range "$R"
+# Requests submitted after this "move" (onto the same VF) are recorded.
+echo "$VF1" > "$F/moved"
+kill -USR1 $WL
+wait $WL
+rc=$?
+[ $rc = 0 ] && ok flr-workload || fail flr-workload "rc=$rc $(cat "$W/flr.out")"
+run flr-stop $V mode-set --member 1 --mode stop
+echo 1 > "/sys/bus/pci/devices/$VF1/reset" && ok flr-in-stop || fail flr-in-stop "write to reset failed"
+expect_mode flr-stop-keeps-mode 1 stop
+$V --json wr-read --member 1 --addr "$RA" --len $((RP * 4096)) --max 1024 > "$W/flr-records.json" 2>&1
+rc=$?
+[ $rc = 0 ] && ok flr-records-readable || fail flr-records-readable "rc=$rc $(cat "$W/flr-records.json")"
+echo "VPF-FLR-RECORDS $(cat "$W/flr-records.json")"
+TM=$(sed -n 's/^MOVED t=\([0-9]*\) .*/\1/p' "$W/flr.log")
+REC=$(sed -n 's/.*"pages":\[\([^]]*\)\].*/\1/p' "$W/flr-records.json" | tr -d '"' | tr ',' ' ')
+awk -v t0="${TM:-0}" -v rec="$REC" '
+    BEGIN { n = split(rec, r, " "); for (i = 1; i <= n; i++) have[tolower(r[i])] = 1 }
+    function val(k,   i) { for (i = 2; i <= NF; i++) if (index($i, k "=") == 1) return substr($i, length(k) + 2); return "" }
+    /^SUBMIT / { st[val("id")] = val("t") + 0 }
+    /^DONE / {
+        id = val("id")
+        if (st[id] > t0) {
+            checked++
+            m = split(val("wpages"), p, ",")
+            for (i = 1; i <= m; i++) if (!(tolower(p[i]) in have)) { missing++; print "missing " p[i] " of request " id > "/dev/stderr" }
+        }
+    }
+    END { printf "%d %d\n", checked + 0, missing + 0 }' "$W/flr.log" > "$W/flr-cover" 2> "$W/flr-cover.err"
+set -- $(cat "$W/flr-cover")
+if [ -n "$TM" ] && [ "${2:-1}" = 0 ] && [ "${1:-0}" -gt 0 ]; then ok flr-keeps-records; else fail flr-keeps-records "moved_t=$TM checked=${1:-?} missing=${2:-?} $(head -3 "$W/flr-cover.err")"; fi
+expect flr-wr-stop OK Q_OK $V wr-stop --member 1
+run flr-back-active $V mode-set --member 1 --mode active
+
 # Garbage on the admin queue and SR-IOV capability; VFs keep working.
 # (The second workload uses sectors 1024.. so the first one's FINAL blocks stay.)
 g=$($V --json garbage --rounds 100 --sriov-writes 200 --check-member 1 2>&1)

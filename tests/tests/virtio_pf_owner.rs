@@ -1,0 +1,530 @@
+//! virtio-pf with the userspace owner `vpfctl` in a real guest (issue 4:
+//! "Userspace owner", "Member migration under load", "FLR of a VF while in
+//! Stop", garbage on the admin queue and SR-IOV capability).
+//!
+//! One boot serves all four tests (each nested boot costs ~20 s): the guest
+//! runs `vpfctl/scripts/guest-pf-scenario.sh` with the PF bound to
+//! pci-pf-stub and two of four VFs enabled, both backed by the same file
+//! (`vf_disk` without `%n`). The script prints one `@@VPF:<check>=ok|fail@@`
+//! marker per check; afterwards it writes the workload logs and the JSON of
+//! `migrate` and the FLR record read onto an extra virtio-blk disk (log.img,
+//! 00:02.0; the PF is then 00:03.0) so that the host re-checks them itself:
+//! every request completed exactly once, the backing file read from the
+//! host after the VMM exited equals the workload's FINAL lines, the write
+//! records cover every page the device wrote while recording.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tests::checks::boot;
+use tests::pattern::pattern;
+use tests::{RunOutput, Scenario};
+
+const MIB: usize = 1024 * 1024;
+const SCENARIO: &str = include_str!("../../vpfctl/scripts/guest-pf-scenario.sh");
+
+/// The guest: runs the scenario, then archives its files onto log.img
+/// (`VPFFILE name size\n` + bytes per file, `VPFEND\n`).
+const WRAPPER: &str = r#"export VPF_AFTER_MOVE=300 VPF_INFLIGHT=8 VPF_ROUNDS=2
+sh /vpf-scenario.sh
+echo "@@T:SCENARIO-RC=$?@@"
+LOGDISK=$(ls /sys/bus/pci/devices/0000:00:02.0/virtio*/block 2>/dev/null)
+A=/tmp/archive
+: > $A
+for f in wl.log migrate.json flr.log flr-records.json; do
+  p=/tmp/vpf/$f
+  [ -f $p ] || continue
+  echo "VPFFILE $f $(wc -c < $p)" >> $A
+  cat $p >> $A
+done
+echo VPFEND >> $A
+if [ -n "$LOGDISK" ] && dd if=$A of=/dev/$LOGDISK bs=65536 conv=fsync 2>/dev/null; then
+  echo "@@T:ARCHIVE=ok $(wc -c < $A)@@"
+else
+  echo "@@T:ARCHIVE=fail disk=$LOGDISK@@"
+fi
+"#;
+
+const VF_DISK: &str = "vf.img";
+const VF_DISK_BYTES: usize = 16 * MIB;
+
+struct Run {
+    out: RunOutput,
+    files: BTreeMap<String, String>,
+}
+
+/// The one boot, shared by the tests of this file. A failed boot is
+/// remembered (not retried) and fails every test with its message.
+fn run() -> &'static Run {
+    static RUN: OnceLock<Result<Run, String>> = OnceLock::new();
+    let r = RUN.get_or_init(|| {
+        std::panic::catch_unwind(boot_once).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "boot panicked".into())
+        })
+    });
+    match r {
+        Ok(run) => run,
+        Err(why) => panic!("the shared virtio-pf owner boot failed:\n{why}"),
+    }
+}
+
+fn boot_once() -> Run {
+    let scenario = Scenario::new("virtio-pf-owner")
+        .args([
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=512M",
+            "--disk",
+            "path=log.img",
+            "--device",
+            &format!("virtio-pf,id=pf0,member=blk,total_vfs=4,disk=pf.img,vf_disk={VF_DISK}"),
+        ])
+        .file("log.img", vec![0u8; 8 * MIB])
+        .file("pf.img", vec![0u8; 4 * MIB])
+        .file(VF_DISK, vec![0u8; VF_DISK_BYTES])
+        .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
+        .guest_file("vpf-scenario.sh", SCENARIO.as_bytes().to_vec())
+        .timeout(Duration::from_secs(900))
+        .script(WRAPPER);
+    let out = boot(scenario);
+    let log = out.read_file("log.img").expect("read back log.img");
+    let files = parse_archive(&log);
+    Run { out, files }
+}
+
+fn parse_archive(bytes: &[u8]) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    let mut at = 0;
+    loop {
+        let Some(nl) = bytes[at..].iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let header = String::from_utf8_lossy(&bytes[at..at + nl]).to_string();
+        at += nl + 1;
+        let f: Vec<&str> = header.split_whitespace().collect();
+        if f.len() != 3 || f[0] != "VPFFILE" {
+            break;
+        }
+        let len: usize = f[2].parse().expect("archive size");
+        let body = String::from_utf8_lossy(&bytes[at..at + len]).to_string();
+        files.insert(f[1].to_string(), body);
+        at += len;
+    }
+    files
+}
+
+impl Run {
+    fn sum(&self) -> String {
+        self.out.summary()
+    }
+
+    /// Asserts each named `@@VPF:<check>=ok@@`.
+    fn checks_ok(&self, names: &[&str]) {
+        let all = self.all_checks();
+        let mut bad = Vec::new();
+        for n in names {
+            match all.get(*n) {
+                Some(v) if v == "ok" => {}
+                Some(v) => bad.push(format!("{n}: {v}")),
+                None => bad.push(format!("{n}: not reported")),
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "guest checks failed:\n  {}\n{}",
+            bad.join("\n  "),
+            self.sum()
+        );
+    }
+
+    fn all_checks(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for l in &self.out.lines {
+            if let Some(i) = l.text.find("@@VPF:") {
+                let rest = &l.text[i + 6..];
+                if let (Some(eq), Some(end)) = (rest.find('='), rest.rfind("@@")) {
+                    if eq < end {
+                        m.insert(rest[..eq].to_string(), rest[eq + 1..end].to_string());
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    fn file(&self, name: &str) -> &str {
+        self.files.get(name).unwrap_or_else(|| {
+            panic!(
+                "{name} did not come back on log.img (have {:?})\n{}",
+                self.files.keys().collect::<Vec<_>>(),
+                self.sum()
+            )
+        })
+    }
+
+    /// The text after `PREFIX ` on the first line starting with it.
+    fn line_after(&self, prefix: &str) -> String {
+        self.out
+            .lines
+            .iter()
+            .find_map(|l| {
+                l.text
+                    .find(&format!("{prefix} "))
+                    .map(|i| l.text[i + prefix.len() + 1..].to_string())
+            })
+            .unwrap_or_else(|| panic!("the guest printed no {prefix} line\n{}", self.sum()))
+    }
+}
+
+/// `key=value` of a log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .skip(1)
+        .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+fn num(s: &str) -> u64 {
+    if let Some(h) = s.strip_prefix("0x") {
+        u64::from_str_radix(h, 16).unwrap_or_else(|_| panic!("bad number {s}"))
+    } else {
+        s.parse().unwrap_or_else(|_| panic!("bad number {s}"))
+    }
+}
+
+/// The value of `"key":` in one-line JSON: a number, a string, or (for `[`)
+/// the raw list text.
+fn json_value(json: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\":");
+    let i = json.find(&pat)? + pat.len();
+    let rest = &json[i..];
+    let end = if rest.starts_with('[') {
+        rest.find(']')? + 1
+    } else if let Some(r) = rest.strip_prefix('"') {
+        return Some(r[..r.find('"')?].to_string());
+    } else {
+        rest.find([',', '}']).unwrap_or(rest.len())
+    };
+    Some(rest[..end].to_string())
+}
+
+fn json_hex_list(list: &str) -> BTreeSet<u64> {
+    list.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|s| s.trim().trim_matches('"'))
+        .filter(|s| !s.is_empty())
+        .map(num)
+        .collect()
+}
+
+struct Request {
+    submit_t: u64,
+    done: Vec<(u64, String, Vec<u64>)>,
+}
+
+/// Requests of a workload log by id: SUBMIT time, and every DONE (time,
+/// device, pages written).
+fn requests(log: &str) -> BTreeMap<u64, Request> {
+    let mut m: BTreeMap<u64, Request> = BTreeMap::new();
+    for l in log.lines() {
+        if l.starts_with("SUBMIT ") {
+            let id = num(field(l, "id").expect("SUBMIT id"));
+            let t = num(field(l, "t").expect("SUBMIT t"));
+            let prev = m.insert(
+                id,
+                Request {
+                    submit_t: t,
+                    done: Vec::new(),
+                },
+            );
+            assert!(prev.is_none(), "request {id} submitted twice");
+        } else if l.starts_with("DONE ") {
+            let id = num(field(l, "id").expect("DONE id"));
+            let t = num(field(l, "t").expect("DONE t"));
+            let dev = field(l, "dev").unwrap_or("").to_string();
+            let pages = field(l, "wpages")
+                .unwrap_or("")
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(num)
+                .collect();
+            m.entry(id)
+                .or_insert(Request {
+                    submit_t: u64::MAX,
+                    done: Vec::new(),
+                })
+                .done
+                .push((t, dev, pages));
+        }
+    }
+    m
+}
+
+// (a) Userspace owner: every admin command and the error cases, status and
+// qualifier by name (the script's `expect` matches the --json output).
+#[test]
+fn userspace_owner_admin_commands_and_errors() {
+    let r = run();
+    r.checks_ok(&[
+        "bind-pf",
+        "sriov-off",
+        "list-query",
+        "list-use",
+        "vf-enable-clear",
+        "sriov-on",
+        "mode-get",
+        "ctx-size",
+        "ctx-size-freeze",
+        "ctx-fields",
+        "wr-cap",
+        "ctx-read-active",
+        "freeze-2",
+        "freeze-2b",
+        "ctx-read-freeze",
+        "ctx-write-self",
+        "ctx-discard",
+        "wr-start",
+        "wr-read",
+        "wr-stop",
+        "wr-stop-again",
+        "member-0",
+        "member-above-numvfs",
+        "bad-group",
+        "bad-opcode",
+        "not-in-use",
+        "bad-mode",
+        "ctx-write-outside-freeze",
+        "wr-read-not-started",
+        "wr-start-bad-page-size",
+        "wrong-field-length",
+        "malformed-short-header",
+        "queue-still-serves",
+        "active-2",
+    ]);
+    let vfs = r.line_after("VPF-VFS");
+    assert_eq!(
+        vfs.split_whitespace().collect::<Vec<_>>(),
+        ["0000:00:04.0", "0000:00:04.1"],
+        "VF routing IDs with the PF at 00:03.0\n{}",
+        r.sum()
+    );
+    let bench = r.line_after("VPF-BENCH");
+    assert_eq!(json_value(&bench, "ok").as_deref(), Some("true"), "{bench}");
+    assert_eq!(
+        json_value(&bench, "count").as_deref(),
+        Some("50"),
+        "{bench}"
+    );
+}
+
+// (b) Member migration under load.
+#[test]
+fn member_migration_under_load() {
+    let r = run();
+    r.checks_ok(&[
+        "workload-ready",
+        "migrate",
+        "workload-exit",
+        "workload-verified",
+        "workload-moved",
+        "completions-on-dest",
+        "exactly-once",
+        "record-coverage",
+    ]);
+    let log = r.file("wl.log");
+    let mig = r.file("migrate.json");
+    let sum = r.sum();
+    assert_eq!(json_value(mig, "ok").as_deref(), Some("true"), "{mig}");
+    let (vf1, vf2) = (
+        json_value(mig, "from_bdf").expect("from_bdf"),
+        json_value(mig, "to_bdf").expect("to_bdf"),
+    );
+
+    // Exactly once, and the move happened while requests were in flight.
+    let reqs = requests(log);
+    assert!(reqs.len() > 300, "only {} requests", reqs.len());
+    for (id, q) in &reqs {
+        assert!(
+            q.submit_t != u64::MAX,
+            "DONE for request {id} never submitted"
+        );
+        assert_eq!(
+            q.done.len(),
+            1,
+            "request {id} completed {} times",
+            q.done.len()
+        );
+    }
+    let moved: Vec<&str> = log.lines().filter(|l| l.starts_with("MOVED ")).collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    let inflight = num(field(moved[0], "inflight").expect("MOVED inflight"));
+    assert!(
+        inflight > 0,
+        "no request in flight at the move: {}",
+        moved[0]
+    );
+    assert_eq!(field(moved[0], "from"), Some(vf1.as_str()));
+    assert_eq!(field(moved[0], "to"), Some(vf2.as_str()));
+    let on_dest = reqs.values().filter(|q| q.done[0].1 == vf2).count();
+    assert!(on_dest >= 300, "{on_dest} completions on {vf2}");
+    let end = log
+        .lines()
+        .find(|l| l.starts_with("END "))
+        .expect("END line");
+    assert_eq!(field(end, "result"), Some("ok"), "{end}");
+    assert_eq!(field(end, "verify_failures"), Some("0"), "{end}");
+
+    // Requests crossed the migration: published to the source's ring before
+    // the destination went Active (the source, stopped, left them) and
+    // completed after it, by the destination, through the same used ring.
+    let t_stop = num(&json_value(mig, "t_stop_issued_ns").expect("t_stop_issued_ns"));
+    let t_active = num(&json_value(mig, "t_active_done_ns").expect("t_active_done_ns"));
+    let t_wr = num(&json_value(mig, "t_wr_started_ns").expect("t_wr_started_ns"));
+    assert!(t_wr < t_stop && t_stop < t_active, "{mig}");
+    let carried = reqs
+        .values()
+        .filter(|q| q.submit_t < t_active && q.done[0].0 > t_active)
+        .count();
+    assert!(
+        carried > 0,
+        "no request crossed the migration (submitted before the destination was Active, done after)\n{sum}"
+    );
+
+    // Write records: every page the device wrote for a request submitted
+    // after recording started and seen done before Stop was sent.
+    let recorded = json_hex_list(&json_value(mig, "recorded_pages").expect("recorded_pages"));
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for (id, q) in &reqs {
+        let (t_done, _, pages) = &q.done[0];
+        if q.submit_t > t_wr && *t_done < t_stop {
+            checked += 1;
+            for p in pages {
+                if !recorded.contains(p) {
+                    missing.push(format!("{p:#x} (request {id})"));
+                }
+            }
+        }
+    }
+    assert!(checked > 0, "no request fell inside the recording window");
+    assert!(
+        missing.is_empty(),
+        "{} of the pages written while recording are not in the records: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+
+    // The backing file, read from the host after the VMM exited, holds each
+    // block's last completed write.
+    let disk = r.out.read_file(VF_DISK).expect("read back the VF disk");
+    let mut blocks = 0;
+    for l in log.lines().filter(|l| l.starts_with("FINAL ")) {
+        let sector = num(field(l, "sector").unwrap()) as usize;
+        let bytes = num(field(l, "bytes").unwrap()) as usize;
+        let dseed = num(field(l, "dseed").unwrap());
+        let at = sector * 512;
+        assert!(
+            disk[at..at + bytes] == pattern(dseed, bytes)[..],
+            "{VF_DISK} at sector {sector} does not hold the data of {l}"
+        );
+        blocks += 1;
+    }
+    assert!(blocks > 0, "no FINAL lines in the workload log");
+    // The same FINAL lines were printed on the console.
+    let printed: Vec<String> = r
+        .out
+        .lines
+        .iter()
+        .filter_map(|l| {
+            l.text
+                .find("VPF-FINAL ")
+                .map(|i| l.text[i + 10..].to_string())
+        })
+        .collect();
+    assert_eq!(printed.len(), blocks, "{sum}");
+}
+
+// (c) FLR of a VF in Freeze and in Stop keeps its mode, its recording and
+// its records.
+#[test]
+fn flr_in_stop_keeps_mode_and_write_records() {
+    let r = run();
+    r.checks_ok(&[
+        "flr-method",
+        "flr-in-freeze",
+        "flr-freeze-keeps-mode",
+        "flr-active",
+        "flr-one-range",
+        "flr-wr-start",
+        "flr-workload",
+        "flr-stop",
+        "flr-in-stop",
+        "flr-stop-keeps-mode",
+        "flr-records-readable",
+        "flr-keeps-records",
+        "flr-wr-stop",
+        "flr-back-active",
+    ]);
+    // Host-side re-check of the records against the workload log.
+    let log = r.file("flr.log");
+    let rec = r.file("flr-records.json");
+    assert_eq!(json_value(rec, "status").as_deref(), Some("OK"), "{rec}");
+    let pages = json_hex_list(&json_value(rec, "pages").expect("pages"));
+    let moved = log
+        .lines()
+        .find(|l| l.starts_with("MOVED "))
+        .expect("MOVED line");
+    let t0 = num(field(moved, "t").unwrap());
+    let reqs = requests(log);
+    let mut checked = 0;
+    for (id, q) in &reqs {
+        assert_eq!(q.done.len(), 1, "request {id}");
+        if q.submit_t > t0 {
+            checked += 1;
+            for p in &q.done[0].2 {
+                assert!(
+                    pages.contains(p),
+                    "page {p:#x} of request {id} lost by the FLR (records: {} pages)",
+                    pages.len()
+                );
+            }
+        }
+    }
+    assert!(checked >= 40, "{checked} requests checked");
+}
+
+// (d) Garbage on the admin queue and the SR-IOV capability neither crashes
+// nor hangs the VMM (the guest ran to the end and the VMM exited 0), and
+// the VFs keep working.
+#[test]
+fn garbage_does_not_hurt_vmm_or_other_vfs() {
+    let r = run();
+    r.checks_ok(&["garbage", "vf-works-after-garbage"]);
+    let g = r.line_after("VPF-GARBAGE");
+    assert_eq!(json_value(&g, "healthy").as_deref(), Some("true"), "{g}");
+    assert_eq!(
+        json_value(&g, "read_only_intact").as_deref(),
+        Some("true"),
+        "{g}"
+    );
+    assert_eq!(r.out.vmm_exit, 0);
+    let all = r.all_checks();
+    assert_eq!(
+        all.get("RESULT").map(String::as_str),
+        Some("ok"),
+        "{:?}",
+        all.iter().filter(|(_, v)| *v != "ok").collect::<Vec<_>>()
+    );
+    assert!(
+        r.out
+            .lines
+            .iter()
+            .any(|l| l.text.contains("@@T:ARCHIVE=ok")),
+        "{}",
+        r.sum()
+    );
+}
