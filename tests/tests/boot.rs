@@ -266,3 +266,26 @@ echo "@@T:DONE=1@@"
         out.summary()
     );
 }
+
+/// `reboot -f` (the ACPI reset register) ends the VMM with status 0, as a
+/// power off does.
+#[test]
+fn guest_reboot_ends_the_vmm_with_status_0() {
+    let out = tests::run(
+        tests::checks::shared_runner(),
+        &Scenario::new("reboot").script(
+            r#"echo "@@T:REBOOTING=yes@@"
+reboot -f
+sleep 30
+echo "@@T:STILL-RUNNING=yes@@""#,
+        ),
+    );
+    assert_eq!(marker(&out, "REBOOTING"), "yes", "{}", out.summary());
+    assert!(
+        out.marker("T:STILL-RUNNING").is_none(),
+        "reboot -f returned\n{}",
+        out.summary()
+    );
+    assert_eq!(out.scenario_exit(), None, "{}", out.summary());
+    assert_eq!(out.vmm_exit, 0, "{}", out.summary());
+}

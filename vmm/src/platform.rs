@@ -85,6 +85,9 @@ impl Platform {
                 }
             }
             ACPI_SLEEP_PORT => data.fill(0),
+            // i8042 status: input buffer empty, so a reboot through the
+            // keyboard controller does not wait.
+            I8042_COMMAND_PORT => data.fill(0),
             p if (0xcf8..0xd00).contains(&p) => self.devices.pio_read(p, data),
             _ => data.fill(0xff),
         }
@@ -103,13 +106,21 @@ impl Platform {
                     self.request_exit(ExitReason::PowerOff);
                 }
             }
+            // Reset through the keyboard controller (pulse reset line) or
+            // the PCI reset control register at 0xCF9.
+            I8042_COMMAND_PORT if first == I8042_RESET_CMD => self.request_exit(ExitReason::Reset),
+            PCI_RESET_CONTROL_PORT if data.len() == 1 => {
+                if first & PCI_RESET_CPU != 0 {
+                    self.request_exit(ExitReason::Reset);
+                }
+            }
             ACPI_RESET_PORT => {
                 if let Some(PowerEvent::Reset) = acpi_power::reset_write(first) {
                     self.request_exit(ExitReason::Reset);
                 }
             }
             p if (0xcf8..0xd00).contains(&p) => self.devices.pio_write(p, data),
-            _ => {}
+            p => log::debug!("ignored write of {data:x?} to I/O port {p:#x}"),
         }
     }
 

@@ -192,6 +192,7 @@ pub fn load_linux(
     params.acpi_rsdp_addr = ACPI_START.raw_value();
 
     mem.write_obj(ZeroPage(params), ZERO_PAGE_START)?;
+    mem.write_slice(&RESET_VECTOR_STUB, GuestAddress(RESET_VECTOR))?;
     write_page_tables(mem)?;
     write_gdt(mem)?;
 
@@ -199,6 +200,25 @@ pub fn load_linux(
         entry: loaded.kernel_load.unchecked_add(0x200),
     })
 }
+
+/// Where a CPU starts after a reset (F000:FFF0), and where Linux jumps when
+/// it reboots through the BIOS.
+pub const RESET_VECTOR: u64 = 0xffff0;
+
+/// There is no BIOS: the reset vector holds a stub that writes the ACPI
+/// reset register, so every reboot method of Linux ends the VM.
+/// `mov dx, 0x3c1; mov al, 1; out dx, al; hlt; jmp hlt`.
+const RESET_VECTOR_STUB: [u8; 9] = [
+    0xba,
+    (ACPI_RESET_PORT & 0xff) as u8,
+    (ACPI_RESET_PORT >> 8) as u8,
+    0xb0,
+    ACPI_RESET_VALUE,
+    0xee,
+    0xf4,
+    0xeb,
+    0xfd,
+];
 
 /// Identity-maps the first 4 GiB with 2 MiB pages.
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
@@ -344,6 +364,15 @@ mod tests {
         assert!(map
             .iter()
             .any(|e| e.addr == RAM_64BIT_START && e.size == (6 << 30) - MEM_32BIT_RESERVED_START));
+    }
+
+    #[test]
+    fn reset_vector_stub_writes_the_reset_register() {
+        // The stub lies in the reserved area below 1 MiB and fits before it.
+        assert!(RESET_VECTOR >= EBDA_START);
+        assert!(RESET_VECTOR + RESET_VECTOR_STUB.len() as u64 <= HIGH_RAM_START.raw_value());
+        assert_eq!(&RESET_VECTOR_STUB[1..3], &0x3c1u16.to_le_bytes());
+        assert_eq!(RESET_VECTOR_STUB[4], ACPI_RESET_VALUE);
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub const ACPI_SLEEP_PORT: u16 = 0x3c0;
 /// ACPI reset register.
 pub const ACPI_RESET_PORT: u16 = 0x3c1;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// i8042 command/status port and its "pulse reset line" command.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+pub const I8042_RESET_CMD: u8 = 0xfe;
+/// PCI reset control register and its "reset CPU" bit.
+pub const PCI_RESET_CONTROL_PORT: u16 = 0xcf9;
+pub const PCI_RESET_CPU: u8 = 1 << 2;
 /// Sleep type of S5 that the DSDT's `_S5_` gives, as written to the sleep
 /// control register (SLP_TYP in bits 4:2, SLP_EN bit 5).
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
