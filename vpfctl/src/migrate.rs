@@ -120,14 +120,18 @@ fn drain_all(
     ranges: &[(u64, u64)],
     ps: u64,
 ) -> Result<(Vec<u64>, u32)> {
-    let mut pages = Vec::new();
-    let mut cmds = 0;
-    for &(addr, n) in ranges {
-        let (p, c) = a.wr_drain(member, addr, n * ps)?;
-        pages.extend(p);
-        cmds += c;
-    }
-    Ok((pages, cmds))
+    // One window from the first range's start to the last range's end: a
+    // READ returns the recorded pages of every started range inside its
+    // window, so the gaps between ranges cost no command. One command per
+    // range made the final drain most of the downtime (10 ranges: 10 round
+    // trips while the member is stopped).
+    let (Some(&(start, _)), Some(end)) = (
+        ranges.iter().min_by_key(|r| r.0),
+        ranges.iter().map(|&(addr, n)| addr + n * ps).max(),
+    ) else {
+        return Ok((Vec::new(), 0));
+    };
+    a.wr_drain(member, start, end - start)
 }
 
 fn hexes(v: &[u64]) -> Json {

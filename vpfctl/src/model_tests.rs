@@ -501,7 +501,14 @@ fn migrate_moves_a_member_under_load() {
         to: 2,
         rounds: 2,
         page_size: 4096,
-        ranges: vec![(DRIVER_BASE, (DRIVER_PAGES * PAGE) as u64)],
+        // Two ranges with a one-page gap: still one READ window per drain.
+        ranges: vec![
+            (DRIVER_BASE, (8 * PAGE) as u64),
+            (
+                DRIVER_BASE + (9 * PAGE) as u64,
+                ((DRIVER_PAGES - 9) * PAGE) as u64,
+            ),
+        ],
         read_chunk: 64,
         write_chunk: Some(50),
         workload_dir: None,
@@ -511,6 +518,18 @@ fn migrate_moves_a_member_under_load() {
     assert!(out.err.is_none(), "{:?}", out.err);
     let j = &out.json;
     assert_eq!(j.get("ok"), Some(&crate::json::Json::Bool(true)));
+    use crate::json::Json;
+    let Some(Json::A(rounds)) = j.get("rounds") else {
+        panic!("no rounds in {j:?}")
+    };
+    assert_eq!(rounds.len(), 2);
+    for round in rounds {
+        assert_eq!(
+            round.get("record_reads"),
+            Some(&Json::from(1u32)),
+            "{round:?}"
+        );
+    }
     for k in [
         "downtime_us",
         "recorded_pages",
