@@ -305,6 +305,98 @@ fn userspace_owner_admin_commands_and_errors() {
         "queue-still-serves",
         "active-2",
     ]);
+    // The results, from each command's JSON.
+    let j = |name: &str| r.line_after(&format!("VPF-JSON {name}"));
+    let all_opcodes = [
+        "LIST_QUERY",
+        "LIST_USE",
+        "DEV_MODE_GET",
+        "DEV_MODE_SET",
+        "DEV_CTX_SIZE_GET",
+        "DEV_CTX_READ",
+        "DEV_CTX_WRITE",
+        "DEV_CTX_FIELDS_QUERY",
+        "DEV_CTX_DISCARD",
+        "DEV_WRITE_RECORD_CAP_QUERY",
+        "DEV_WRITE_RECORDS_START",
+        "DEV_WRITE_RECORDS_STOP",
+        "DEV_WRITE_RECORDS_READ",
+    ];
+    let query = j("list-query");
+    let used = j("list-use");
+    for op in all_opcodes {
+        assert!(
+            query.contains(&format!("\"{op}\"")),
+            "LIST_QUERY lacks {op}: {query}"
+        );
+        assert!(
+            used.contains(&format!("\"{op}\"")),
+            "LIST_USE lacks {op}: {used}"
+        );
+    }
+    assert_eq!(json_value(&query, "bitmap"), json_value(&used, "bitmap"));
+    assert_eq!(
+        json_value(&j("mode-get"), "mode").as_deref(),
+        Some("active")
+    );
+    for name in ["ctx-size", "ctx-size-freeze"] {
+        let size = json_value(&j(name), "size").map(|s| num(&s)).unwrap_or(0);
+        assert!(size > 0, "{name}: {}", j(name));
+    }
+    let fields = j("ctx-fields");
+    for (name, len) in [
+        ("PCI_COMMON_CFG", 64),
+        ("PCI_VQ_CFG", 30),
+        ("VQ_SPLIT_RUNTIME_CFG", 5),
+    ] {
+        assert!(
+            fields.contains(&format!("\"name\":\"{name}\",\"length\":{len}")),
+            "DEV_CTX_FIELDS_QUERY: no {name} of length {len}: {fields}"
+        );
+    }
+    assert!(fields.contains("\"name\":\"DEV_FEATURES\""), "{fields}");
+    let cap = j("wr-cap");
+    let bitmap = json_value(&cap, "page_size_bitmap")
+        .map(|s| num(&s))
+        .unwrap_or(0);
+    assert_eq!(bitmap & 1, 1, "4 KiB pages not supported: {cap}");
+    let ranges = json_value(&cap, "supported_ranges")
+        .map(|s| num(&s))
+        .unwrap_or(0);
+    assert!(ranges > 0, "{cap}");
+    // Member 2 is frozen while recording: it writes nothing.
+    assert_eq!(json_value(&j("wr-read"), "count").as_deref(), Some("0"));
+    // The error cases, status and qualifier by name.
+    for (name, st, q) in [
+        ("vf-enable-clear", "EINVAL", "Q_INVALID_GROUP"),
+        ("member-0", "EINVAL", "Q_INVALID_MEMBER"),
+        ("member-above-numvfs", "EINVAL", "Q_INVALID_MEMBER"),
+        ("bad-group", "EINVAL", "Q_INVALID_GROUP"),
+        ("bad-opcode", "EINVAL", "Q_INVALID_OPCODE"),
+        ("not-in-use", "EINVAL", "Q_INVALID_OPCODE"),
+        ("bad-mode", "EINVAL", "Q_INVALID_FIELD"),
+        ("ctx-write-outside-freeze", "EINVAL", "Q_INVALID_COMMAND"),
+        ("wr-read-not-started", "EINVAL", "Q_INVALID_COMMAND"),
+        ("wr-start-bad-page-size", "EINVAL", "Q_INVALID_FIELD"),
+        ("wrong-field-length", "EINVAL", "Q_INVALID_FIELD"),
+    ] {
+        let out = j(name);
+        assert_eq!(
+            json_value(&out, "status").as_deref(),
+            Some(st),
+            "{name}: {out}"
+        );
+        assert_eq!(
+            json_value(&out, "qualifier").as_deref(),
+            Some(q),
+            "{name}: {out}"
+        );
+        assert_eq!(
+            json_value(&out, "ok").as_deref(),
+            Some("false"),
+            "{name}: {out}"
+        );
+    }
     let vfs = r.line_after("VPF-VFS");
     assert_eq!(
         vfs.split_whitespace().collect::<Vec<_>>(),

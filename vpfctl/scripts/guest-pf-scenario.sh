@@ -25,12 +25,14 @@ ok() { echo "@@VPF:$1=ok@@"; }
 fail() { echo "@@VPF:$1=fail $2@@"; FAILED=1; }
 
 # expect NAME STATUS QUALIFIER CMD... : the command must complete with that
-# status and qualifier (by name, from its --json output).
+# status and qualifier (by name, from its --json output). The output is
+# printed as "VPF-JSON NAME {json}" for the host to check the results.
 expect() {
     name=$1 st=$2 q=$3
     shift 3
     out=$("$@" --json 2>/dev/null)
     rc=$?
+    echo "VPF-JSON $name $out"
     case "$out" in
     *"\"status\":\"$st\""*"\"qualifier\":\"$q\""*) ok "$name" ;;
     *) fail "$name" "rc=$rc $out" ;;
@@ -51,8 +53,8 @@ run bind-pf $V bind --dev "$PF"
 run sriov-off $V sriov --numvfs 0
 
 # Admin commands that need no member work with VF Enable clear.
-run list-query $V list-query
-run list-use $V list-use
+expect list-query OK Q_OK $V list-query
+expect list-use OK Q_OK $V list-use
 expect vf-enable-clear EINVAL Q_INVALID_GROUP $V mode-get --member 1
 
 run sriov-on $V sriov --numvfs 2 --autoprobe off
