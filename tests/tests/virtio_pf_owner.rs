@@ -100,10 +100,7 @@ fn boot_once() -> Run {
 fn parse_archive(bytes: &[u8]) -> BTreeMap<String, String> {
     let mut files = BTreeMap::new();
     let mut at = 0;
-    loop {
-        let Some(nl) = bytes[at..].iter().position(|&b| b == b'\n') else {
-            break;
-        };
+    while let Some(nl) = bytes[at..].iter().position(|&b| b == b'\n') {
         let header = String::from_utf8_lossy(&bytes[at..at + nl]).to_string();
         at += nl + 1;
         let f: Vec<&str> = header.split_whitespace().collect();
