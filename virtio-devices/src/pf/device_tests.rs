@@ -755,7 +755,11 @@ fn r_pci_2_sriov_capability_fields() {
     // Function Dependency Link: the PF's own devfn (Linux checks it).
     let mut fdl = [0u8; 1];
     pf.config_read(SRIOV + 0x12, &mut fdl);
-    assert_eq!(fdl[0], (PF_BDF.rid() & 0xff) as u8, "Function Dependency Link");
+    assert_eq!(
+        fdl[0],
+        (PF_BDF.rid() & 0xff) as u8,
+        "Function Dependency Link"
+    );
     assert_eq!(
         TestDriver::cfg_read16(&mut pf, SRIOV + 0x14),
         8,
