@@ -166,11 +166,7 @@ fn carry_command_register(pf: &str, from: u64, to: u64) -> Result<Json> {
     let (Ok(a), Ok(b)) = (pci::vf_bdf(pf, from), pci::vf_bdf(pf, to)) else {
         return Ok(Json::Null);
     };
-    let cmd_of = |bdf: &str| -> Result<u16> {
-        let cfg = pci::read_config(bdf)?;
-        wire::le16(&cfg, pci::PCI_COMMAND)
-            .ok_or_else(|| Error::device(bdf, "config space shorter than the header"))
-    };
+    let cmd_of = |bdf: &str| pci::read_config_u16(bdf, pci::PCI_COMMAND);
     let ca = cmd_of(&a)?;
     let cb = cmd_of(&b)?;
     let want = cb | (ca & (pci::CMD_MEMORY | pci::CMD_BUS_MASTER)) | pci::CMD_BUS_MASTER;

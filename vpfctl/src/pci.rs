@@ -272,6 +272,45 @@ pub fn read_config(bdf: &str) -> Result<Vec<u8>> {
     fs::read(&path).map_err(|e| Error::io("read", path, e))
 }
 
+/// Bytes of the standard configuration space: the header and the
+/// capability list, where the virtio vendor capabilities live.
+pub const CONFIG_STD_LEN: usize = 256;
+
+/// `len` bytes of configuration space from `off` (fewer if the file ends).
+/// Every aligned dword the kernel reads for a sysfs `config` read is one
+/// configuration access, a VM exit under a VMM: reading the whole 4 KiB
+/// costs 1024 of them (hundreds of ms in a nested guest), so callers read
+/// only what they parse.
+pub fn read_config_at(bdf: &str, off: usize, len: usize) -> Result<Vec<u8>> {
+    let path = dev_dir(bdf).join("config");
+    let f = fs::File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f
+            .read_at(&mut buf[got..], (off + got) as u64)
+            .map_err(|e| Error::io("read", &path, e))?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// The standard configuration space (header and capability list).
+pub fn read_config_std(bdf: &str) -> Result<Vec<u8>> {
+    read_config_at(bdf, 0, CONFIG_STD_LEN)
+}
+
+/// One 16-bit configuration register (one configuration access).
+pub fn read_config_u16(bdf: &str, off: usize) -> Result<u16> {
+    let b = read_config_at(bdf, off, 2)?;
+    u16_at(&b, 0)
+        .ok_or_else(|| Error::device(bdf, format!("config space ends before offset {off:#x} + 2")))
+}
+
 /// Write a 16-bit config register (an aligned 2-byte write of the config
 /// file reaches the device as one word write).
 pub fn write_config_u16(bdf: &str, off: usize, v: u16) -> Result<()> {
@@ -295,9 +334,7 @@ pub fn write_config_u16(bdf: &str, off: usize, v: u16) -> Result<()> {
 /// Set memory space and bus master enable in the command register
 /// (bus mastering is what lets the device DMA into our rings).
 pub fn enable_mem_and_bus_master(bdf: &str) -> Result<()> {
-    let cfg = read_config(bdf)?;
-    let cmd = u16_at(&cfg, PCI_COMMAND)
-        .ok_or_else(|| Error::device(bdf, "config space shorter than the header"))?;
+    let cmd = read_config_u16(bdf, PCI_COMMAND)?;
     let want = cmd | CMD_MEMORY | CMD_BUS_MASTER;
     if want != cmd {
         write_config_u16(bdf, PCI_COMMAND, want)?;

@@ -95,7 +95,9 @@ impl VirtioPci {
     /// caller (driver binding); this enables memory decoding and bus
     /// mastering in the command register.
     pub fn open(bdf: &str) -> Result<VirtioPci> {
-        let cfg = pci::read_config(bdf)?;
+        // Virtio capabilities are in the standard space: 64 configuration
+        // accesses instead of 1024 for the whole 4 KiB.
+        let cfg = pci::read_config_std(bdf)?;
         let caps = pci::parse_virtio_caps(&cfg).map_err(|m| Error::device(bdf, m))?;
         pci::enable_mem_and_bus_master(bdf)?;
         let mut bars: HashMap<u8, Arc<Bar>> = HashMap::new();
