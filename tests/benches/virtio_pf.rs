@@ -2,13 +2,15 @@
 //!
 //! * **member migration downtime**: `vpfctl migrate` of a VF under load
 //!   (`blk-workload`, 8 requests in flight) to another VF, `CH_BENCH_RUNS`
-//!   times (default 7), alternating direction (VF1 -> VF2, VF2 -> VF1; the
+//!   times (default 11), alternating direction (VF1 -> VF2, VF2 -> VF1; the
 //!   source left in Freeze is reset by FLR before it is a destination again).
 //!   Downtime is `vpfctl`'s own figure: from sending DEV_MODE_SET Stop to
 //!   the source until DEV_MODE_SET Active of the destination completed
 //!   (Stop, Freeze, final context read, final record drain, context write,
 //!   Active), measured in the guest with CLOCK_MONOTONIC. The median, min
-//!   and max, and the median of each phase, are printed.
+//!   and max, and the median of each phase, are printed; and the longest
+//!   gap between two completions the workload saw (the stall its driver
+//!   experienced, including its own switch to the destination).
 //! * **admin command round trip** from the guest: `vpfctl bench`, the same
 //!   admin command sent 200 times through the admin queue (submit -> used
 //!   entry seen, polling), for DEV_MODE_GET, LIST_QUERY, DEV_CTX_SIZE_GET
@@ -54,6 +56,8 @@ while [ $i -le $RUNS ]; do
   echo "@@B:MIGRATE=$i $M@@"
   wait $WL || echo "@@B:ERROR=workload $i $(tail -3 /tmp/wl$i.out)@@"
   grep -q '^END .*result=ok' /tmp/wl$i.log || echo "@@B:ERROR=workload log $i@@"
+  # The longest time the workload saw no completion (the migration's gap).
+  echo "@@B:STALL=$i $(awk '/^DONE /{t=substr($2,3)+0; if (p && t-p>g) g=t-p; p=t} END{printf "%d", g/1000}' /tmp/wl$i.log)@@"
   # The source stays in Freeze; FLR it so it can be the next destination.
   [ $FROM = 1 ] && S=$VF1 || S=$VF2
   echo 1 > /sys/bus/pci/devices/$S/reset
@@ -84,7 +88,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(7);
+        .unwrap_or(11);
     let runner = tests::runner();
     println!(
         "virtio-pf benchmark: {runs} migrations in one boot, mode {}",
@@ -176,6 +180,20 @@ fn main() {
             );
         }
     }
+    let stalls: Vec<u64> = out
+        .markers("B:STALL")
+        .iter()
+        .filter_map(|m| m.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .collect();
+    if stalls.len() != runs {
+        fail(&format!("expected {runs} stall figures, got {stalls:?}"));
+    }
+    println!(
+        "  workload stall (longest gap between completions, includes the workload's own switch to the destination): median {} us, min {} us, max {} us",
+        median(stalls.clone()),
+        stalls.iter().min().unwrap(),
+        stalls.iter().max().unwrap()
+    );
     println!(
         "  downtime (Stop sent on the source -> Active done on the destination), {runs} runs: median {} us, min {} us, max {} us",
         median(downtime.clone()),

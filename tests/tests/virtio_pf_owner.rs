@@ -89,7 +89,7 @@ fn boot_once() -> Run {
         .file(VF_DISK, vec![0u8; VF_DISK_BYTES])
         .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
         .guest_file("vpf-scenario.sh", SCENARIO.as_bytes().to_vec())
-        .timeout(Duration::from_secs(900))
+        .timeout(Duration::from_secs(420))
         .script(WRAPPER);
     let out = boot(scenario);
     let log = out.read_file("log.img").expect("read back log.img");
