@@ -369,7 +369,7 @@ mod tests {
     #[test]
     fn reset_vector_stub_writes_the_reset_register() {
         // The stub lies in the reserved area below 1 MiB and fits before it.
-        assert!(RESET_VECTOR >= EBDA_START);
+        const { assert!(RESET_VECTOR >= EBDA_START) };
         assert!(RESET_VECTOR + RESET_VECTOR_STUB.len() as u64 <= HIGH_RAM_START.raw_value());
         assert_eq!(&RESET_VECTOR_STUB[1..3], &0x3c1u16.to_le_bytes());
         assert_eq!(RESET_VECTOR_STUB[4], ACPI_RESET_VALUE);
