@@ -617,3 +617,36 @@ fn garbage_does_not_hurt_vmm_or_other_vfs() {
         r.sum()
     );
 }
+
+// The host-side parsers the checks above rely on (no guest).
+#[test]
+fn host_side_parsers() {
+    let mut arch = b"VPFFILE a.log 3\nx\nyVPFFILE b.json 2\n{}VPFEND\n".to_vec();
+    arch.extend_from_slice(&[0u8; 64]);
+    let files = parse_archive(&arch);
+    assert_eq!(files.get("a.log").map(String::as_str), Some("x\ny"));
+    assert_eq!(files.get("b.json").map(String::as_str), Some("{}"));
+    assert_eq!(files.len(), 2);
+
+    let log = "SUBMIT t=5 id=1 op=W\nSUBMIT t=6 id=2 op=W\nDONE t=9 id=1 op=W dev=A wpages=0x1000,0x2000\nDONE t=10 id=1 op=W dev=B wpages=\n";
+    let r = requests(log);
+    assert_eq!(r[&1].submit_t, 5);
+    assert_eq!(
+        r[&1].done.len(),
+        2,
+        "a duplicate completion is kept, so the check sees it"
+    );
+    assert_eq!(r[&1].done[0].2, vec![0x1000, 0x2000]);
+    assert!(r[&2].done.is_empty());
+
+    let j = r#"{"ok":true,"count":3,"pages":["0x1000","0x3000"],"mode":"stop","t":12}"#;
+    assert_eq!(json_value(j, "ok").as_deref(), Some("true"));
+    assert_eq!(json_value(j, "mode").as_deref(), Some("stop"));
+    assert_eq!(json_value(j, "t").as_deref(), Some("12"));
+    assert_eq!(
+        json_hex_list(&json_value(j, "pages").unwrap()),
+        BTreeSet::from([0x1000, 0x3000])
+    );
+    assert_eq!(field("DONE t=9 id=1 dev=A", "id"), Some("1"));
+    assert_eq!(field("DONE t=9 xid=7 id=1", "id"), Some("1"));
+}
