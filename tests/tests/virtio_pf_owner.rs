@@ -499,7 +499,11 @@ fn member_migration_under_load() {
             }
         }
     }
-    assert!(checked > 0, "no request fell inside the recording window");
+    // 300 ms of pre-copy under load: typically > 1000 requests.
+    assert!(
+        checked >= 20,
+        "only {checked} requests fell inside the recording window"
+    );
     assert!(
         missing.is_empty(),
         "{} of the pages written while recording are not in the records: {:?}",

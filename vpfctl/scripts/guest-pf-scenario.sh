@@ -10,13 +10,16 @@
 # @@VPF:RESULT=ok@@ or @@VPF:RESULT=fail@@. Exit status 0 only if all passed.
 #
 # Knobs (environment): VPF_AFTER_MOVE (requests after the move, default 200),
-# VPF_INFLIGHT (default 8), VPF_ROUNDS (pre-copy rounds, default 2).
+# VPF_INFLIGHT (default 8), VPF_ROUNDS (pre-copy rounds, default 2),
+# VPF_PRECOPY_MS (least pre-copy time, default 300: the source must complete
+# requests while it records, or the record-coverage check has nothing to check).
 set -u
 V=${VPFCTL:-vpfctl}
 FAILED=0
 AFTER_MOVE=${VPF_AFTER_MOVE:-200}
 INFLIGHT=${VPF_INFLIGHT:-8}
 ROUNDS=${VPF_ROUNDS:-2}
+PRECOPY_MS=${VPF_PRECOPY_MS:-300}
 W=/tmp/vpf
 rm -rf "$W"
 mkdir -p "$W"
@@ -112,7 +115,7 @@ while [ ! -e "$D/ready" ]; do
 done
 [ -e "$D/ready" ] && ok workload-ready || fail workload-ready "$(cat "$W/wl.out")"
 sleep 1
-$V --json --timeout-ms 60000 migrate --from 1 --to 2 --rounds "$ROUNDS" --workload-dir "$D" > "$W/migrate.json" 2> "$W/migrate.err"
+$V --json --timeout-ms 60000 migrate --from 1 --to 2 --rounds "$ROUNDS" --min-precopy-ms "$PRECOPY_MS" --workload-dir "$D" > "$W/migrate.json" 2> "$W/migrate.err"
 rc=$?
 echo "VPF-MIGRATE $(cat "$W/migrate.json")"
 [ $rc = 0 ] && ok migrate || fail migrate "rc=$rc $(cat "$W/migrate.err")"

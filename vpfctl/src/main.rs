@@ -234,6 +234,11 @@ enum Cmd {
         /// Pre-copy rounds while the source is Active.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+        /// Least pre-copy time in ms: if the rounds were quicker, wait out
+        /// the rest while the source works and recording runs, then run
+        /// one more round.
+        #[arg(long, default_value_t = 0)]
+        min_precopy_ms: u64,
         /// Write-record page size.
         #[arg(long, default_value_t = 4096, value_parser = wire::parse_u64)]
         page_size: u64,
@@ -706,6 +711,7 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
             from,
             to,
             rounds,
+            min_precopy_ms,
             page_size,
             ranges,
             range_file,
@@ -730,6 +736,7 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
                 from: *from,
                 to: *to,
                 rounds: *rounds,
+                min_precopy_ms: *min_precopy_ms,
                 page_size: *page_size,
                 ranges: bytes,
                 read_chunk: *read_chunk,
@@ -868,9 +875,18 @@ mod tests {
             "/tmp/wl",
             "--rounds",
             "3",
+            "--min-precopy-ms",
+            "250",
         ])
         .unwrap();
-        assert!(matches!(c.cmd, Cmd::Migrate { rounds: 3, .. }));
+        assert!(matches!(
+            c.cmd,
+            Cmd::Migrate {
+                rounds: 3,
+                min_precopy_ms: 250,
+                ..
+            }
+        ));
         // --pf after the subcommand, as the docs show it.
         let c =
             Cli::try_parse_from(["vpfctl", "sriov", "--pf", "00:04.0", "--numvfs", "2"]).unwrap();

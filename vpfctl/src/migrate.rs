@@ -22,6 +22,11 @@ pub struct MigrateOpts {
     pub to: u64,
     /// Pre-copy rounds (context read + records drain while A is Active).
     pub rounds: u32,
+    /// Least pre-copy time: when the rounds took less, wait for the rest
+    /// (the member keeps working, recorded) and run one more round. A real
+    /// owner pre-copies for as long as the dirty rate needs; a test needs
+    /// the source to complete requests while it records.
+    pub min_precopy_ms: u64,
     /// Recording page size.
     pub page_size: u64,
     /// Byte ranges `(start, len)` to record.
@@ -254,7 +259,13 @@ pub fn migrate(a: &mut AdminDev, pf: &str, o: &MigrateOpts) -> Result<Outcome> {
     let mut all_pages: BTreeSet<u64> = BTreeSet::new();
     let mut rounds = Vec::new();
     let precopy = Instant::now();
-    for round in 1..=o.rounds {
+    let min_precopy = Duration::from_millis(o.min_precopy_ms);
+    let mut round = 0;
+    while round < o.rounds || precopy.elapsed() < min_precopy {
+        round += 1;
+        if round > o.rounds {
+            std::thread::sleep(min_precopy.saturating_sub(precopy.elapsed()));
+        }
         let t = Instant::now();
         let (ctx, reads) = a.ctx_read_all(from, o.read_chunk)?;
         let (pages, cmds) = drain_all(a, from, &ranges, ps)?;

@@ -500,6 +500,7 @@ fn migrate_moves_a_member_under_load() {
         from: 1,
         to: 2,
         rounds: 2,
+        min_precopy_ms: 0,
         page_size: 4096,
         // Two ranges with a one-page gap: still one READ window per drain.
         ranges: vec![
@@ -597,6 +598,7 @@ fn migrate_refuses_bad_requests_without_touching_the_source() {
         from: 1,
         to: 7, // no such member: its Freeze fails in prepare, before Stop
         rounds: 1,
+        min_precopy_ms: 0,
         page_size: 4096,
         ranges: vec![(DRIVER_BASE, 4096)],
         read_chunk: 4096,
@@ -713,8 +715,10 @@ fn workload_follows_its_member_through_migrate() {
         from: 1,
         to: 2,
         // Long enough a pre-copy that the workload gets requests through
-        // while VF1 records.
-        rounds: 2000,
+        // while VF1 records: two rounds, then the rest of 100 ms waited
+        // out and a third round.
+        rounds: 2,
+        min_precopy_ms: 100,
         page_size: 4096,
         ranges: migrate::read_ranges_file(&dir.join("ranges")).unwrap(),
         read_chunk: 4096,
@@ -724,6 +728,10 @@ fn workload_follows_its_member_through_migrate() {
     };
     let out = migrate::migrate(&mut a, "pf", &o).unwrap();
     assert!(out.err.is_none(), "{:?}", out.err);
+    let Some(crate::json::Json::A(rounds)) = out.json.get("rounds") else {
+        panic!("no rounds in {:?}", out.json)
+    };
+    assert_eq!(rounds.len(), 3, "two rounds, one more after the wait");
     std::fs::write(dir.join("moved.tmp"), "0000:00:04.2\n").unwrap();
     std::fs::rename(dir.join("moved.tmp"), dir.join("moved")).unwrap();
     let sum = h.join().unwrap().unwrap();
