@@ -188,7 +188,7 @@ RA=${R%%:*}
 RP=${R##*:}
 expect flr-wr-start OK Q_OK $V wr-start --member 1 --range "$R"
 # Requests submitted after this "move" (onto the same VF) are recorded.
-echo "$VF1" > "$F/moved"
+echo "$VF1" > "$F/moved.tmp" && mv "$F/moved.tmp" "$F/moved"
 kill -USR1 $WL
 wait $WL
 rc=$?

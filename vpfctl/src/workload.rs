@@ -530,7 +530,12 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
         if check_move {
             if let Some(d) = &o.state_dir {
                 let mf = d.join("moved");
-                if let Ok(s) = std::fs::read_to_string(&mf) {
+                // An empty file is one being written (`echo BDF > moved`
+                // creates it before it writes): look again at the next poll.
+                if let Some(s) = std::fs::read_to_string(&mf)
+                    .ok()
+                    .filter(|s| !s.trim().is_empty())
+                {
                     let dest = pci::normalize_bdf(&s)
                         .map_err(|m| Error::Usage(format!("{}: {m}", mf.display())))?;
                     p.prepare(&dest, o.bind)?;
