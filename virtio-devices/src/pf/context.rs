@@ -242,50 +242,9 @@ pub fn encode_supported_fields(limits: &ContextLimits, out: &mut Vec<u8>) {
     }
 }
 
-/// `struct virtio_pci_common_cfg` (virtio 1.3), 64 bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CommonCfg {
-    /// 0x00
-    pub device_feature_select: u32,
-    /// 0x04
-    pub device_feature: u32,
-    /// 0x08
-    pub driver_feature_select: u32,
-    /// 0x0c
-    pub driver_feature: u32,
-    /// 0x10
-    pub config_msix_vector: u16,
-    /// 0x12
-    pub num_queues: u16,
-    /// 0x14
-    pub device_status: u8,
-    /// 0x15
-    pub config_generation: u8,
-    /// 0x16
-    pub queue_select: u16,
-    /// 0x18
-    pub queue_size: u16,
-    /// 0x1a
-    pub queue_msix_vector: u16,
-    /// 0x1c
-    pub queue_enable: u16,
-    /// 0x1e
-    pub queue_notify_off: u16,
-    /// 0x20
-    pub queue_desc: u64,
-    /// 0x28
-    pub queue_driver: u64,
-    /// 0x30
-    pub queue_device: u64,
-    /// 0x38
-    pub queue_notify_data: u16,
-    /// 0x3a
-    pub queue_reset: u16,
-    /// 0x3c
-    pub admin_queue_index: u16,
-    /// 0x3e
-    pub admin_queue_num: u16,
-}
+/// `struct virtio_pci_common_cfg` (virtio 1.3, 64 bytes): the transport's
+/// own type, so the context and the device share one encoding.
+pub use crate::transport::state::CommonCfg;
 
 fn le16(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
@@ -297,60 +256,6 @@ fn le64(b: &[u8], o: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[o..o + 8]);
     u64::from_le_bytes(a)
-}
-
-impl CommonCfg {
-    /// Serialize (64 bytes).
-    pub fn to_bytes(&self) -> [u8; COMMON_CFG_LEN] {
-        let mut b = [0u8; COMMON_CFG_LEN];
-        b[0..4].copy_from_slice(&self.device_feature_select.to_le_bytes());
-        b[4..8].copy_from_slice(&self.device_feature.to_le_bytes());
-        b[8..12].copy_from_slice(&self.driver_feature_select.to_le_bytes());
-        b[12..16].copy_from_slice(&self.driver_feature.to_le_bytes());
-        b[16..18].copy_from_slice(&self.config_msix_vector.to_le_bytes());
-        b[18..20].copy_from_slice(&self.num_queues.to_le_bytes());
-        b[20] = self.device_status;
-        b[21] = self.config_generation;
-        b[22..24].copy_from_slice(&self.queue_select.to_le_bytes());
-        b[24..26].copy_from_slice(&self.queue_size.to_le_bytes());
-        b[26..28].copy_from_slice(&self.queue_msix_vector.to_le_bytes());
-        b[28..30].copy_from_slice(&self.queue_enable.to_le_bytes());
-        b[30..32].copy_from_slice(&self.queue_notify_off.to_le_bytes());
-        b[32..40].copy_from_slice(&self.queue_desc.to_le_bytes());
-        b[40..48].copy_from_slice(&self.queue_driver.to_le_bytes());
-        b[48..56].copy_from_slice(&self.queue_device.to_le_bytes());
-        b[56..58].copy_from_slice(&self.queue_notify_data.to_le_bytes());
-        b[58..60].copy_from_slice(&self.queue_reset.to_le_bytes());
-        b[60..62].copy_from_slice(&self.admin_queue_index.to_le_bytes());
-        b[62..64].copy_from_slice(&self.admin_queue_num.to_le_bytes());
-        b
-    }
-
-    /// Parse 64 bytes.
-    pub fn from_bytes(b: &[u8; COMMON_CFG_LEN]) -> Self {
-        CommonCfg {
-            device_feature_select: le32(b, 0),
-            device_feature: le32(b, 4),
-            driver_feature_select: le32(b, 8),
-            driver_feature: le32(b, 12),
-            config_msix_vector: le16(b, 16),
-            num_queues: le16(b, 18),
-            device_status: b[20],
-            config_generation: b[21],
-            queue_select: le16(b, 22),
-            queue_size: le16(b, 24),
-            queue_msix_vector: le16(b, 26),
-            queue_enable: le16(b, 28),
-            queue_notify_off: le16(b, 30),
-            queue_desc: le64(b, 32),
-            queue_driver: le64(b, 40),
-            queue_device: le64(b, 48),
-            queue_notify_data: le16(b, 56),
-            queue_reset: le16(b, 58),
-            admin_queue_index: le16(b, 60),
-            admin_queue_num: le16(b, 62),
-        }
-    }
 }
 
 /// Per-queue context: PCI_VQ_CFG, VQ_SPLIT_RUNTIME_CFG and

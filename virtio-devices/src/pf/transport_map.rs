@@ -8,7 +8,7 @@
 //! in guest memory (`used->idx`, which the device keeps current), through
 //! the `used_idx` callback.
 
-use crate::transport::state::{CommonCfg as PciCommonCfg, QueueConfigState, VirtioPciState};
+use crate::transport::state::{QueueConfigState, VirtioPciState};
 
 use super::context::{CommonCfg, MemberContext, QueueContext};
 
@@ -33,14 +33,6 @@ pub enum MapError {
     },
 }
 
-fn to_ctx_common(c: &PciCommonCfg) -> CommonCfg {
-    CommonCfg::from_bytes(&c.to_bytes())
-}
-
-fn to_pci_common(c: &CommonCfg) -> PciCommonCfg {
-    PciCommonCfg::from_bytes(&c.to_bytes())
-}
-
 /// Build a member context from transport state.
 ///
 /// * `common`: the common configuration image as the driver reads it now
@@ -51,7 +43,7 @@ fn to_pci_common(c: &CommonCfg) -> PciCommonCfg {
 /// * `device_config`: the device-type configuration bytes.
 pub fn context_from_transport(
     st: &VirtioPciState,
-    common: &PciCommonCfg,
+    common: &CommonCfg,
     num_device_queues: u16,
     device_owned: &[Vec<u16>],
     device_config: Vec<u8>,
@@ -74,7 +66,7 @@ pub fn context_from_transport(
         })
         .collect();
     MemberContext {
-        common: Some(to_ctx_common(common)),
+        common: Some(*common),
         // The bits the driver wrote: the negotiated features once
         // FEATURES_OK is set (spec §4.3 [resolved]), and what a destination
         // needs to carry on a negotiation in progress otherwise.
@@ -106,7 +98,7 @@ pub fn transport_from_context(
 ) -> Result<AppliedContext, MapError> {
     let mut st = VirtioPciState::reset_value(max_sizes);
     if let Some(c) = &ctx.common {
-        st.set_common(&to_pci_common(c));
+        st.set_common(c);
     }
     st.driver_features = ctx.features.unwrap_or(0);
     let mut device_owned = vec![Vec::new(); max_sizes.len()];
@@ -169,8 +161,8 @@ mod tests {
         st
     }
 
-    fn common(st: &VirtioPciState) -> PciCommonCfg {
-        PciCommonCfg {
+    fn common(st: &VirtioPciState) -> CommonCfg {
+        CommonCfg {
             device_feature_select: st.device_feature_select,
             driver_feature_select: st.driver_feature_select,
             config_msix_vector: st.config_msix_vector,
