@@ -32,7 +32,7 @@ echo "@@T:SCENARIO-RC=$?@@"
 LOGDISK=$(ls /sys/bus/pci/devices/0000:00:02.0/virtio*/block 2>/dev/null)
 A=/tmp/archive
 : > $A
-for f in wl.log migrate.json flr.log flr-records.json; do
+for f in wl.log migrate.json flr.log flr-records.json back.log; do
   p=/tmp/vpf/$f
   [ -f $p ] || continue
   echo "VPFFILE $f $(wc -c < $p)" >> $A
@@ -261,6 +261,25 @@ fn requests(log: &str) -> BTreeMap<u64, Request> {
     m
 }
 
+/// Each FINAL line's block of `disk` holds `pattern(dseed, bytes)`;
+/// returns how many blocks were checked (at least one).
+fn check_finals(log: &str, disk: &[u8]) -> usize {
+    let mut blocks = 0;
+    for l in log.lines().filter(|l| l.starts_with("FINAL ")) {
+        let sector = num(field(l, "sector").unwrap()) as usize;
+        let bytes = num(field(l, "bytes").unwrap()) as usize;
+        let dseed = num(field(l, "dseed").unwrap());
+        let at = sector * 512;
+        assert!(
+            disk[at..at + bytes] == pattern(dseed, bytes)[..],
+            "{VF_DISK} at sector {sector} does not hold the data of {l}"
+        );
+        blocks += 1;
+    }
+    assert!(blocks > 0, "no FINAL lines in the workload log");
+    blocks
+}
+
 // (a) Userspace owner: every admin command and the error cases, status and
 // qualifier by name (the script's `expect` matches the --json output).
 #[test]
@@ -417,6 +436,10 @@ fn member_migration_under_load() {
     r.checks_ok(&[
         "workload-ready",
         "migrate",
+        "migrate-back",
+        "migrate-back-workload",
+        "flr-2",
+        "active-2-again",
         "workload-exit",
         "workload-verified",
         "workload-moved",
@@ -514,19 +537,13 @@ fn member_migration_under_load() {
     // The backing file, read from the host after the VMM exited, holds each
     // block's last completed write.
     let disk = r.out.read_file(VF_DISK).expect("read back the VF disk");
-    let mut blocks = 0;
-    for l in log.lines().filter(|l| l.starts_with("FINAL ")) {
-        let sector = num(field(l, "sector").unwrap()) as usize;
-        let bytes = num(field(l, "bytes").unwrap()) as usize;
-        let dseed = num(field(l, "dseed").unwrap());
-        let at = sector * 512;
-        assert!(
-            disk[at..at + bytes] == pattern(dseed, bytes)[..],
-            "{VF_DISK} at sector {sector} does not hold the data of {l}"
-        );
-        blocks += 1;
+    let blocks = check_finals(log, &disk);
+    // And the migration back (VF2 -> VF1, exactly once, its blocks).
+    let back = r.file("back.log");
+    for (id, q) in requests(back) {
+        assert_eq!(q.done.len(), 1, "migration back: request {id}");
     }
-    assert!(blocks > 0, "no FINAL lines in the workload log");
+    check_finals(back, &disk);
     // The same FINAL lines were printed on the console.
     let printed: Vec<String> = r
         .out
@@ -596,7 +613,11 @@ fn flr_in_stop_keeps_mode_and_write_records() {
 #[test]
 fn garbage_does_not_hurt_vmm_or_other_vfs() {
     let r = run();
-    r.checks_ok(&["garbage", "vf-works-after-garbage"]);
+    r.checks_ok(&[
+        "garbage",
+        "vf-works-after-garbage",
+        "vf1-works-after-garbage",
+    ]);
     let g = r.line_after("VPF-GARBAGE");
     assert_eq!(json_value(&g, "healthy").as_deref(), Some("true"), "{g}");
     assert_eq!(

@@ -220,13 +220,38 @@ if [ -n "$TM" ] && [ "${2:-1}" = 0 ] && [ "${1:-0}" -gt 0 ]; then ok flr-keeps-r
 expect flr-wr-stop OK Q_OK $V wr-stop --member 1
 run flr-back-active $V mode-set --member 1 --mode active
 
-# Garbage on the admin queue and SR-IOV capability; VFs keep working.
-# (The second workload uses sectors 1024.. so the first one's FINAL blocks stay.)
+# And back: a workload on VF2 migrates to VF1, the source of the first
+# migration, reset by FLR since. VF2, left in Freeze, is reset by FLR and
+# made Active again. (Every later workload uses its own sectors, so the
+# first one's FINAL blocks stay.)
+B=$W/back
+$V --timeout-ms 60000 blk-workload --vf "$VF2" --log "$W/back.log" --state-dir "$B" --inflight 8 \
+    --start-sector 3072 --blocks 16 --after-move 64 > "$W/back.out" 2>&1 &
+WL=$!
+n=0
+while [ ! -e "$B/ready" ]; do
+    sleep 0.1
+    n=$((n + 1))
+    [ $n -lt 600 ] || break
+done
+$V --json --timeout-ms 60000 migrate --from 2 --to 1 --rounds 1 --workload-dir "$B" > "$W/back.json" 2>&1
+rc=$?
+[ $rc = 0 ] && ok migrate-back || fail migrate-back "rc=$rc $(cat "$W/back.json")"
+wait $WL
+rc=$?
+[ $rc = 0 ] && grep -q "^END .*result=ok" "$W/back.log" && grep -q "^MOVED .*to=$VF1" "$W/back.log" \
+    && ok migrate-back-workload || fail migrate-back-workload "rc=$rc $(cat "$W/back.out")"
+echo 1 > "/sys/bus/pci/devices/$VF2/reset" && ok flr-2 || fail flr-2 "write to reset failed"
+run active-2-again $V mode-set --member 2 --mode active
+
+# Garbage on the admin queue and SR-IOV capability; both VFs keep working.
 g=$($V --json garbage --rounds 100 --sriov-writes 200 --check-member 1 2>&1)
 rc=$?
 echo "VPF-GARBAGE $g"
 [ $rc = 0 ] && ok garbage || fail garbage "rc=$rc"
 $V blk-workload --vf "$VF2" --log "$W/after.log" --requests 64 --start-sector 1024 --blocks 16 > "$W/after.out" 2>&1 \
     && ok vf-works-after-garbage || fail vf-works-after-garbage "$(cat "$W/after.out")"
+$V blk-workload --vf "$VF1" --log "$W/after1.log" --requests 64 --start-sector 4096 --blocks 16 > "$W/after1.out" 2>&1 \
+    && ok vf1-works-after-garbage || fail vf1-works-after-garbage "$(cat "$W/after1.out")"
 if [ $FAILED = 0 ]; then echo "@@VPF:RESULT=ok@@"; else echo "@@VPF:RESULT=fail@@"; fi
 exit $FAILED
