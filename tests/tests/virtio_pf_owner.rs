@@ -32,7 +32,7 @@ echo "@@T:SCENARIO-RC=$?@@"
 LOGDISK=$(ls /sys/bus/pci/devices/0000:00:02.0/virtio*/block 2>/dev/null)
 A=/tmp/archive
 : > $A
-for f in wl.log migrate.json flr.log flr-records.json back.log; do
+for f in wl.log migrate.json flr.log flr-records.json back.log back.json; do
   p=/tmp/vpf/$f
   [ -f $p ] || continue
   echo "VPFFILE $f $(wc -c < $p)" >> $A
@@ -538,7 +538,20 @@ fn member_migration_under_load() {
     // block's last completed write.
     let disk = r.out.read_file(VF_DISK).expect("read back the VF disk");
     let blocks = check_finals(log, &disk);
-    // And the migration back (VF2 -> VF1, exactly once, its blocks).
+    // And the migration back (VF2 -> VF1, the context in 64-byte reads
+    // and 50-byte writes; exactly once, its blocks).
+    let back_json = r.file("back.json");
+    assert_eq!(
+        json_value(back_json, "ok").as_deref(),
+        Some("true"),
+        "{back_json}"
+    );
+    let writes = json_value(back_json, "ctx_write_commands").map(|s| num(&s));
+    let ctx = json_value(back_json, "final_ctx_bytes").map(|s| num(&s));
+    assert!(
+        matches!((writes, ctx), (Some(w), Some(c)) if c > 100 && w == c.div_ceil(50)),
+        "context written in 50-byte pieces: {back_json}"
+    );
     let back = r.file("back.log");
     for (id, q) in requests(back) {
         assert_eq!(q.done.len(), 1, "migration back: request {id}");

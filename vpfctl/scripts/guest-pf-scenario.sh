@@ -220,7 +220,8 @@ if [ -n "$TM" ] && [ "${2:-1}" = 0 ] && [ "${1:-0}" -gt 0 ]; then ok flr-keeps-r
 expect flr-wr-stop OK Q_OK $V wr-stop --member 1
 run flr-back-active $V mode-set --member 1 --mode active
 
-# And back: a workload on VF2 migrates to VF1, the source of the first
+# And back, the context read and written in small pieces (64-byte reads,
+# 50-byte writes): a workload on VF2 migrates to VF1, the source of the first
 # migration, reset by FLR since. VF2, left in Freeze, is reset by FLR and
 # made Active again. (Every later workload uses its own sectors, so the
 # first one's FINAL blocks stay.)
@@ -234,7 +235,7 @@ while [ ! -e "$B/ready" ]; do
     n=$((n + 1))
     [ $n -lt 600 ] || break
 done
-$V --json --timeout-ms 60000 migrate --from 2 --to 1 --rounds 1 --workload-dir "$B" > "$W/back.json" 2>&1
+$V --json --timeout-ms 60000 migrate --from 2 --to 1 --rounds 1 --read-chunk 64 --chunk 50 --workload-dir "$B" > "$W/back.json" 2>&1
 rc=$?
 [ $rc = 0 ] && ok migrate-back || fail migrate-back "rc=$rc $(cat "$W/back.json")"
 wait $WL
