@@ -246,13 +246,16 @@ echo 1 > "/sys/bus/pci/devices/$VF2/reset" && ok flr-2 || fail flr-2 "write to r
 run active-2-again $V mode-set --member 2 --mode active
 
 # Garbage on the admin queue and SR-IOV capability; both VFs keep working.
+# The workloads after it run under `timeout`: if one ever stalls while the
+# guest itself is alive, the run fails at once with the workload's output
+# instead of reaching the runner's time limit (seen once, not understood).
 g=$($V --json garbage --rounds 100 --sriov-writes 200 --check-member 1 2>&1)
 rc=$?
 echo "VPF-GARBAGE $g"
 [ $rc = 0 ] && ok garbage || fail garbage "rc=$rc"
-$V blk-workload --vf "$VF2" --log "$W/after.log" --requests 64 --start-sector 1024 --blocks 16 > "$W/after.out" 2>&1 \
+timeout 120 $V blk-workload --vf "$VF2" --log "$W/after.log" --requests 64 --start-sector 1024 --blocks 16 > "$W/after.out" 2>&1 \
     && ok vf-works-after-garbage || fail vf-works-after-garbage "$(cat "$W/after.out")"
-$V blk-workload --vf "$VF1" --log "$W/after1.log" --requests 64 --start-sector 4096 --blocks 16 > "$W/after1.out" 2>&1 \
+timeout 120 $V blk-workload --vf "$VF1" --log "$W/after1.log" --requests 64 --start-sector 4096 --blocks 16 > "$W/after1.out" 2>&1 \
     && ok vf1-works-after-garbage || fail vf1-works-after-garbage "$(cat "$W/after1.out")"
 if [ $FAILED = 0 ]; then echo "@@VPF:RESULT=ok@@"; else echo "@@VPF:RESULT=fail@@"; fi
 exit $FAILED
