@@ -16,6 +16,7 @@ mod platform;
 mod stdin;
 mod vcpu;
 mod vm;
+mod watchdog;
 mod wiring;
 
 use config::{ConfigError, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};

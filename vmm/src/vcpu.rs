@@ -11,6 +11,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::{boot, cpuid};
 use crate::platform::Platform;
+use crate::watchdog::ExitWatch;
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -133,21 +134,39 @@ impl Vcpu {
     pub fn spawn(
         self,
         platform: Arc<Platform>,
+        watch: Arc<ExitWatch>,
         stop: Arc<AtomicBool>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run(&platform, &stop))
+            .spawn(move || self.run(&platform, &watch, &stop))
             .map_err(VcpuError::Spawn)
     }
 
-    fn run(mut self, platform: &Platform, stop: &AtomicBool) {
+    fn run(mut self, platform: &Platform, watch: &ExitWatch, stop: &AtomicBool) {
+        let id = self.id as usize;
         while !stop.load(Ordering::Acquire) {
             match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => platform.pio_read(port, data),
-                Ok(VcpuExit::IoOut(port, data)) => platform.pio_write(port, data),
-                Ok(VcpuExit::MmioRead(addr, data)) => platform.mmio_read(addr, data),
-                Ok(VcpuExit::MmioWrite(addr, data)) => platform.mmio_write(addr, data),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    watch.enter(id, port as u64);
+                    platform.pio_read(port, data);
+                    watch.leave(id);
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    watch.enter(id, port as u64);
+                    platform.pio_write(port, data);
+                    watch.leave(id);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    watch.enter(id, addr);
+                    platform.mmio_read(addr, data);
+                    watch.leave(id);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    watch.enter(id, addr);
+                    platform.mmio_write(addr, data);
+                    watch.leave(id);
+                }
                 Ok(VcpuExit::Hlt) => {}
                 Ok(VcpuExit::Shutdown) => {
                     log::info!(

@@ -218,9 +218,11 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     }
     let dev_mgr = platform.devices_arc();
     let dev_thread = dev_mgr.start_thread(stop.clone())?;
+    let watch = crate::watchdog::ExitWatch::new(vcpus.len());
+    watch.spawn(stop.clone());
     let mut handles = Vec::new();
     for v in vcpus {
-        handles.push(v.spawn(platform.clone(), stop.clone())?);
+        handles.push(v.spawn(platform.clone(), watch.clone(), stop.clone())?);
     }
     crate::stdin::spawn_serial_input(platform.clone(), &cfg.serial);
 
