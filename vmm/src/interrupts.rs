@@ -40,6 +40,8 @@ impl From<InterruptError> for std::io::Error {
 
 struct Routes {
     next_gsi: u32,
+    /// GSIs given back by dropped groups (VFs removed), reused first.
+    free: Vec<u32>,
     msi: BTreeMap<u32, kvm_irq_routing_entry>,
 }
 
@@ -82,6 +84,7 @@ impl KvmInterruptManager {
             max_gsi,
             routes: Mutex::new(Routes {
                 next_gsi: IOAPIC_PINS,
+                free: Vec::new(),
                 msi: BTreeMap::new(),
             }),
         });
@@ -122,12 +125,23 @@ impl KvmInterruptManager {
 
     fn allocate(&self, n: u16) -> Result<Vec<u32>, InterruptError> {
         let mut r = self.lock();
-        if r.next_gsi + n as u32 > self.max_gsi {
+        let n = n as usize;
+        let fresh = n.saturating_sub(r.free.len()) as u32;
+        if r.next_gsi + fresh > self.max_gsi {
             return Err(InterruptError::NoGsi);
         }
+        let reused = n - fresh as usize;
+        let at = r.free.len() - reused;
+        let mut gsis: Vec<u32> = r.free.split_off(at);
         let first = r.next_gsi;
-        r.next_gsi += n as u32;
-        Ok((first..first + n as u32).collect())
+        r.next_gsi += fresh;
+        gsis.extend(first..first + fresh);
+        Ok(gsis)
+    }
+
+    /// Gives GSIs back for reuse (their routes are already removed).
+    fn release(&self, gsis: &[u32]) {
+        self.lock().free.extend_from_slice(gsis);
     }
 
     fn set_route(&self, gsi: u32, route: Option<MsiMessage>) -> Result<(), InterruptError> {
@@ -176,6 +190,7 @@ impl Drop for MsiGroup {
             let _ = self.manager.vm.unregister_irqfd(e, *gsi);
             let _ = self.manager.set_route(*gsi, None);
         }
+        self.manager.release(&self.gsis);
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
@@ -105,7 +105,6 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        let _ = KVM_MEM_LOG_DIRTY_PAGES;
         // SAFETY: the region's host mapping is owned by `mem`, which the
         // VM keeps alive until after every vCPU has stopped; the range
         // does not overlap any other slot.
