@@ -350,8 +350,21 @@ if [ -x /vmm/cloud-hypervisor ]; then
     fi
     cd /scenario
     echo "@@CH-TEST:VMM-START@@"
-    /vmm/cloud-hypervisor "$@" </dev/null
+    /vmm/cloud-hypervisor "$@" </dev/null &
+    vmm=$!
+    # Requests from the test runner on the console: "dump" sends the VMM
+    # SIGUSR1 (it prints its state dump). No echo, so a request does not
+    # land in the middle of the guests output.
+    stty -echo </dev/console 2>/dev/null
+    ( while read -r req; do
+        case "$req" in
+            *dump*) kill -USR1 $vmm 2>/dev/null && echo "@@CH-TEST:DUMP-REQUESTED@@" ;;
+        esac
+      done ) </dev/console &
+    reader=$!
+    wait $vmm
     rc=$?
+    kill $reader 2>/dev/null
     cd /
     echo
     echo "@@CH-TEST:VMM-EXIT=$rc@@"

@@ -94,6 +94,13 @@ pub trait PciDevice: Send {
     /// Doorbell `index` was rung (its event was signalled). Runs on the
     /// VMM's device thread.
     fn doorbell(&mut self, _index: u16) {}
+
+    /// A human-readable account of the function's run-time state (queues,
+    /// interrupts, modes) for the VMM's state dump, one item per line.
+    /// Empty when the function has nothing worth reporting.
+    fn debug_state(&self) -> String {
+        String::new()
+    }
 }
 
 /// Creates interrupt routes for functions, including ones that appear at

@@ -77,6 +77,16 @@ pub enum Error {
         tail: String,
     },
 
+    /// A step of the run did not end in time: the VMM's state dump was
+    /// collected and the process killed.
+    #[error("{what} stalled: {overdue}.\nVMM state dump:\n{dump}\nlast output before the dump:\n{tail}")]
+    Stalled {
+        what: String,
+        overdue: String,
+        dump: String,
+        tail: String,
+    },
+
     /// The outer (QEMU TCG) host VM reported a problem before or after the VMM ran.
     #[error("the outer QEMU host VM failed: {why}; last output:\n{tail}")]
     Outer { why: String, tail: String },

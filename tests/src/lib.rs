@@ -38,6 +38,7 @@ pub mod host;
 pub mod pattern;
 pub mod runner;
 pub mod scenario;
+pub mod steps;
 
 pub use error::{Error, Result};
 pub use host::Mode;

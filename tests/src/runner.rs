@@ -20,9 +20,9 @@
 //! (fsync), prints `@@CH-TEST:OUTER-DONE@@` and powers off. Padded copies
 //! are copied back into the scenario file afterwards.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -31,9 +31,24 @@ use crate::cpio::{concat, CpioWriter};
 use crate::error::{Error, Result};
 use crate::host::{self, Detected, GuestImages, Mode};
 use crate::scenario::{
-    Line, RunOutput, Scenario, GUEST_INITRD, GUEST_KERNEL, KEY_OUTER_ERROR, KEY_VMM_EXIT,
-    MARK_VMM_START,
+    Line, RunOutput, Scenario, GUEST_INITRD, GUEST_KERNEL, KEY_OUTER_ERROR, KEY_SCENARIO_EXIT,
+    KEY_VMM_EXIT, MARK_INIT, MARK_VMM_START,
 };
+use crate::steps::{Overdue, Step, StepTracker};
+
+/// First line of the VMM's state dump (see vmm/src/dump.rs).
+pub const DUMP_BEGIN: &str = "@@CH-DUMP:BEGIN=";
+/// Last line of the VMM's state dump.
+pub const DUMP_END: &str = "@@CH-DUMP:END=";
+/// Limit of the outer VM's boot (QEMU start to VMM start). Measured: 4 to
+/// 5 s on an idle machine.
+pub const OUTER_BOOT_LIMIT: Duration = Duration::from_secs(60);
+/// Limit from the end of the guest's script to the VMM's exit (measured:
+/// under 0.2 s), and from there to the end of the process.
+pub const POWER_OFF_LIMIT: Duration = Duration::from_secs(30);
+/// Limit of the outer VM copying scenario files back and powering off
+/// (measured: under 1 s for the 30 MiB of the largest scenario).
+pub const OUTER_COPY_LIMIT: Duration = Duration::from_secs(60);
 
 /// The outer QEMU TCG host VM's command line (before -kernel/-initrd/drives).
 ///
@@ -135,7 +150,43 @@ impl Runner {
         self.detected.mode
     }
 
-    fn time_limit(&self, scenario: &Scenario) -> Duration {
+    /// The steps of a run of `scenario` in this mode, each with its limit.
+    pub fn steps(&self, scenario: &Scenario) -> Vec<Step> {
+        let mut v = Vec::new();
+        if self.mode() == Mode::Nested {
+            v.push(Step::new("outer VM boot", MARK_VMM_START, OUTER_BOOT_LIMIT));
+        }
+        let boot = match self.mode() {
+            // The guest runs under QEMU TCG itself: several times slower.
+            Mode::QemuReference => scenario.boot_limit * 3,
+            _ => scenario.boot_limit,
+        };
+        v.push(Step::new("guest boot", MARK_INIT, boot));
+        v.extend(scenario.steps.iter().cloned());
+        v.push(Step::new(
+            "script end",
+            &format!("@@{KEY_SCENARIO_EXIT}="),
+            scenario.script_limit,
+        ));
+        if self.mode() == Mode::Nested {
+            v.push(Step::new(
+                "power off",
+                &format!("@@{KEY_VMM_EXIT}="),
+                POWER_OFF_LIMIT,
+            ));
+            v.push(Step::new(
+                "outer VM copies files back",
+                MARK_OUTER_DONE,
+                OUTER_COPY_LIMIT,
+            ));
+        }
+        v.push(Step::new("exit", "", POWER_OFF_LIMIT));
+        v
+    }
+
+    /// The cap on a whole run: the scenario's own, else
+    /// `CH_TEST_TIMEOUT_SECS`, else the sum of the step limits.
+    fn time_limit(&self, scenario: &Scenario, steps: &[Step]) -> Duration {
         if let Some(t) = scenario.timeout {
             return t;
         }
@@ -145,11 +196,7 @@ impl Runner {
         {
             return Duration::from_secs(secs);
         }
-        Duration::from_secs(match self.mode() {
-            Mode::Direct => 60,
-            Mode::Nested => 180,
-            Mode::QemuReference => 300,
-        })
+        steps.iter().map(|s| s.limit).sum()
     }
 
     /// Runs `scenario` and returns its output. A run that times out, or
@@ -173,11 +220,15 @@ impl Runner {
             .map_err(|e| Error::io("locking", &lock_path, e))?;
         let dir = runs.join(&scenario.name);
         self.prepare_dir(scenario, &dir)?;
-        let limit = self.time_limit(scenario);
+        let steps = self.steps(scenario);
+        let watch = Watch {
+            limit: self.time_limit(scenario, &steps),
+            steps: StepTracker::new(steps),
+        };
         match self.mode() {
-            Mode::Direct => self.run_direct(scenario, &dir, limit),
-            Mode::Nested => self.run_nested(scenario, &dir, limit),
-            Mode::QemuReference => self.run_reference(scenario, &dir, limit),
+            Mode::Direct => self.run_direct(scenario, &dir, watch),
+            Mode::Nested => self.run_nested(scenario, &dir, watch),
+            Mode::QemuReference => self.run_reference(scenario, &dir, watch),
         }
     }
 
@@ -209,11 +260,12 @@ impl Runner {
             .map_err(|e| Error::io("writing guest initramfs", &initrd, e))
     }
 
-    fn run_direct(&self, scenario: &Scenario, dir: &Path, limit: Duration) -> Result<RunOutput> {
+    fn run_direct(&self, scenario: &Scenario, dir: &Path, watch: Watch) -> Result<RunOutput> {
         let mut cmd = Command::new(&self.vmm);
         cmd.args(scenario.full_args()).current_dir(dir);
         let what = format!("VMM {} (scenario {})", self.vmm.display(), scenario.name);
-        let cap = capture(cmd, &what, limit, Some(&dir.join(OUTPUT_LOG)), self.echo)?;
+        let log = dir.join(OUTPUT_LOG);
+        let cap = capture(cmd, &what, watch, DumpVia::Signal, Some(&log), self.echo)?;
         Ok(RunOutput {
             mode: Mode::Direct,
             dir: dir.to_path_buf(),
@@ -221,15 +273,17 @@ impl Runner {
             vmm_started: Duration::ZERO,
             vmm_exited: cap.exited_at,
             lines: cap.lines,
+            step_times: cap.step_times,
         })
     }
 
-    fn run_reference(&self, scenario: &Scenario, dir: &Path, limit: Duration) -> Result<RunOutput> {
+    fn run_reference(&self, scenario: &Scenario, dir: &Path, watch: Watch) -> Result<RunOutput> {
         let args = reference_qemu_args(scenario)?;
         let mut cmd = Command::new(qemu_program());
         cmd.args(&args).current_dir(dir);
         let what = format!("reference QEMU (scenario {})", scenario.name);
-        let cap = capture(cmd, &what, limit, Some(&dir.join(OUTPUT_LOG)), self.echo)?;
+        let log = dir.join(OUTPUT_LOG);
+        let cap = capture(cmd, &what, watch, DumpVia::None, Some(&log), self.echo)?;
         Ok(RunOutput {
             mode: Mode::QemuReference,
             dir: dir.to_path_buf(),
@@ -237,10 +291,11 @@ impl Runner {
             vmm_started: Duration::ZERO,
             vmm_exited: cap.exited_at,
             lines: cap.lines,
+            step_times: cap.step_times,
         })
     }
 
-    fn run_nested(&self, scenario: &Scenario, dir: &Path, limit: Duration) -> Result<RunOutput> {
+    fn run_nested(&self, scenario: &Scenario, dir: &Path, watch: Watch) -> Result<RunOutput> {
         let xfer = dir.join(".outer");
         std::fs::create_dir_all(&xfer).map_err(|e| Error::io("creating dir", &xfer, e))?;
 
@@ -315,7 +370,8 @@ impl Runner {
             .args(&drives)
             .current_dir(dir);
         let what = format!("outer QEMU host VM (scenario {})", scenario.name);
-        let cap = capture(cmd, &what, limit, Some(&dir.join(OUTPUT_LOG)), self.echo)?;
+        let log = dir.join(OUTPUT_LOG);
+        let cap = capture(cmd, &what, watch, DumpVia::OuterConsole, Some(&log), self.echo)?;
         let tail = tail_lines(&cap.lines, 60);
 
         let find = |text: &str| cap.lines.iter().find(|l| l.text.contains(text));
@@ -367,6 +423,7 @@ impl Runner {
             vmm_started,
             vmm_exited: exited_at,
             lines: cap.lines,
+            step_times: cap.step_times,
         })
     }
 }
@@ -494,7 +551,29 @@ struct Captured {
     lines: Vec<Line>,
     status: i32,
     exited_at: Duration,
+    step_times: Vec<(String, Duration)>,
 }
+
+/// The deadlines a run is held to: each step's, and a cap on the whole.
+pub struct Watch {
+    pub steps: StepTracker,
+    pub limit: Duration,
+}
+
+/// How the runner asks the VMM for its state dump when a step is overdue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpVia {
+    /// SIGUSR1 to the process (the VMM runs on this host).
+    Signal,
+    /// A `dump` line on the outer VM's console, which its /init turns into
+    /// SIGUSR1 to the VMM.
+    OuterConsole,
+    /// No way (the reference QEMU has no dump).
+    None,
+}
+
+/// How long the runner waits for a requested state dump to end.
+const DUMP_WAIT: Duration = Duration::from_secs(20);
 
 fn tail_lines(lines: &[Line], n: usize) -> String {
     let start = lines.len().saturating_sub(n);
@@ -505,28 +584,90 @@ fn tail_lines(lines: &[Line], n: usize) -> String {
         .join("\n")
 }
 
-/// Runs `cmd` with stdin from /dev/null, stdout and stderr captured line by
-/// line with host timestamps (when each line reached this process); kills it
-/// after `limit`. Writes the lines to `log`, and echoes them if `echo`.
+/// The lines of the last state dump in `lines` (from its BEGIN line to its
+/// END line, or to the end of the output if it never ended), and the
+/// output before it.
+pub fn split_dump(lines: &[Line]) -> (Vec<Line>, Vec<Line>) {
+    match lines.iter().rposition(|l| l.text.contains(DUMP_BEGIN)) {
+        Some(b) => {
+            let end = lines[b..]
+                .iter()
+                .position(|l| l.text.contains(DUMP_END))
+                .map_or(lines.len(), |e| b + e + 1);
+            let mut rest = lines[..b].to_vec();
+            rest.extend_from_slice(&lines[end..]);
+            (lines[b..end].to_vec(), rest)
+        }
+        None => (Vec::new(), lines.to_vec()),
+    }
+}
+
+fn request_dump(child: &mut Child, via: DumpVia) -> &'static str {
+    match via {
+        DumpVia::Signal => {
+            let ok = Command::new("kill")
+                .args(["-USR1", &child.id().to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                "sent SIGUSR1 to the VMM"
+            } else {
+                "could not send SIGUSR1 to the VMM"
+            }
+        }
+        DumpVia::OuterConsole => match child.stdin.as_mut() {
+            Some(stdin) => {
+                if stdin
+                    .write_all(b"dump\n")
+                    .and_then(|_| stdin.flush())
+                    .is_ok()
+                {
+                    "asked the outer VM to send SIGUSR1 to the VMM"
+                } else {
+                    "could not write to the outer VM's console"
+                }
+            }
+            None => "the outer VM's console is not connected",
+        },
+        DumpVia::None => "this mode has no state dump",
+    }
+}
+
+/// Runs `cmd` with stdout and stderr captured line by line with host
+/// timestamps (when each line reached this process), holding it to
+/// `watch`: when a step is overdue, asks for the VMM's state dump (`via`),
+/// waits for it, kills the process and returns [`Error::Stalled`]; past the
+/// overall limit it kills the process and returns [`Error::Timeout`].
+/// Writes the lines to `log`, and echoes them if `echo`.
 fn capture(
     mut cmd: Command,
     what: &str,
-    limit: Duration,
+    mut watch: Watch,
+    via: DumpVia,
     log: Option<&Path>,
     echo: bool,
 ) -> Result<Captured> {
-    let write_log = |lines: &[Line]| {
+    let write_log = |lines: &[Line], steps: &StepTracker| {
         if let Some(log) = log {
-            let text: String = lines
+            let mut text: String = lines
                 .iter()
                 .map(|l| format!("[{:9.3}] {}\n", l.at.as_secs_f64(), l.text))
                 .collect();
+            text.push_str("--- step times:");
+            for (name, d) in steps.timings() {
+                text.push_str(&format!(" {name}={:.3}s", d.as_secs_f64()));
+            }
+            text.push('\n');
             let _ = std::fs::write(log, text);
         }
     };
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let stdin = if via == DumpVia::OuterConsole {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|source| Error::Spawn {
         program: format!("{:?}", cmd.get_program()),
@@ -548,39 +689,78 @@ fn capture(
     }
     drop(tx);
 
-    let deadline = start + limit;
-    let mut lines = Vec::new();
-    let collect = |lines: &mut Vec<Line>, rx: &mpsc::Receiver<(Instant, String)>| {
+    let deadline = start + watch.limit;
+    let mut lines: Vec<Line> = Vec::new();
+    let mut stall: Option<(Overdue, Instant, &'static str)> = None;
+    let mut kill_and_collect = |child: &mut Child, lines: &mut Vec<Line>, steps: &StepTracker| {
+        let _ = child.kill();
+        let _ = child.wait();
+        for r in readers.drain(..) {
+            let _ = r.join();
+        }
         while let Ok((at, text)) = rx.try_recv() {
-            if echo {
-                println!("{text}");
-            }
             lines.push(Line {
                 at: at.duration_since(start),
                 text,
             });
         }
+        write_log(lines, steps);
     };
     let status = loop {
-        collect(&mut lines, &rx);
+        while let Ok((at, text)) = rx.try_recv() {
+            if echo {
+                println!("{text}");
+            }
+            let at = at.duration_since(start);
+            watch.steps.line(at, &text);
+            lines.push(Line { at, text });
+        }
         match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
+            Ok(Some(status)) if stall.is_none() => break status,
+            Ok(_) => {}
             Err(e) => return Err(Error::io("waiting for", what.to_string(), e)),
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            for r in readers {
-                let _ = r.join();
+        let now = Instant::now();
+        match &stall {
+            None => {
+                if let Some(o) = watch.steps.overdue(now.duration_since(start)) {
+                    let how = request_dump(&mut child, via);
+                    stall = Some((o, now, how));
+                } else if now >= deadline {
+                    kill_and_collect(&mut child, &mut lines, &watch.steps);
+                    return Err(Error::Timeout {
+                        what: what.to_string(),
+                        limit: watch.limit,
+                        tail: tail_lines(&lines, 60),
+                    });
+                }
             }
-            collect(&mut lines, &rx);
-            write_log(&lines);
-            return Err(Error::Timeout {
-                what: what.to_string(),
-                limit,
-                tail: tail_lines(&lines, 60),
-            });
+            Some((o, asked, how)) => {
+                let (dump, _) = split_dump(&lines);
+                let ended = dump.last().is_some_and(|l| l.text.contains(DUMP_END));
+                let exited = matches!(child.try_wait(), Ok(Some(_)));
+                if ended || exited || via == DumpVia::None || now >= *asked + DUMP_WAIT {
+                    kill_and_collect(&mut child, &mut lines, &watch.steps);
+                    let (dump, rest) = split_dump(&lines);
+                    let dump = if dump.is_empty() {
+                        format!(
+                            "(no state dump: {how}; none arrived within {} s)",
+                            DUMP_WAIT.as_secs()
+                        )
+                    } else {
+                        dump.iter()
+                            .map(|l| l.text.as_str())
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    };
+                    return Err(Error::Stalled {
+                        what: what.to_string(),
+                        overdue: o.to_string(),
+                        dump,
+                        tail: tail_lines(&rest, 40),
+                    });
+                }
+            }
         }
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -588,8 +768,15 @@ fn capture(
     for r in readers {
         let _ = r.join();
     }
-    collect(&mut lines, &rx);
-    write_log(&lines);
+    while let Ok((at, text)) = rx.try_recv() {
+        if echo {
+            println!("{text}");
+        }
+        let at = at.duration_since(start);
+        watch.steps.line(at, &text);
+        lines.push(Line { at, text });
+    }
+    write_log(&lines, &watch.steps);
     use std::os::unix::process::ExitStatusExt;
     let status = status
         .code()
@@ -598,6 +785,7 @@ fn capture(
         lines,
         status,
         exited_at,
+        step_times: watch.steps.timings(),
     })
 }
 
@@ -645,11 +833,19 @@ mod tests {
         assert!(reference_qemu_args(&bad).is_err());
     }
 
+    fn watch(limit: Duration, steps: Vec<Step>) -> Watch {
+        Watch {
+            steps: StepTracker::new(steps),
+            limit,
+        }
+    }
+
     #[test]
     fn capture_reports_status_and_timeout() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo one; echo two >&2; printf 'three\\r\\n'; exit 3"]);
-        let cap = capture(cmd, "sh", Duration::from_secs(20), None, false).unwrap();
+        let w = watch(Duration::from_secs(20), vec![]);
+        let cap = capture(cmd, "sh", w, DumpVia::None, None, false).unwrap();
         assert_eq!(cap.status, 3);
         let texts: Vec<&str> = cap.lines.iter().map(|l| l.text.as_str()).collect();
         assert!(texts.contains(&"one") && texts.contains(&"two") && texts.contains(&"three"));
@@ -657,10 +853,67 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo started; exec sleep 30"]);
         let t0 = Instant::now();
-        match capture(cmd, "sleeper", Duration::from_millis(500), None, false) {
+        let w = watch(Duration::from_millis(500), vec![]);
+        match capture(cmd, "sleeper", w, DumpVia::None, None, false) {
             Err(Error::Timeout { tail, .. }) => assert!(tail.contains("started")),
             other => panic!("expected a timeout, got {:?}", other.map(|c| c.status)),
         }
         assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+
+    /// A process that stops making progress is caught by its step's
+    /// deadline, asked for a dump by SIGUSR1, and the dump it prints is in
+    /// the error, apart from the output before it.
+    #[test]
+    fn an_overdue_step_collects_the_dump() {
+        let script = r#"trap 'echo "@@CH-DUMP:BEGIN=1@@"; echo "vCPU 0: stuck here"; echo "@@CH-DUMP:END=1@@"' USR1
+echo "@@STEP-ONE@@"
+echo "working"
+i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"#;
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script]);
+        let steps = vec![
+            Step::new("one", "@@STEP-ONE@@", Duration::from_secs(20)),
+            Step::new("two", "@@STEP-TWO@@", Duration::from_millis(700)),
+        ];
+        let t0 = Instant::now();
+        let w = watch(Duration::from_secs(60), steps);
+        match capture(cmd, "stepper", w, DumpVia::Signal, None, false) {
+            Err(Error::Stalled {
+                overdue,
+                dump,
+                tail,
+                ..
+            }) => {
+                assert!(overdue.contains("'two'") && overdue.contains("'one'"), "{overdue}");
+                assert!(dump.contains("vCPU 0: stuck here"), "dump: {dump}");
+                assert!(dump.starts_with(DUMP_BEGIN) && dump.contains(DUMP_END));
+                assert!(tail.contains("working") && !tail.contains("stuck"), "{tail}");
+            }
+            other => panic!("expected a stall, got {:?}", other.map(|c| c.status)),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn split_dump_takes_the_last_dump() {
+        let l = |t: &str| Line {
+            at: Duration::ZERO,
+            text: t.into(),
+        };
+        let lines = vec![
+            l("a"),
+            l("@@CH-DUMP:BEGIN=1@@"),
+            l("x"),
+            l("@@CH-DUMP:END=1@@"),
+            l("b"),
+            l("@@CH-DUMP:BEGIN=2@@"),
+            l("y"),
+        ];
+        let (dump, rest) = split_dump(&lines);
+        let t: Vec<&str> = dump.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(t, ["@@CH-DUMP:BEGIN=2@@", "y"]);
+        assert_eq!(rest.len(), 5);
+        assert!(split_dump(&[l("z")]).0.is_empty());
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::host::Mode;
+use crate::steps::Step;
 
 /// Marker printed by the inner /init once userspace runs.
 pub const MARK_INIT: &str = "@@CH-TEST:INIT@@";
@@ -44,7 +45,22 @@ pub struct Scenario {
     pub cmdline: String,
     pub timeout: Option<Duration>,
     pub outer_script: Option<String>,
+    /// Steps of the script, in order (see [`Scenario::step`]).
+    pub steps: Vec<Step>,
+    /// Limit of the script's last stretch: from its last step (or from
+    /// /init) to its end.
+    pub script_limit: Duration,
+    /// Limit of the guest's boot, from VMM start to /init.
+    pub boot_limit: Duration,
 }
+
+/// Default limit of the guest's boot (VMM start to /init). Measured: 5 to
+/// 10 s nested with 1 or 2 vCPUs on an idle 2-core machine, under 2 s on
+/// hardware KVM; the margin covers a machine busy with builds.
+pub const DEFAULT_BOOT_LIMIT: Duration = Duration::from_secs(60);
+/// Default limit of a script's last stretch (most scripts take well under
+/// a second).
+pub const DEFAULT_SCRIPT_LIMIT: Duration = Duration::from_secs(60);
 
 impl Scenario {
     /// A scenario whose guest boots, runs nothing and powers off.
@@ -58,6 +74,9 @@ impl Scenario {
             cmdline: DEFAULT_CMDLINE.to_string(),
             timeout: None,
             outer_script: None,
+            steps: Vec::new(),
+            script_limit: DEFAULT_SCRIPT_LIMIT,
+            boot_limit: DEFAULT_BOOT_LIMIT,
         }
     }
 
@@ -97,9 +116,30 @@ impl Scenario {
         self
     }
 
-    /// Overrides the run's time limit.
+    /// Caps the whole run at `limit` (besides the per-step limits).
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = Some(limit);
+        self
+    }
+
+    /// A step of the script: it ends when the guest prints a line
+    /// containing `marker`, at most `limit` after the previous step ended
+    /// (or after /init for the first one). On expiry the run fails with the
+    /// VMM's state dump and the last lines of output.
+    pub fn step(mut self, name: &str, marker: &str, limit: Duration) -> Self {
+        self.steps.push(Step::new(name, marker, limit));
+        self
+    }
+
+    /// Limit of the script's last stretch (after its last step).
+    pub fn script_limit(mut self, limit: Duration) -> Self {
+        self.script_limit = limit;
+        self
+    }
+
+    /// Limit of the guest's boot (VMM start to /init).
+    pub fn boot_limit(mut self, limit: Duration) -> Self {
+        self.boot_limit = limit;
         self
     }
 
@@ -202,6 +242,8 @@ pub struct RunOutput {
     pub vmm_started: Duration,
     /// When the VMM had exited, from process start.
     pub vmm_exited: Duration,
+    /// How long each step of the run took.
+    pub step_times: Vec<(String, Duration)>,
 }
 
 /// The value of the marker `@@KEY=VALUE@@` in `line`.

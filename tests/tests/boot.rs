@@ -4,6 +4,8 @@
 
 use tests::checks::{boot, marker};
 use tests::pattern::pattern;
+use std::time::Duration;
+
 use tests::{RunOutput, Scenario};
 
 const MIB: usize = 1024 * 1024;
@@ -288,4 +290,51 @@ echo "@@T:STILL-RUNNING=yes@@""#,
     );
     assert_eq!(out.scenario_exit(), None, "{}", out.summary());
     assert_eq!(out.vmm_exit, 0, "{}", out.summary());
+}
+
+/// The VMM's state dump, collected by the runner when a step is overdue:
+/// the guest (2 vCPUs, a disk doing I/O) stops printing markers in the
+/// middle of its script, the step's deadline expires, and the error
+/// carries the real VMM's dump: every vCPU's activity and registers, the
+/// device thread, and the virtio-blk function with its queue indices.
+#[test]
+fn an_overdue_step_fails_fast_with_the_vmm_state_dump() {
+    let runner = tests::checks::shared_runner();
+    let scenario = Scenario::new("stall-dump")
+        .args(["--cpus", "boot=2", "--disk", "path=disk.img"])
+        .file("disk.img", vec![0u8; MIB])
+        .step("read", "@@T:READ=", Duration::from_secs(60))
+        .step("never", "@@T:NEVER@@", Duration::from_secs(5))
+        .script(
+            r#"dd if=/dev/vda of=/dev/null bs=4096 iflag=direct 2>/dev/null
+echo "@@T:READ=$?@@"
+sleep 600"#,
+        );
+    let started = std::time::Instant::now();
+    match runner.run(&scenario) {
+        Err(tests::Error::Stalled { overdue, dump, .. }) => {
+            assert!(overdue.contains("'never'"), "{overdue}");
+            for want in [
+                "vCPU 0: ",
+                "vCPU 1: ",
+                "vCPU 0 state: rip=",
+                "vCPU 1 state: rip=",
+                "mp_state=",
+                "lapic: tpr=",
+                "device thread: ",
+                "00:02.0: status=0x0f",
+                "queue 0: size=",
+                "@@CH-DUMP:END=",
+            ] {
+                assert!(dump.contains(want), "no {want:?} in the dump:\n{dump}");
+            }
+        }
+        Err(e) => panic!("expected a stall with a dump, got: {e}"),
+        Ok(out) => panic!("expected a stall, got a result:\n{}", out.summary()),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        started.elapsed()
+    );
 }

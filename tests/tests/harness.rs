@@ -153,3 +153,44 @@ fn a_hung_vmm_times_out_with_its_output() {
     }
     assert!(started.elapsed() < limit + Duration::from_secs(20));
 }
+
+/// A VMM that stops making progress (here: never boots the guest) is
+/// caught by the guest-boot step's own deadline, not the run's overall
+/// limit; the runner asks it for its state dump (SIGUSR1, through the
+/// outer VM's console in nested mode) and the error carries the dump.
+#[test]
+fn a_stalled_vmm_is_caught_by_its_step_and_dumped() {
+    let runner = fake_vmm(
+        "stall.sh",
+        r#"trap 'echo "@@CH-DUMP:BEGIN=1@@"; echo "fake-vcpu: parked at the test"; echo "@@CH-DUMP:END=1@@"' USR1
+echo '@@FAKE:WAITING@@'
+while true; do sleep 0.2; done"#,
+    );
+    let boot = Duration::from_secs(4);
+    let scenario = Scenario::new("harness-stall").boot_limit(boot);
+    let started = std::time::Instant::now();
+    match runner.run(&scenario) {
+        Err(Error::Stalled {
+            overdue,
+            dump,
+            tail,
+            ..
+        }) => {
+            assert!(overdue.contains("'guest boot'"), "{overdue}");
+            assert!(
+                dump.contains("fake-vcpu: parked at the test"),
+                "no dump:\n{dump}\ntail:\n{tail}"
+            );
+            assert!(tail.contains("@@FAKE:WAITING@@"), "tail: {tail}");
+        }
+        Err(e) => panic!("expected a stall, got: {e}"),
+        Ok(out) => panic!("expected a stall, got a result:\n{}", out.summary()),
+    }
+    // Outer boot (nested) + the boot step + the dump, far below the
+    // overall limit.
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
+}

@@ -5,9 +5,10 @@
 //! KVM and threads.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{Bdf, ConfigWriteResult, PciBus, SharedPciDevice};
@@ -37,6 +38,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A doorbell as registered with KVM and epoll.
 struct Registered {
+    bdf: Bdf,
     address: u64,
     event: Arc<EventFd>,
     device: SharedPciDevice,
@@ -58,7 +60,54 @@ pub struct DeviceManager {
     doorbells: Mutex<Doorbells>,
     stop_evt: EventFd,
     allocator: Mutex<BarAllocator>,
+    activity: ThreadActivity,
 }
+
+/// What the device thread is doing, for the state dump.
+struct ThreadActivity {
+    epoch: Instant,
+    /// (function, doorbell index) being served, or `None` when waiting.
+    serving: Mutex<Option<(Bdf, u16)>>,
+    /// Milliseconds since `epoch` plus one when the current state began.
+    since: AtomicU64,
+    turns: AtomicU64,
+}
+
+impl ThreadActivity {
+    fn new() -> Self {
+        ThreadActivity {
+            epoch: Instant::now(),
+            serving: Mutex::new(None),
+            since: AtomicU64::new(1),
+            turns: AtomicU64::new(0),
+        }
+    }
+
+    fn set(&self, what: Option<(Bdf, u16)>) {
+        *lock(&self.serving) = what;
+        self.since
+            .store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
+        if what.is_some() {
+            self.turns.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn describe(&self) -> String {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let for_ = now.saturating_sub(self.since.load(Ordering::Acquire)) as f64 / 1000.0;
+        let turns = self.turns.load(Ordering::Relaxed);
+        match *lock(&self.serving) {
+            Some((bdf, index)) => {
+                format!("serving doorbell {index} of {bdf} for {for_:.3} s ({turns} doorbells served)")
+            }
+            None => format!("waiting for doorbells for {for_:.3} s ({turns} doorbells served)"),
+        }
+    }
+}
+
+/// How long the dump waits for a function's lock before it reports the
+/// function as busy.
+const DUMP_LOCK_WAIT: Duration = Duration::from_millis(300);
 
 /// epoll token of the stop event.
 const STOP_TOKEN: u64 = u64::MAX;
@@ -81,6 +130,7 @@ impl DeviceManager {
             doorbells: Mutex::new(Doorbells::default()),
             stop_evt,
             allocator: Mutex::new(allocator),
+            activity: ThreadActivity::new(),
         })
     }
 
@@ -150,6 +200,7 @@ impl DeviceManager {
                 db.by_token.insert(
                     token,
                     Registered {
+                        bdf,
                         address: d.address,
                         event: d.event,
                         device: dev.clone(),
@@ -205,6 +256,44 @@ impl DeviceManager {
         self.bus.mmio_write(addr, data)
     }
 
+    /// The device thread's activity and every function's run-time state,
+    /// for the state dump. A function whose lock stays taken for
+    /// [`DUMP_LOCK_WAIT`] is reported as busy rather than waited for.
+    pub fn describe(&self) -> String {
+        let mut out = format!("device thread: {}", self.activity.describe());
+        let registered = lock(&self.doorbells).by_token.len();
+        out.push_str(&format!("\ndoorbells registered: {registered}"));
+        for (bdf, dev) in self.bus.functions() {
+            let deadline = Instant::now() + DUMP_LOCK_WAIT;
+            let text = loop {
+                match dev.try_lock() {
+                    Ok(d) => break d.debug_state(),
+                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().debug_state(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        if Instant::now() >= deadline {
+                            break format!(
+                                "BUSY: its lock has been held for over {} ms",
+                                DUMP_LOCK_WAIT.as_millis()
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            };
+            for (i, line) in text.lines().enumerate() {
+                if i == 0 {
+                    out.push_str(&format!("\n{bdf}: {line}"));
+                } else {
+                    out.push_str(&format!("\n{bdf}   {line}"));
+                }
+            }
+            if text.is_empty() {
+                out.push_str(&format!("\n{bdf}: (no state to report)"));
+            }
+        }
+        out
+    }
+
     /// Starts the device thread: it waits on every doorbell and runs the
     /// owning function's `doorbell()`.
     pub fn start_thread(
@@ -243,11 +332,13 @@ impl DeviceManager {
                     let db = lock(&self.doorbells);
                     db.by_token.get(&token).map(|r| {
                         let _ = r.event.read();
-                        (r.device.clone(), r.index)
+                        (r.device.clone(), r.bdf, r.index)
                     })
                 };
-                if let Some((dev, index)) = target {
+                if let Some((dev, bdf, index)) = target {
+                    self.activity.set(Some((bdf, index)));
                     lock(&dev).doorbell(index);
+                    self.activity.set(None);
                 }
             }
         }

@@ -10,6 +10,7 @@ mod arch;
 mod config;
 mod device_manager;
 mod devices;
+mod dump;
 mod firmware;
 mod interrupts;
 mod platform;

@@ -1,7 +1,7 @@
 //! vCPU threads: configuration for boot and the KVM_RUN loop.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_lapic_state, kvm_msr_entry, Msrs};
@@ -11,7 +11,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::{boot, cpuid};
 use crate::platform::Platform;
-use crate::watchdog::ExitWatch;
+use crate::watchdog::{ExitKind, ExitWatch};
 
 #[derive(Debug, Error)]
 pub enum VcpuError {
@@ -48,7 +48,16 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_TPR: usize = 0x80;
+const APIC_SVR: usize = 0xf0;
+const APIC_ISR: usize = 0x100;
+const APIC_IRR: usize = 0x200;
+const APIC_LVTT: usize = 0x320;
+const APIC_TMICT: usize = 0x380;
+const APIC_TMCCT: usize = 0x390;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 fn lapic_reg(l: &kvm_lapic_state, off: usize) -> u32 {
     let b = &l.regs[off..off + 4];
@@ -135,35 +144,51 @@ impl Vcpu {
         self,
         platform: Arc<Platform>,
         watch: Arc<ExitWatch>,
+        report: Arc<VcpuReport>,
         stop: Arc<AtomicBool>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run(&platform, &watch, &stop))
+            .spawn(move || self.run(&platform, &watch, &report, &stop))
             .map_err(VcpuError::Spawn)
     }
 
-    fn run(mut self, platform: &Platform, watch: &ExitWatch, stop: &AtomicBool) {
+    fn run(
+        mut self,
+        platform: &Platform,
+        watch: &ExitWatch,
+        report: &VcpuReport,
+        stop: &AtomicBool,
+    ) {
         let id = self.id as usize;
+        let mut answered = 0u64;
         while !stop.load(Ordering::Acquire) {
-            match self.fd.run() {
+            let wanted = report.requested.load(Ordering::Acquire);
+            if wanted != answered {
+                report.answer(wanted, describe_vcpu(&self.fd));
+                answered = wanted;
+            }
+            watch.run_enter(id);
+            let exit = self.fd.run();
+            watch.run_leave(id);
+            match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    watch.enter(id, port as u64);
+                    watch.enter(id, ExitKind::PioIn, port as u64);
                     platform.pio_read(port, data);
                     watch.leave(id);
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    watch.enter(id, port as u64);
+                    watch.enter(id, ExitKind::PioOut, port as u64);
                     platform.pio_write(port, data);
                     watch.leave(id);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    watch.enter(id, addr);
+                    watch.enter(id, ExitKind::MmioRead, addr);
                     platform.mmio_read(addr, data);
                     watch.leave(id);
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    watch.enter(id, addr);
+                    watch.enter(id, ExitKind::MmioWrite, addr);
                     platform.mmio_write(addr, data);
                     watch.leave(id);
                 }
@@ -210,6 +235,137 @@ impl Vcpu {
             }
         }
     }
+}
+
+/// A request for a vCPU's state, answered by the vCPU thread itself (only
+/// it may issue ioctls on its file descriptor while it runs): the dump bumps
+/// `requested` and kicks the thread out of KVM_RUN; the thread answers
+/// before it enters KVM_RUN again.
+#[derive(Default)]
+pub struct VcpuReport {
+    requested: AtomicU64,
+    answer: Mutex<Option<(u64, String)>>,
+}
+
+impl VcpuReport {
+    /// Asks for a new report; returns its number.
+    pub fn request(&self) -> u64 {
+        self.requested.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn answer(&self, n: u64, text: String) {
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, text));
+    }
+
+    /// The answer to request `n`, if the vCPU gave it.
+    pub fn answered(&self, n: u64) -> Option<String> {
+        let a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        match &*a {
+            Some((got, text)) if *got >= n => Some(text.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The vCPU's registers, pending events, MP state and local APIC as the
+/// dump shows them (each item `name=value`; unreadable items say why).
+fn describe_vcpu(fd: &VcpuFd) -> String {
+    let mut out = Vec::new();
+    match fd.get_regs() {
+        Ok(r) => out.push(format!(
+            "rip={:#x} rflags={:#x} (IF={}) rsp={:#x} rax={:#x} rcx={:#x} rdx={:#x}",
+            r.rip,
+            r.rflags,
+            (r.rflags >> 9) & 1,
+            r.rsp,
+            r.rax,
+            r.rcx,
+            r.rdx
+        )),
+        Err(e) => out.push(format!("regs: {e}")),
+    }
+    match fd.get_sregs() {
+        Ok(s) => out.push(format!(
+            "cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+            s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector
+        )),
+        Err(e) => out.push(format!("sregs: {e}")),
+    }
+    match fd.get_mp_state() {
+        Ok(m) => out.push(format!(
+            "mp_state={}",
+            match m.mp_state {
+                0 => "RUNNABLE".to_string(),
+                1 => "UNINITIALIZED".to_string(),
+                2 => "INIT_RECEIVED".to_string(),
+                3 => "HALTED".to_string(),
+                4 => "SIPI_RECEIVED".to_string(),
+                n => n.to_string(),
+            }
+        )),
+        Err(e) => out.push(format!("mp_state: {e}")),
+    }
+    match fd.get_vcpu_events() {
+        Ok(ev) => out.push(format!(
+            "events: exception(injected={} pending={} nr={}) interrupt(injected={} nr={} shadow={}) nmi(injected={} pending={} masked={})",
+            ev.exception.injected,
+            ev.exception.pending,
+            ev.exception.nr,
+            ev.interrupt.injected,
+            ev.interrupt.nr,
+            ev.interrupt.shadow,
+            ev.nmi.injected,
+            ev.nmi.pending,
+            ev.nmi.masked
+        )),
+        Err(e) => out.push(format!("events: {e}")),
+    }
+    match fd.get_lapic() {
+        Ok(l) => {
+            let highest = |base: usize| {
+                (0..8)
+                    .rev()
+                    .find_map(|i| {
+                        let w = lapic_reg(&l, base + 0x10 * i);
+                        (w != 0).then(|| i as u32 * 32 + 31 - w.leading_zeros())
+                    })
+                    .map_or("none".to_string(), |v| v.to_string())
+            };
+            out.push(format!(
+                "lapic: tpr={:#x} isr_highest={} irr_highest={} lvtt={:#x} tmict={:#x} tmcct={:#x} svr={:#x}",
+                lapic_reg(&l, APIC_TPR),
+                highest(APIC_ISR),
+                highest(APIC_IRR),
+                lapic_reg(&l, APIC_LVTT),
+                lapic_reg(&l, APIC_TMICT),
+                lapic_reg(&l, APIC_TMCCT),
+                lapic_reg(&l, APIC_SVR)
+            ));
+        }
+        Err(e) => out.push(format!("lapic: {e}")),
+    }
+    let mut msrs = Msrs::from_entries(&[
+        kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        },
+        kvm_msr_entry {
+            index: MSR_IA32_TSC_DEADLINE,
+            ..Default::default()
+        },
+    ])
+    .ok();
+    if let Some(m) = msrs.as_mut() {
+        match fd.get_msrs(m) {
+            Ok(2) => {
+                let e = m.as_slice();
+                out.push(format!("tsc={} tsc_deadline={}", e[0].data, e[1].data));
+            }
+            Ok(n) => out.push(format!("msrs: read {n} of 2")),
+            Err(e) => out.push(format!("msrs: {e}")),
+        }
+    }
+    out.join("; ")
 }
 
 #[cfg(test)]

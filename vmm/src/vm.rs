@@ -5,7 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
@@ -19,6 +21,7 @@ use crate::arch::{acpi, boot, layout};
 use crate::config::{CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::serial::{FlushingWriter, SerialPort};
+use crate::dump::{self, DumpSources, SignalFd, VcpuThread};
 use crate::firmware::{BarAllocator, FirmwareError};
 use crate::interrupts::{InterruptError, KvmInterruptManager, MsiManager};
 use crate::platform::{ExitReason, Platform};
@@ -79,6 +82,61 @@ pub enum VmError {
     SerialIrq(kvm_ioctls::Error),
     #[error("the guest stopped with an error: {0}")]
     Guest(String),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+    #[error("vCPU threads {0:?} did not stop within {limit} s (blocked in an exit handler; see the state dump above)", limit = STOP_LIMIT.as_secs())]
+    StuckVcpus(Vec<usize>),
+}
+
+/// How long the VMM waits for the vCPU threads to stop before it gives up
+/// on them and exits anyway.
+pub const STOP_LIMIT: Duration = Duration::from_secs(5);
+
+/// Stops threads that loop until their stop flag is set: kicks each with
+/// [`vcpu::kick_signal`] (out of KVM_RUN) every few milliseconds until it
+/// has ended or `limit` has passed. Returns the indices of the threads
+/// still running then (blocked somewhere a kick cannot reach, such as a
+/// lock).
+pub fn stop_threads(handles: &[&JoinHandle<()>], limit: Duration) -> Vec<usize> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let running: Vec<usize> = handles
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !h.is_finished())
+            .map(|(i, _)| i)
+            .collect();
+        if running.is_empty() || Instant::now() >= deadline {
+            return running;
+        }
+        for &i in &running {
+            let _ = handles[i].kill(vcpu::kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until at least one of `fds` is readable; returns which are.
+fn wait_readable(fds: &[RawFd]) -> std::io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a valid array of `p.len()` pollfds for the call.
+        let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(p.iter().map(|x| x.revents & libc::POLLIN != 0).collect());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Creates the guest memory and registers it with KVM.
@@ -136,6 +194,9 @@ fn output(cfg: &OutputConfig) -> Result<Option<Box<dyn Write + Send>>, VmError> 
 /// Builds the VM described by `cfg`, runs it until the guest powers off,
 /// resets or fails, and returns why it stopped.
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
+    let started = Instant::now();
+    // Before any thread exists, so that every thread blocks SIGUSR1.
+    let signals = SignalFd::new(&[libc::SIGUSR1]).map_err(VmError::Signals)?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let version = kvm.get_api_version();
     if version != 12 {
@@ -219,21 +280,53 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let dev_thread = dev_mgr.start_thread(stop.clone())?;
     let watch = crate::watchdog::ExitWatch::new(vcpus.len());
     watch.spawn(stop.clone());
-    let mut handles = Vec::new();
+    let mut threads = Vec::new();
     for v in vcpus {
-        handles.push(v.spawn(platform.clone(), watch.clone(), stop.clone())?);
+        let report = Arc::new(vcpu::VcpuReport::default());
+        let handle = v.spawn(platform.clone(), watch.clone(), report.clone(), stop.clone())?;
+        threads.push(VcpuThread { handle, report });
     }
     crate::stdin::spawn_serial_input(platform.clone(), &cfg.serial);
 
-    // Wait for the guest to stop.
-    let _ = exit_wait.read();
-    stop.store(true, Ordering::Release);
-    for h in handles {
-        while !h.is_finished() {
-            let _ = h.kill(vcpu::kick_signal());
-            std::thread::sleep(Duration::from_millis(5));
+    let sources = DumpSources {
+        vcpus: &threads,
+        watch: &watch,
+        devices: &dev_mgr,
+        started,
+    };
+    // Wait for the guest to stop; dump the state on SIGUSR1.
+    let mut dumps = 0u64;
+    loop {
+        match wait_readable(&[exit_wait.as_raw_fd(), signals.as_raw_fd()]) {
+            Ok(ready) => {
+                if ready[1] {
+                    while let Some(sig) = signals.read() {
+                        if sig == libc::SIGUSR1 {
+                            dumps += 1;
+                            eprint!("{}", dump::collect(dumps, &sources));
+                        }
+                    }
+                }
+                if ready[0] {
+                    break;
+                }
+            }
+            Err(e) => {
+                log::error!("waiting for the VM to stop: {e}");
+                break;
+            }
         }
-        let _ = h.join();
+    }
+    stop.store(true, Ordering::Release);
+    let handles: Vec<&JoinHandle<()>> = threads.iter().map(|t| &t.handle).collect();
+    let stuck = stop_threads(&handles, STOP_LIMIT);
+    if !stuck.is_empty() {
+        eprint!("{}", dump::collect(dumps + 1, &sources));
+        return Err(VmError::StuckVcpus(stuck));
+    }
+    drop(sources);
+    for t in threads {
+        let _ = t.handle.join();
     }
     dev_mgr.stop_thread();
     let _ = dev_thread.join();
@@ -242,5 +335,56 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         Some(ExitReason::Error(e)) => Err(VmError::Guest(e)),
         Some(r) => Ok(r),
         None => Ok(ExitReason::PowerOff),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn stop_threads_gives_up_on_a_blocked_thread() {
+        vcpu::install_kick_handler().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        // A vCPU-like thread that polls its stop flag, and one blocked on a
+        // lock the test holds (a handler waiting on a device mutex).
+        let s = stop.clone();
+        let polling = std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let lock = Arc::new(Mutex::new(()));
+        let held = lock.lock().unwrap();
+        let l = lock.clone();
+        let blocked = std::thread::spawn(move || {
+            let _g = l.lock();
+        });
+        stop.store(true, Ordering::Release);
+        let t0 = Instant::now();
+        let stuck = stop_threads(&[&polling, &blocked], Duration::from_millis(300));
+        assert_eq!(stuck, vec![1], "only the blocked thread is reported");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "stop_threads returned after {:?}",
+            t0.elapsed()
+        );
+        drop(held);
+        blocked.join().unwrap();
+        polling.join().unwrap();
+        assert!(stop_threads(&[], Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn signalfd_receives_a_blocked_signal() {
+        let sfd = SignalFd::new(&[libc::SIGUSR1]).unwrap();
+        assert_eq!(sfd.read(), None, "nothing pending yet");
+        // SAFETY: SIGUSR1 is blocked in this thread, so raising it only
+        // queues it for the signalfd.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+        assert_eq!(wait_readable(&[sfd.as_raw_fd()]).unwrap(), vec![true]);
+        assert_eq!(sfd.read(), Some(libc::SIGUSR1));
+        assert_eq!(sfd.read(), None);
     }
 }

@@ -955,4 +955,31 @@ impl PciDevice for VirtioPf {
         self.dev.doorbell(index);
         self.poll_admin();
     }
+
+    fn debug_state(&self) -> String {
+        let pf = self.dev.device();
+        let regs = self.sriov.regs(self.dev.pci_config());
+        let mut s = format!(
+            "PF: vf_enable={} num_vfs={} vf_mse={} admin: deferred={} orphans={}",
+            regs.vf_enabled(),
+            regs.num_vfs,
+            regs.vf_mse(),
+            pf.deferred.len(),
+            pf.orphans.len()
+        );
+        for (n, m) in pf.table.members() {
+            s.push_str(&format!(
+                " vf{n}={:?}{}",
+                m.mode(),
+                if m.migration.recorder.is_started() {
+                    "+recording"
+                } else {
+                    ""
+                }
+            ));
+        }
+        s.push(' ');
+        s.push_str(&self.dev.debug_state());
+        s
+    }
 }

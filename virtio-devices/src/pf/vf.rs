@@ -354,6 +354,16 @@ impl<D: VirtioDevice> PciDevice for VfFunction<D> {
     fn doorbell(&mut self, index: u16) {
         self.dev.doorbell(index)
     }
+
+    fn debug_state(&self) -> String {
+        let adopted: usize = self.adopted.iter().map(Vec::len).sum();
+        let mut s = format!("VF {}: ", self.number);
+        if adopted > 0 {
+            s.push_str(&format!("adopted_heads={adopted} "));
+        }
+        s.push_str(&self.dev.debug_state());
+        s
+    }
 }
 
 impl<D: VirtioDevice> MemberDevice for VfFunction<D> {

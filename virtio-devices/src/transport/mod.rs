@@ -46,6 +46,7 @@
 
 pub mod caps;
 mod common;
+mod debug;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -1076,5 +1077,9 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
             return;
         }
         self.process_queue(index);
+    }
+
+    fn debug_state(&self) -> String {
+        VirtioPciDevice::debug_state(self)
     }
 }
