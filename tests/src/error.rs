@@ -79,7 +79,9 @@ pub enum Error {
 
     /// A step of the run did not end in time: the VMM's state dump was
     /// collected and the process killed.
-    #[error("{what} stalled: {overdue}.\nVMM state dump:\n{dump}\nlast output before the dump:\n{tail}")]
+    #[error(
+        "{what} stalled: {overdue}.\nVMM state dump:\n{dump}\nlast output before the dump:\n{tail}"
+    )]
     Stalled {
         what: String,
         overdue: String,

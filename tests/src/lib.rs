@@ -39,6 +39,7 @@ pub mod pattern;
 pub mod runner;
 pub mod scenario;
 pub mod steps;
+pub mod stress;
 
 pub use error::{Error, Result};
 pub use host::Mode;

@@ -371,7 +371,14 @@ impl Runner {
             .current_dir(dir);
         let what = format!("outer QEMU host VM (scenario {})", scenario.name);
         let log = dir.join(OUTPUT_LOG);
-        let cap = capture(cmd, &what, watch, DumpVia::OuterConsole, Some(&log), self.echo)?;
+        let cap = capture(
+            cmd,
+            &what,
+            watch,
+            DumpVia::OuterConsole,
+            Some(&log),
+            self.echo,
+        )?;
         let tail = tail_lines(&cap.lines, 60);
 
         let find = |text: &str| cap.lines.iter().find(|l| l.text.contains(text));
@@ -667,7 +674,9 @@ fn capture(
     } else {
         Stdio::null()
     };
-    cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|source| Error::Spawn {
         program: format!("{:?}", cmd.get_program()),
@@ -885,10 +894,16 @@ i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"#;
                 tail,
                 ..
             }) => {
-                assert!(overdue.contains("'two'") && overdue.contains("'one'"), "{overdue}");
+                assert!(
+                    overdue.contains("'two'") && overdue.contains("'one'"),
+                    "{overdue}"
+                );
                 assert!(dump.contains("vCPU 0: stuck here"), "dump: {dump}");
                 assert!(dump.starts_with(DUMP_BEGIN) && dump.contains(DUMP_END));
-                assert!(tail.contains("working") && !tail.contains("stuck"), "{tail}");
+                assert!(
+                    tail.contains("working") && !tail.contains("stuck"),
+                    "{tail}"
+                );
             }
             other => panic!("expected a stall, got {:?}", other.map(|c| c.status)),
         }

@@ -172,7 +172,11 @@ mod tests {
         assert_eq!(t.overdue(s(16)).unwrap().step, "exit");
         assert_eq!(
             t.timings(),
-            vec![("boot".into(), s(8)), ("one".into(), s(1)), ("two".into(), s(3))]
+            vec![
+                ("boot".into(), s(8)),
+                ("one".into(), s(1)),
+                ("two".into(), s(3))
+            ]
         );
     }
 

@@ -2,9 +2,9 @@
 //! KVM or nested in a QEMU TCG host VM (see the `tests` crate docs). Each test
 //! asserts what the guest reports between `@@T:KEY=VALUE@@` markers.
 
+use std::time::Duration;
 use tests::checks::{boot, marker};
 use tests::pattern::pattern;
-use std::time::Duration;
 
 use tests::{RunOutput, Scenario};
 

@@ -85,8 +85,10 @@ impl ThreadActivity {
 
     fn set(&self, what: Option<(Bdf, u16)>) {
         *lock(&self.serving) = what;
-        self.since
-            .store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
+        self.since.store(
+            self.epoch.elapsed().as_millis() as u64 + 1,
+            Ordering::Release,
+        );
         if what.is_some() {
             self.turns.fetch_add(1, Ordering::Relaxed);
         }
@@ -98,7 +100,9 @@ impl ThreadActivity {
         let turns = self.turns.load(Ordering::Relaxed);
         match *lock(&self.serving) {
             Some((bdf, index)) => {
-                format!("serving doorbell {index} of {bdf} for {for_:.3} s ({turns} doorbells served)")
+                format!(
+                    "serving doorbell {index} of {bdf} for {for_:.3} s ({turns} doorbells served)"
+                )
             }
             None => format!("waiting for doorbells for {for_:.3} s ({turns} doorbells served)"),
         }
@@ -268,7 +272,9 @@ impl DeviceManager {
             let text = loop {
                 match dev.try_lock() {
                     Ok(d) => break d.debug_state(),
-                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner().debug_state(),
+                    Err(std::sync::TryLockError::Poisoned(p)) => {
+                        break p.into_inner().debug_state()
+                    }
                     Err(std::sync::TryLockError::WouldBlock) => {
                         if Instant::now() >= deadline {
                             break format!(

@@ -143,7 +143,9 @@ pub fn collect(n: u64, src: &DumpSources<'_>) -> String {
         src.started.elapsed().as_secs_f64()
     );
     // Activity first: asking for registers kicks the vCPUs out of KVM_RUN.
-    let activity: Vec<String> = (0..src.vcpus.len()).map(|i| src.watch.describe(i)).collect();
+    let activity: Vec<String> = (0..src.vcpus.len())
+        .map(|i| src.watch.describe(i))
+        .collect();
     let reports = vcpu_reports(src.vcpus);
     for (i, ((v, r), act)) in src.vcpus.iter().zip(reports).zip(activity).enumerate() {
         let _ = writeln!(out, "vCPU {i}: {act}");

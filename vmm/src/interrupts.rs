@@ -38,6 +38,26 @@ impl From<InterruptError> for std::io::Error {
     }
 }
 
+/// The KVM operations interrupt routing needs: the real VM, or a fake in
+/// unit tests.
+pub trait IrqChip: Send + Sync {
+    fn set_gsi_routing(&self, table: &KvmIrqRouting) -> Result<(), kvm_ioctls::Error>;
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error>;
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error>;
+}
+
+impl IrqChip for VmFd {
+    fn set_gsi_routing(&self, table: &KvmIrqRouting) -> Result<(), kvm_ioctls::Error> {
+        VmFd::set_gsi_routing(self, table)
+    }
+    fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        VmFd::register_irqfd(self, fd, gsi)
+    }
+    fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+        VmFd::unregister_irqfd(self, fd, gsi)
+    }
+}
+
 struct Routes {
     next_gsi: u32,
     /// GSIs given back by dropped groups (VFs removed), reused first.
@@ -47,7 +67,7 @@ struct Routes {
 
 /// Owns the VM's GSI routing table.
 pub struct KvmInterruptManager {
-    vm: Arc<VmFd>,
+    vm: Arc<dyn IrqChip>,
     max_gsi: u32,
     routes: Mutex<Routes>,
 }
@@ -78,7 +98,7 @@ fn msi_entry(gsi: u32, msg: MsiMessage) -> kvm_irq_routing_entry {
 impl KvmInterruptManager {
     /// Creates the manager and installs the legacy routes (IOAPIC pins
     /// 0..24, PIC lines 0..16).
-    pub fn new(vm: Arc<VmFd>, max_gsi: u32) -> Result<Arc<Self>, InterruptError> {
+    pub fn new(vm: Arc<dyn IrqChip>, max_gsi: u32) -> Result<Arc<Self>, InterruptError> {
         let m = Arc::new(KvmInterruptManager {
             vm,
             max_gsi,
@@ -139,9 +159,19 @@ impl KvmInterruptManager {
         Ok(gsis)
     }
 
-    /// Gives GSIs back for reuse (their routes are already removed).
+    /// Removes the routes of `gsis` and gives the GSIs back for reuse.
     fn release(&self, gsis: &[u32]) {
-        self.lock().free.extend_from_slice(gsis);
+        let mut r = self.lock();
+        let had_routes = gsis.iter().any(|g| r.msi.contains_key(g));
+        for g in gsis {
+            r.msi.remove(g);
+        }
+        r.free.extend_from_slice(gsis);
+        if had_routes {
+            if let Err(e) = self.commit(&r) {
+                log::warn!("removing MSI routes: {e}");
+            }
+        }
     }
 
     fn set_route(&self, gsi: u32, route: Option<MsiMessage>) -> Result<(), InterruptError> {
@@ -185,10 +215,12 @@ impl InterruptSourceGroup for MsiGroup {
 }
 
 impl Drop for MsiGroup {
+    /// Unregisters the irqfds registered so far (all of them, or those
+    /// before a failure part way through [`MsiManager::create_group`]),
+    /// removes the routes and gives every GSI back.
     fn drop(&mut self) {
         for (gsi, e) in self.gsis.iter().zip(&self.events) {
             let _ = self.manager.vm.unregister_irqfd(e, *gsi);
-            let _ = self.manager.set_route(*gsi, None);
         }
         self.manager.release(&self.gsis);
     }
@@ -205,20 +237,133 @@ impl InterruptManager for MsiManager {
         vectors: u16,
     ) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
         let gsis = self.0.allocate(vectors)?;
-        let mut events = Vec::with_capacity(gsis.len());
-        for gsi in &gsis {
+        // Built up in place: on an error part way, dropping the group
+        // undoes what was done (irqfds registered, GSIs allocated).
+        let mut group = MsiGroup {
+            manager: self.0.clone(),
+            events: Vec::with_capacity(gsis.len()),
+            gsis,
+        };
+        for i in 0..group.gsis.len() {
+            let gsi = group.gsis[i];
             let e = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
             self.0
                 .vm
-                .register_irqfd(&e, *gsi)
-                .map_err(|source| InterruptError::Irqfd { gsi: *gsi, source })?;
-            events.push(e);
+                .register_irqfd(&e, gsi)
+                .map_err(|source| InterruptError::Irqfd { gsi, source })?;
+            group.events.push(e);
         }
-        log::debug!("{bdf}: {vectors} MSI-X vectors on GSIs {:?}", gsis.first());
-        Ok(Arc::new(MsiGroup {
-            manager: self.0.clone(),
-            gsis,
-            events,
-        }))
+        log::debug!(
+            "{bdf}: {vectors} MSI-X vectors on GSIs {:?}",
+            group.gsis.first()
+        );
+        Ok(Arc::new(group))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::os::fd::AsRawFd;
+
+    /// A fake VM: records routes and irqfds; can fail the Nth irqfd
+    /// registration.
+    #[derive(Default)]
+    struct FakeChip {
+        irqfds: Mutex<BTreeSet<(i32, u32)>>,
+        routes: Mutex<Vec<kvm_irq_routing_entry>>,
+        registrations: Mutex<usize>,
+        fail_at: Option<usize>,
+    }
+
+    impl IrqChip for FakeChip {
+        fn set_gsi_routing(&self, table: &KvmIrqRouting) -> Result<(), kvm_ioctls::Error> {
+            *self.routes.lock().unwrap() = table.as_slice().to_vec();
+            Ok(())
+        }
+        fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+            let mut n = self.registrations.lock().unwrap();
+            *n += 1;
+            if Some(*n) == self.fail_at {
+                return Err(kvm_ioctls::Error::new(libc::ENOSPC));
+            }
+            self.irqfds.lock().unwrap().insert((fd.as_raw_fd(), gsi));
+            Ok(())
+        }
+        fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
+            self.irqfds.lock().unwrap().remove(&(fd.as_raw_fd(), gsi));
+            Ok(())
+        }
+    }
+
+    fn msi_routes(chip: &FakeChip) -> Vec<u32> {
+        chip.routes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.type_ == KVM_IRQ_ROUTING_MSI)
+            .map(|e| e.gsi)
+            .collect()
+    }
+
+    fn msg(n: u32) -> MsiMessage {
+        MsiMessage {
+            address: 0xfee0_0000,
+            data: n,
+        }
+    }
+
+    #[test]
+    fn a_failed_group_gives_back_everything() {
+        let chip = Arc::new(FakeChip {
+            fail_at: Some(3),
+            ..Default::default()
+        });
+        let m = MsiManager(KvmInterruptManager::new(chip.clone(), 100).unwrap());
+        let err = m
+            .create_group(Bdf::new(0, 3, 0), 4)
+            .err()
+            .expect("must fail");
+        assert!(
+            err.to_string().contains("KVM_IRQFD failed for GSI 26"),
+            "{err}"
+        );
+        assert!(chip.irqfds.lock().unwrap().is_empty(), "irqfds leaked");
+        // The same four GSIs come back: none was lost.
+        let g = m.0.allocate(4).unwrap();
+        let set: BTreeSet<u32> = g.iter().copied().collect();
+        assert_eq!(set, (24..28).collect());
+        assert_eq!(m.0.lock().next_gsi, 28);
+    }
+
+    #[test]
+    fn gsis_of_dropped_groups_are_reused_and_routes_removed() {
+        let chip = Arc::new(FakeChip::default());
+        let m = MsiManager(KvmInterruptManager::new(chip.clone(), 40).unwrap());
+        // Legacy routes only, at first.
+        assert!(msi_routes(&chip).is_empty());
+        assert!(chip.routes.lock().unwrap().len() >= 24);
+        for cycle in 0..100 {
+            let a = m.create_group(Bdf::new(0, 3, 0), 8).unwrap();
+            let b = m.create_group(Bdf::new(0, 3, 1), 8).unwrap();
+            a.update(0, msg(1), false).unwrap();
+            b.update(7, msg(2), false).unwrap();
+            a.update(1, msg(3), true).unwrap();
+            assert_eq!(msi_routes(&chip).len(), 2, "cycle {cycle}");
+            assert_eq!(chip.irqfds.lock().unwrap().len(), 16);
+            a.trigger(0).unwrap();
+            assert!(a.trigger(8).is_err(), "vector out of range");
+            drop(a);
+            drop(b);
+            assert!(msi_routes(&chip).is_empty(), "routes left after drop");
+            assert!(chip.irqfds.lock().unwrap().is_empty());
+        }
+        // 100 cycles of 16 vectors fit in 16 GSIs (24..40).
+        assert_eq!(m.0.lock().next_gsi, 40);
+        assert!(
+            m.create_group(Bdf::new(0, 4, 0), 17).is_err(),
+            "out of GSIs"
+        );
     }
 }

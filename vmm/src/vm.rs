@@ -2,10 +2,10 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use vmm_sys_util::signal::Killable;
 use crate::arch::{acpi, boot, layout};
 use crate::config::{CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
-use crate::devices::serial::{FlushingWriter, SerialPort};
+use crate::devices::serial::{BufferedOutput, SerialPort};
 use crate::dump::{self, DumpSources, SignalFd, VcpuThread};
 use crate::firmware::{BarAllocator, FirmwareError};
 use crate::interrupts::{InterruptError, KvmInterruptManager, MsiManager};
@@ -82,11 +82,16 @@ pub enum VmError {
     SerialIrq(kvm_ioctls::Error),
     #[error("the guest stopped with an error: {0}")]
     Guest(String),
+    #[error("cannot start a thread: {0}")]
+    Spawn(std::io::Error),
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
     #[error("vCPU threads {0:?} did not stop within {limit} s (blocked in an exit handler; see the state dump above)", limit = STOP_LIMIT.as_secs())]
     StuckVcpus(Vec<usize>),
 }
+
+/// How long the VMM waits, at exit, for the console output to be written.
+const SERIAL_FLUSH_LIMIT: Duration = Duration::from_secs(2);
 
 /// How long the VMM waits for the vCPU threads to stop before it gives up
 /// on them and exits anyway.
@@ -177,8 +182,8 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
 fn output(cfg: &OutputConfig) -> Result<Option<Box<dyn Write + Send>>, VmError> {
     Ok(match cfg {
         OutputConfig::Off => None,
-        OutputConfig::Tty => Some(Box::new(FlushingWriter(std::io::stdout()))),
-        OutputConfig::File(p) => Some(Box::new(FlushingWriter(
+        OutputConfig::Tty => Some(Box::new(std::io::stdout())),
+        OutputConfig::File(p) => Some(Box::new(
             OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -187,7 +192,7 @@ fn output(cfg: &OutputConfig) -> Result<Option<Box<dyn Write + Send>>, VmError> 
                     path: p.display().to_string(),
                     source,
                 })?,
-        ))),
+        )),
     })
 }
 
@@ -220,12 +225,15 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let msi = Arc::new(MsiManager(irq.clone()));
 
     // Serial port on GSI 4.
+    let mut serial_thread = None;
     let serial = match output(&cfg.serial)? {
         Some(out) => {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
             vm.register_irqfd(&evt, layout::SERIAL_IRQ)
                 .map_err(VmError::SerialIrq)?;
-            Some(SerialPort::new(evt, out))
+            let (buffered, thread) = BufferedOutput::spawn(out).map_err(VmError::Spawn)?;
+            serial_thread = Some(thread);
+            Some(SerialPort::new(evt, Box::new(buffered)))
         }
         None => None,
     };
@@ -283,7 +291,12 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let mut threads = Vec::new();
     for v in vcpus {
         let report = Arc::new(vcpu::VcpuReport::default());
-        let handle = v.spawn(platform.clone(), watch.clone(), report.clone(), stop.clone())?;
+        let handle = v.spawn(
+            platform.clone(),
+            watch.clone(),
+            report.clone(),
+            stop.clone(),
+        )?;
         threads.push(VcpuThread { handle, report });
     }
     crate::stdin::spawn_serial_input(platform.clone(), &cfg.serial);
@@ -330,6 +343,11 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     }
     dev_mgr.stop_thread();
     let _ = dev_thread.join();
+    if let Some(t) = serial_thread.take() {
+        if !t.finish(SERIAL_FLUSH_LIMIT) {
+            log::warn!("the serial output did not take the last console output");
+        }
+    }
     drop(mem);
     match platform.exit_reason() {
         Some(ExitReason::Error(e)) => Err(VmError::Guest(e)),

@@ -147,7 +147,11 @@ impl ExitWatch {
         } else {
             Activity::Outside
         };
-        Some((act, s.exits.load(Ordering::Relaxed), kind.map(|k| (k, addr))))
+        Some((
+            act,
+            s.exits.load(Ordering::Relaxed),
+            kind.map(|k| (k, addr)),
+        ))
     }
 
     /// One line describing vCPU `id`'s activity.
@@ -255,6 +259,8 @@ mod tests {
         assert!(w.describe(0).contains("MMIO read at 0xc0001000"));
         w.leave(0);
         assert_eq!(w.activity(0).unwrap().0, Activity::Outside);
-        assert!(w.describe(0).contains("last userspace exit: MMIO read 0xc0001000"));
+        assert!(w
+            .describe(0)
+            .contains("last userspace exit: MMIO read 0xc0001000"));
     }
 }

@@ -1147,6 +1147,58 @@ fn r_mode_7_vf_flr_in_stop_keeps_mode_and_write_records() {
     assert!(rd.ok(), "recording still started: {rd:?}");
 }
 
+/// R-MODE-7, R-WR-6 in Freeze: a virtio reset of a VF in Freeze resets its
+/// virtio state (Freeze ignores every other virtio configuration write),
+/// keeps the mode, the recording and the records; so does FLR.
+#[test]
+fn r_mode_7_virtio_reset_and_flr_in_freeze_reset_the_member() {
+    let mut r = Rig::up("freeze-reset", 2, 2, Files::PerVf);
+    r.bring_up_vf(1);
+    r.start_records_all(1);
+    let (s, _) = r.request(1, &read_req(0, 4096));
+    let buf_pages: Vec<u64> = pages_of(s.writable()[0].0, 4096).collect();
+    r.set_mode(1, Mode::Stop);
+    r.set_mode(1, Mode::Freeze);
+    let bdf = r.vf_bdf(1);
+    let mut vf = r.on(bdf);
+    assert_eq!(r.t.status(&mut vf), 0xf);
+    r.t.set_status(&mut vf, 0);
+    assert_eq!(
+        r.t.status(&mut vf),
+        0,
+        "virtio reset in Freeze resets the VF"
+    );
+    assert_eq!(r.mode(1), Mode::Freeze as u8);
+    let recs = r.read_records(1);
+    for p in &buf_pages {
+        assert!(
+            recs.contains(p),
+            "page {p:#x} recorded before the reset is kept"
+        );
+    }
+    // The member comes back: Active, re-initialised by its driver, I/O
+    // recorded.
+    r.set_mode(1, Mode::Active);
+    r.bring_up_vf(1);
+    let (s, _) = r.request(1, &read_req(8, 512));
+    assert!(r.read_records(1).contains(&(s.writable()[0].0 & !4095)));
+    // FLR in Freeze: same.
+    r.set_mode(1, Mode::Stop);
+    r.set_mode(1, Mode::Freeze);
+    let mut vf = r.on(bdf);
+    let pcie = TestDriver::read_caps(&mut vf).unwrap().pcie.unwrap();
+    TestDriver::cfg_write16(&mut vf, pcie + 8, 0x8000);
+    assert_eq!(r.t.status(&mut vf), 0);
+    assert_eq!(r.mode(1), Mode::Freeze as u8);
+    let rd = r.admin(
+        opcode::DEV_WRITE_RECORDS_READ,
+        1,
+        &[0u64.to_le_bytes(), (MEM_LEN as u64).to_le_bytes()].concat(),
+        64,
+    );
+    assert!(rd.ok(), "recording still started: {rd:?}");
+}
+
 // ---- device context round trip ---------------------------------------------------
 
 fn apply_write(model: &mut [u8], sector: u64, data: &[u8]) {

@@ -337,10 +337,7 @@ impl<D: VirtioDevice> PciDevice for VfFunction<D> {
     }
 
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
-        if bar == 0
-            && offset == COMMON_CFG_BAR_OFFSET + common_offset::DEVICE_STATUS
-            && data == [0]
-            && self.dev.mode() != TransportMode::Freeze
+        if bar == 0 && offset == COMMON_CFG_BAR_OFFSET + common_offset::DEVICE_STATUS && data == [0]
         {
             self.forget_adopted();
         }

@@ -621,6 +621,24 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
         self.held_queue_irqs.fill(false);
         self.held_config_irq = false;
+        // Rings a state puts outside guest memory cannot be served: as for
+        // a driver enabling such a queue, the device needs a reset (and
+        // says so) instead of leaving the queue silently wedged.
+        let bad_rings: Vec<usize> = {
+            let mem = self.mem.memory();
+            self.st
+                .queues
+                .iter()
+                .zip(&self.queues)
+                .enumerate()
+                .filter(|(_, (q, rq))| q.enabled && !rq.is_valid(&*mem))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        if !bad_rings.is_empty() {
+            warn!("virtio-pci: applied state has queues {bad_rings:?} with rings outside guest memory; device needs reset");
+            self.set_needs_reset();
+        }
         if self.st.driver_ok() && self.st.device_status & STATUS_DEVICE_NEEDS_RESET == 0 {
             self.activate_device();
         }
@@ -880,10 +898,15 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn bar0_write(&mut self, offset: u64, data: &[u8]) {
         match offset {
             o if o < ISR_BAR_OFFSET => {
-                if self.mode == TransportMode::Freeze {
-                    debug!("virtio-pci: common config write at {o:#x} ignored in Freeze");
-                } else {
+                if self.mode != TransportMode::Freeze {
                     self.write_common(o, data);
+                } else if o == common_offset::DEVICE_STATUS && data == [0] {
+                    // R-MODE-7: a virtio reset in Freeze still resets the
+                    // member's virtio state (the mode stays).
+                    debug!("virtio-pci: device reset in Freeze");
+                    self.reset();
+                } else {
+                    debug!("virtio-pci: common config write at {o:#x} ignored in Freeze");
                 }
             }
             o if o < DEVICE_CFG_BAR_OFFSET => debug!("virtio-pci: ISR write ignored"),

@@ -1242,6 +1242,43 @@ fn state_moves_to_another_device() {
     assert_eq!(b.state(), before);
 }
 
+/// A state whose rings lie outside guest memory is applied, but the device
+/// says it needs a reset (with a configuration interrupt once Active)
+/// instead of leaving the queue silently wedged.
+#[test]
+fn state_with_rings_outside_memory_needs_reset() {
+    let (disk, mut drv, a) = running_block(8, false, VERSION_1);
+    let mut st = a.state();
+    let past_end = DEFAULT_MEM_SIZE as u64 + 0x10_0000;
+    st.queues[0].desc_table = past_end;
+    st.queues[0].avail_ring = past_end + 0x1000;
+    st.queues[0].used_ring = past_end + 0x2000;
+    let mut b = block_device(&disk, false, &drv, VirtioPciOptions::default());
+    drv.probe(&mut b, BAR0_ADDR).unwrap();
+    drv.enable_msix(&mut b, 2).unwrap();
+    b.set_mode(TransportMode::Freeze);
+    b.set_state(&st).unwrap();
+    assert_ne!(
+        b.device_status() & STATUS_DEVICE_NEEDS_RESET,
+        0,
+        "rings past the end of RAM must set DEVICE_NEEDS_RESET"
+    );
+    assert!(!b.is_activated());
+    drv.irqs().clear();
+    b.set_mode(TransportMode::Active);
+    assert_eq!(
+        drv.irqs().take_triggered(),
+        vec![0],
+        "the held configuration interrupt is sent on Active"
+    );
+    // The same state with valid rings activates normally.
+    let mut c = block_device(&disk, false, &drv, VirtioPciOptions::default());
+    drv.probe(&mut c, BAR0_ADDR).unwrap();
+    c.set_state(&a.state()).unwrap();
+    assert_eq!(c.device_status() & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert!(c.is_activated());
+}
+
 #[test]
 fn stop_holds_work_and_freeze_ignores_config_writes() {
     let (_disk, mut drv, mut dev) = running_block(8, false, VERSION_1);
@@ -1279,7 +1316,7 @@ fn stop_holds_work_and_freeze_ignores_config_writes() {
         "... but is not cleared in Freeze"
     );
     drv.common_write(&mut dev, co::QUEUE_SELECT, 2, 5);
-    drv.set_status(&mut dev, 0);
+    drv.common_write(&mut dev, co::DEVICE_STATUS, 1, 0x4f);
     assert_eq!(dev.state(), before, "Freeze: virtio config writes ignored");
     assert_eq!(drv.status(&mut dev), 0xf, "reads return the frozen values");
     // PCI configuration and MSI-X still work in Freeze.
@@ -1288,6 +1325,21 @@ fn stop_holds_work_and_freeze_ignores_config_writes() {
     dev.set_mode(TransportMode::Active);
     assert_eq!(drv.read_isr(&mut dev), ISR_QUEUE);
     assert_eq!(drv.read_isr(&mut dev), 0);
+}
+
+/// R-MODE-7 at the transport: a virtio reset (device_status 0) in Freeze
+/// resets the virtio state, unlike every other common configuration write,
+/// and the mode stays Freeze.
+#[test]
+fn virtio_reset_in_freeze_resets() {
+    let (_disk, drv, mut dev) = running_block(8, false, VERSION_1);
+    dev.set_mode(TransportMode::Freeze);
+    assert_eq!(drv.status(&mut dev), 0xf);
+    drv.set_status(&mut dev, 0);
+    assert_eq!(drv.status(&mut dev), 0, "the reset took effect in Freeze");
+    assert!(!dev.is_activated());
+    assert!(!dev.state().queues[0].enabled);
+    assert_eq!(dev.mode(), TransportMode::Freeze);
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! on GSI 4.
 
 use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -46,17 +48,233 @@ impl SerialPort {
     }
 }
 
-/// Output that is flushed after every write so a guest's console output
-/// is never held back in a buffer when the VMM exits.
-pub struct FlushingWriter<W: Write>(pub W);
+/// Most bytes of guest console output held while the host side is slow.
+pub const OUTPUT_BUFFER: usize = 4 << 20;
 
-impl<W: Write> Write for FlushingWriter<W> {
+struct OutputQueue {
+    bytes: std::collections::VecDeque<u8>,
+    dropped: u64,
+    closed: bool,
+}
+
+struct OutputShared {
+    queue: Mutex<OutputQueue>,
+    ready: Condvar,
+    /// Signalled whenever the writer thread empties the queue.
+    drained: Condvar,
+}
+
+fn lock_queue(s: &OutputShared) -> MutexGuard<'_, OutputQueue> {
+    s.queue.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Guest console output that never blocks the vCPU writing it: bytes go
+/// into a queue (at most [`OUTPUT_BUFFER`] of them; beyond that they are
+/// counted and dropped, and the count is written to the output as soon as
+/// there is room) and a writer thread writes and flushes them to the real
+/// output. A slow or stuck host terminal then delays only that thread, not
+/// the vCPU nor the other vCPUs waiting for the serial port's lock.
+#[derive(Clone)]
+pub struct BufferedOutput {
+    shared: Arc<OutputShared>,
+}
+
+/// The writer thread of a [`BufferedOutput`].
+pub struct OutputThread {
+    shared: Arc<OutputShared>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl BufferedOutput {
+    /// Starts the writer thread over `out`.
+    pub fn spawn(mut out: Box<dyn Write + Send>) -> std::io::Result<(Self, OutputThread)> {
+        let shared = Arc::new(OutputShared {
+            queue: Mutex::new(OutputQueue {
+                bytes: std::collections::VecDeque::new(),
+                dropped: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            drained: Condvar::new(),
+        });
+        let s = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("serial-output".into())
+            .spawn(move || loop {
+                let (chunk, dropped, closed) = {
+                    let mut q = lock_queue(&s);
+                    while q.bytes.is_empty() && q.dropped == 0 && !q.closed {
+                        q = s.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                    let chunk: Vec<u8> = q.bytes.drain(..).collect();
+                    (chunk, std::mem::take(&mut q.dropped), q.closed)
+                };
+                let mut ok = out.write_all(&chunk).is_ok();
+                if dropped > 0 {
+                    let note = format!("\n[cloud-hypervisor: {dropped} bytes of console output dropped: the output was too slow]\n");
+                    ok &= out.write_all(note.as_bytes()).is_ok();
+                }
+                ok &= out.flush().is_ok();
+                if !ok {
+                    log::debug!("serial output: write failed");
+                }
+                let q = lock_queue(&s);
+                if q.bytes.is_empty() {
+                    s.drained.notify_all();
+                    if closed || q.closed {
+                        return;
+                    }
+                }
+            })?;
+        Ok((
+            BufferedOutput {
+                shared: shared.clone(),
+            },
+            OutputThread {
+                shared,
+                handle: Some(handle),
+            },
+        ))
+    }
+}
+
+impl Write for BufferedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.0.flush()?;
-        Ok(n)
+        let mut q = lock_queue(&self.shared);
+        let room = OUTPUT_BUFFER.saturating_sub(q.bytes.len());
+        let n = buf.len().min(room);
+        q.bytes.extend(&buf[..n]);
+        q.dropped += (buf.len() - n) as u64;
+        drop(q);
+        self.shared.ready.notify_one();
+        // Dropped bytes are accounted for, not an error to the guest.
+        Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        Ok(())
+    }
+}
+
+impl OutputThread {
+    /// Writes out what is queued and ends the thread, waiting at most
+    /// `limit` for the output to take it. Returns whether everything was
+    /// written.
+    pub fn finish(mut self, limit: std::time::Duration) -> bool {
+        self.close(limit)
+    }
+
+    fn close(&mut self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut q = lock_queue(&self.shared);
+        q.closed = true;
+        self.shared.ready.notify_one();
+        while !q.bytes.is_empty() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            q = match self.shared.drained.wait_timeout(q, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        drop(q);
+        // The thread returns once it sees the queue empty and closed; if
+        // it is blocked in a write, do not wait for it.
+        if let Some(h) = self.handle.take() {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(200);
+            while !h.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+        true
+    }
+}
+
+impl Drop for OutputThread {
+    /// An early return (an error while building the VM) still writes out
+    /// what the guest printed.
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            self.close(std::time::Duration::from_secs(1));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    /// An output that blocks every write until the test lets it go.
+    struct Gate {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        got: mpsc::Sender<Vec<u8>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (m, c) = &*self.open;
+            let mut open = m.lock().unwrap();
+            while !*open {
+                open = c.wait(open).unwrap();
+            }
+            let _ = self.got.send(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_output_does_not_block_the_writer() {
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let (tx, rx) = mpsc::channel();
+        let gate = Gate {
+            open: open.clone(),
+            got: tx,
+        };
+        let (mut w, thread) = BufferedOutput::spawn(Box::new(gate)).unwrap();
+        let t0 = Instant::now();
+        for i in 0..1000u32 {
+            w.write_all(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        // More than the buffer holds: the excess is dropped, not waited for.
+        w.write_all(&vec![b'x'; OUTPUT_BUFFER + 10]).unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "writes waited for the output: {:?}",
+            t0.elapsed()
+        );
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        assert!(thread.finish(Duration::from_secs(10)));
+        let all: Vec<u8> = rx.try_iter().flatten().collect();
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("line 0\nline 1\n"), "{}", &text[..40]);
+        assert!(text.contains("line 999\n"));
+        assert!(
+            text.contains("bytes of console output dropped"),
+            "no drop note"
+        );
+    }
+
+    #[test]
+    fn finish_gives_up_on_an_output_that_never_takes_bytes() {
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let (tx, _rx) = mpsc::channel();
+        let (mut w, thread) = BufferedOutput::spawn(Box::new(Gate { open, got: tx })).unwrap();
+        w.write_all(b"stuck\n").unwrap();
+        // Wait until the thread has taken the bytes and is blocked.
+        std::thread::sleep(Duration::from_millis(50));
+        w.write_all(b"more\n").unwrap();
+        let t0 = Instant::now();
+        assert!(!thread.finish(Duration::from_millis(200)));
+        assert!(t0.elapsed() < Duration::from_secs(2));
     }
 }
