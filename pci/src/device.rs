@@ -45,6 +45,17 @@ pub struct Doorbell {
     pub event: Arc<EventFd>,
 }
 
+/// An eventfd of the function's own (not a guest doorbell) that the VMM
+/// watches: when it is signalled, the VMM's device thread calls
+/// [`PciDevice::doorbell`] with `index` (for example, a device whose disk
+/// requests finished on its worker thread). Indices are chosen by the
+/// function and do not collide with its doorbells'.
+#[derive(Clone, Debug)]
+pub struct WorkEvent {
+    pub index: u16,
+    pub event: Arc<EventFd>,
+}
+
 /// Functions that appeared or vanished as a side effect of a configuration
 /// write (an SR-IOV PF setting or clearing VF Enable).
 #[derive(Default)]
@@ -91,9 +102,23 @@ pub trait PciDevice: Send {
         Vec::new()
     }
 
-    /// Doorbell `index` was rung (its event was signalled). Runs on the
-    /// VMM's device thread.
+    /// Doorbell `index` was rung (its event was signalled), or the work
+    /// event with that index was. Runs on the VMM's device thread.
     fn doorbell(&mut self, _index: u16) {}
+
+    /// The function's own events (see [`WorkEvent`]); they are watched
+    /// whether or not its BARs decode. Called again whenever the VMM
+    /// re-registers doorbells.
+    fn work_events(&self) -> Vec<WorkEvent> {
+        Vec::new()
+    }
+
+    /// Finishes every request the function has taken from the guest and
+    /// delivers its completion, waiting for the function's workers if
+    /// needed: afterwards nothing the function accepted is in flight. For
+    /// a quiescent point (pause) and for tests that drive a device without
+    /// the VMM's device thread.
+    fn drain(&mut self) {}
 
     /// A human-readable account of the function's run-time state (queues,
     /// interrupts, modes) for the VMM's state dump, one item per line.

@@ -104,6 +104,7 @@ pub use configuration::{
 };
 pub use device::{
     BarKind, BarRange, Doorbell, FunctionChange, InterruptManager, PciDevice, SharedPciDevice,
+    WorkEvent,
 };
 pub use msix::{MsixConfig, MsixConfigState, MsixError, MsixLayout, MsixTableEntry};
 pub use pcie::{PcieCapability, PcieCapabilityBuilder, PcieDeviceType};

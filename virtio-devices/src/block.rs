@@ -4,26 +4,31 @@
 //! descriptor layout works: the 16-byte header is the first 16 readable
 //! bytes, OUT data the rest of the readable bytes, IN / GET_ID data the
 //! writable bytes before the last one, and the status is the last writable
-//! byte. Disk I/O is positional (`pread`/`pwrite` through
-//! [`std::os::unix::fs::FileExt`]) through a bounded bounce buffer; every
-//! guest-memory write goes through vm-memory's `Bytes` API.
+//! byte. Requests run on the device's I/O worker ([`crate::block_io`]), off
+//! the function's lock: `process_queue` only takes chains off the ring (at
+//! most [`QUEUE_BUDGET`] per turn) and the transport puts the worker's
+//! completions on the used ring when its eventfd fires. Disk I/O is
+//! positional through a bounded bounce buffer; every guest-memory write
+//! goes through vm-memory's `Bytes` API.
 //!
 //! Malformed requests never stop the queue: a chain without a writable byte
 //! is completed with used length 0; a short header, an unaligned length or a
 //! sector range past the end of the disk completes with `VIRTIO_BLK_S_IOERR`.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::Queue;
 use vm_migration::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::chain::ChainBuffers;
+pub use crate::block_io::{Completion, DiskBackend};
+use crate::block_io::{IoWorker, RequestContext};
 use crate::device::{
-    read_config_bytes, serve_queue, DeviceError, VirtioDevice, VIRTIO_ID_BLOCK,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_bytes, serve_queue, DeviceError, Served, VirtioDevice, QUEUE_BUDGET,
+    VIRTIO_ID_BLOCK, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Sector size of the virtio-blk protocol.
@@ -50,13 +55,9 @@ pub const VIRTIO_BLK_F_RO: u32 = 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
 pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
 
-/// Length of the request header (type, reserved, sector).
-const HEADER_LEN: u64 = 16;
 /// Length of the exposed part of `struct virtio_blk_config` (up to and
 /// including `write_zeroes_may_unmap` and its padding).
 pub const CONFIG_LEN: usize = 60;
-/// Bounce buffer size for disk I/O.
-const BOUNCE_LEN: usize = 64 * 1024;
 
 /// Errors of the block device.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,8 @@ pub enum BlockError {
     Metadata(#[source] std::io::Error),
     #[error("queue size {0} is not a power of two in 2..=32768")]
     QueueSize(u16),
+    #[error("cannot start the I/O worker thread: {0}")]
+    Worker(#[source] std::io::Error),
 }
 
 /// What a block device is made of.
@@ -101,14 +104,11 @@ impl BlockConfig {
 
 /// A virtio-blk device model.
 pub struct Block {
-    file: File,
-    read_only: bool,
-    capacity_sectors: u64,
-    serial: [u8; SERIAL_LEN],
+    ctx: Arc<RequestContext>,
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
     acked_features: u64,
-    bounce: Vec<u8>,
+    worker: IoWorker,
 }
 
 impl Block {
@@ -137,10 +137,20 @@ impl Block {
         serial: &str,
         queue_size: u16,
     ) -> Result<Self, BlockError> {
+        Self::from_backend(Arc::new(file), read_only, serial, queue_size)
+    }
+
+    /// Builds a device around any [`DiskBackend`].
+    pub fn from_backend(
+        disk: Arc<dyn DiskBackend>,
+        read_only: bool,
+        serial: &str,
+        queue_size: u16,
+    ) -> Result<Self, BlockError> {
         if !(2..=32768).contains(&queue_size) || !queue_size.is_power_of_two() {
             return Err(BlockError::QueueSize(queue_size));
         }
-        let len = file.metadata().map_err(BlockError::Metadata)?.len();
+        let len = disk.size().map_err(BlockError::Metadata)?;
         let capacity_sectors = len / SECTOR_SIZE;
         let mut id = [0u8; SERIAL_LEN];
         let bytes = serial.as_bytes();
@@ -157,203 +167,40 @@ impl Block {
         // topology, writeback not offered; num_queues (34..36) = 1.
         config[34..36].copy_from_slice(&1u16.to_le_bytes());
 
-        Ok(Block {
-            file,
+        let ctx = Arc::new(RequestContext {
+            disk,
             read_only,
             capacity_sectors,
             serial: id,
+        });
+        let worker = IoWorker::spawn(ctx.clone()).map_err(BlockError::Worker)?;
+        Ok(Block {
+            ctx,
             config,
             queue_sizes: [queue_size],
             acked_features: 0,
-            bounce: vec![0u8; BOUNCE_LEN],
+            worker,
         })
     }
 
     /// Disk capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
-        self.capacity_sectors
+        self.ctx.capacity_sectors
     }
 
     /// Whether the disk is read-only.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.ctx.read_only
     }
 
     /// The 20-byte GET_ID serial.
     pub fn serial(&self) -> &[u8; SERIAL_LEN] {
-        &self.serial
+        &self.ctx.serial
     }
 
     /// The features the driver acknowledged at activation (0 before).
     pub fn acked_features(&self) -> u64 {
         self.acked_features
-    }
-
-    /// Serves one chain and returns the used length to report.
-    fn execute(&mut self, bufs: &ChainBuffers, mem: &GuestMemoryMmap) -> u32 {
-        let writable = bufs.writable_len();
-        if writable == 0 {
-            warn!(
-                "virtio-blk: chain {} has no writable status byte; completing with length 0",
-                bufs.head_index()
-            );
-            return 0;
-        }
-        let status_off = writable - 1;
-        let (status, data_written) = self.run_request(bufs, mem, status_off);
-        match bufs.write_at(mem, status_off, &[status]) {
-            Ok(1) => u32::try_from(data_written + 1).unwrap_or(u32::MAX),
-            Ok(_) | Err(_) => {
-                warn!(
-                    "virtio-blk: could not write the status byte of chain {}",
-                    bufs.head_index()
-                );
-                u32::try_from(data_written).unwrap_or(u32::MAX)
-            }
-        }
-    }
-
-    /// Runs the request; returns (status, bytes of data written into the
-    /// writable stream before the status byte).
-    fn run_request(
-        &mut self,
-        bufs: &ChainBuffers,
-        mem: &GuestMemoryMmap,
-        data_cap: u64,
-    ) -> (u8, u64) {
-        let mut hdr = [0u8; HEADER_LEN as usize];
-        match bufs.read_at(mem, 0, &mut hdr) {
-            Ok(n) if n == hdr.len() => {}
-            Ok(n) => {
-                warn!("virtio-blk: request header is {n} bytes, need 16");
-                return (VIRTIO_BLK_S_IOERR, 0);
-            }
-            Err(e) => {
-                warn!("virtio-blk: failed to read request header: {e}");
-                return (VIRTIO_BLK_S_IOERR, 0);
-            }
-        }
-        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let mut sector_bytes = [0u8; 8];
-        sector_bytes.copy_from_slice(&hdr[8..16]);
-        let sector = u64::from_le_bytes(sector_bytes);
-
-        match req_type {
-            VIRTIO_BLK_T_IN => self.read_request(bufs, mem, sector, data_cap),
-            VIRTIO_BLK_T_OUT => (self.write_request(bufs, mem, sector), 0),
-            VIRTIO_BLK_T_FLUSH => {
-                if self.read_only {
-                    return (VIRTIO_BLK_S_OK, 0);
-                }
-                match self.file.sync_data() {
-                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                    Err(e) => {
-                        warn!("virtio-blk: flush failed: {e}");
-                        (VIRTIO_BLK_S_IOERR, 0)
-                    }
-                }
-            }
-            VIRTIO_BLK_T_GET_ID => {
-                let n = usize::try_from(data_cap)
-                    .unwrap_or(usize::MAX)
-                    .min(SERIAL_LEN);
-                match bufs.write_at(mem, 0, &self.serial[..n]) {
-                    Ok(w) => (VIRTIO_BLK_S_OK, w as u64),
-                    Err(e) => {
-                        warn!("virtio-blk: failed to write the serial: {e}");
-                        (VIRTIO_BLK_S_IOERR, 0)
-                    }
-                }
-            }
-            other => {
-                debug!("virtio-blk: unsupported request type {other}");
-                (VIRTIO_BLK_S_UNSUPP, 0)
-            }
-        }
-    }
-
-    /// Byte offset of `sector` if `len` bytes from it fit on the disk and
-    /// `len` is a whole number of sectors.
-    fn disk_range(&self, sector: u64, len: u64) -> Option<u64> {
-        if !len.is_multiple_of(SECTOR_SIZE) {
-            warn!("virtio-blk: data length {len} is not a multiple of 512");
-            return None;
-        }
-        let start = sector.checked_mul(SECTOR_SIZE)?;
-        let end = start.checked_add(len)?;
-        if end > self.capacity_sectors * SECTOR_SIZE {
-            warn!(
-                "virtio-blk: sectors {sector}+{} past the end of the disk ({} sectors)",
-                len / SECTOR_SIZE,
-                self.capacity_sectors
-            );
-            return None;
-        }
-        Some(start)
-    }
-
-    fn read_request(
-        &mut self,
-        bufs: &ChainBuffers,
-        mem: &GuestMemoryMmap,
-        sector: u64,
-        len: u64,
-    ) -> (u8, u64) {
-        let Some(disk_off) = self.disk_range(sector, len) else {
-            return (VIRTIO_BLK_S_IOERR, 0);
-        };
-        let mut done = 0u64;
-        while done < len {
-            let n = usize::try_from(len - done)
-                .unwrap_or(usize::MAX)
-                .min(self.bounce.len());
-            let chunk = &mut self.bounce[..n];
-            if let Err(e) = self.file.read_exact_at(chunk, disk_off + done) {
-                warn!("virtio-blk: read at byte {} failed: {e}", disk_off + done);
-                return (VIRTIO_BLK_S_IOERR, done);
-            }
-            match bufs.write_at(mem, done, chunk) {
-                Ok(w) if w == n => done += n as u64,
-                Ok(w) => return (VIRTIO_BLK_S_IOERR, done + w as u64),
-                Err(e) => {
-                    warn!("virtio-blk: failed to write read data to guest memory: {e}");
-                    return (VIRTIO_BLK_S_IOERR, done);
-                }
-            }
-        }
-        (VIRTIO_BLK_S_OK, done)
-    }
-
-    fn write_request(&mut self, bufs: &ChainBuffers, mem: &GuestMemoryMmap, sector: u64) -> u8 {
-        if self.read_only {
-            warn!("virtio-blk: write to a read-only disk refused");
-            return VIRTIO_BLK_S_IOERR;
-        }
-        let len = bufs.readable_len().saturating_sub(HEADER_LEN);
-        let Some(disk_off) = self.disk_range(sector, len) else {
-            return VIRTIO_BLK_S_IOERR;
-        };
-        let mut done = 0u64;
-        while done < len {
-            let n = usize::try_from(len - done)
-                .unwrap_or(usize::MAX)
-                .min(self.bounce.len());
-            let chunk = &mut self.bounce[..n];
-            match bufs.read_at(mem, HEADER_LEN + done, chunk) {
-                Ok(r) if r == n => {}
-                Ok(_) => return VIRTIO_BLK_S_IOERR,
-                Err(e) => {
-                    warn!("virtio-blk: failed to read write data from guest memory: {e}");
-                    return VIRTIO_BLK_S_IOERR;
-                }
-            }
-            if let Err(e) = self.file.write_all_at(chunk, disk_off + done) {
-                warn!("virtio-blk: write at byte {} failed: {e}", disk_off + done);
-                return VIRTIO_BLK_S_IOERR;
-            }
-            done += n as u64;
-        }
-        VIRTIO_BLK_S_OK
     }
 }
 
@@ -385,7 +232,7 @@ impl VirtioDevice for Block {
             | (1u64 << VIRTIO_BLK_F_FLUSH)
             | (1u64 << VIRTIO_RING_F_EVENT_IDX)
             | (1u64 << VIRTIO_RING_F_INDIRECT_DESC);
-        if self.read_only {
+        if self.ctx.read_only {
             f |= 1u64 << VIRTIO_BLK_F_RO;
         }
         f
@@ -413,7 +260,14 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // Requests in flight finish (their buffers are written) before the
+        // reset completes; their completions are dropped.
+        self.worker.discard(None);
         self.acked_features = 0;
+    }
+
+    fn queue_reset(&mut self, index: u16) {
+        self.worker.discard(Some(index));
     }
 
     fn process_queue(
@@ -421,11 +275,31 @@ impl VirtioDevice for Block {
         index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> crate::device::Result<bool> {
+    ) -> crate::device::Result<Served> {
         if index != 0 {
             return Err(DeviceError::NoSuchQueue(index));
         }
-        serve_queue(index, queue, mem, |bufs| self.execute(bufs, mem))
+        let worker = &mut self.worker;
+        serve_queue(index, queue, mem, QUEUE_BUDGET, |bufs| {
+            worker.submit(index, bufs, mem);
+            None
+        })
+    }
+
+    fn completion_event(&self) -> Option<Arc<EventFd>> {
+        Some(self.worker.event().clone())
+    }
+
+    fn take_completions(&mut self, out: &mut Vec<Completion>) {
+        self.worker.take(out);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.worker.in_flight()
+    }
+
+    fn wait_idle(&mut self) {
+        self.worker.wait_idle();
     }
 }
 

@@ -21,6 +21,11 @@
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+pub use crate::block_io::Completion;
 use crate::chain::ChainBuffers;
 
 use vm_migration::GuestMemoryMmap;
@@ -78,6 +83,22 @@ pub enum DeviceError {
 /// Result of device operations.
 pub type Result<T> = std::result::Result<T, DeviceError>;
 
+/// Most chains a device takes from one queue in one turn. A driver that
+/// keeps its queue full cannot hold the device thread: past the budget the
+/// device returns with [`Served::more`] and the transport notifies the queue
+/// again, so the device thread serves everything else first.
+pub const QUEUE_BUDGET: usize = 64;
+
+/// What one turn of serving a queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// At least one used element was written.
+    pub used: bool,
+    /// The turn's budget ran out with chains possibly still available:
+    /// serve the queue again (the transport re-signals its doorbell).
+    pub more: bool,
+}
+
 /// A virtio device model, independent of its transport.
 ///
 /// Every method may be reached by guest-controlled input (through the
@@ -129,16 +150,19 @@ pub trait VirtioDevice: Send {
     fn queue_reset(&mut self, _index: u16) {}
 
     /// Queue `index` (a device-type queue) was notified: take the available
-    /// descriptor chains from `queue`, serve them and put them on the used
-    /// ring. Returns whether at least one used element was written (the
-    /// transport then decides, from the queue's suppression state, whether
-    /// to interrupt the driver).
+    /// descriptor chains from `queue` (at most [`QUEUE_BUDGET`] per call),
+    /// serve them and put them on the used ring, or hand them to the
+    /// device's own worker, which completes them later (see
+    /// [`VirtioDevice::take_completions`]). Reports whether a used element
+    /// was written (the transport then decides, from the queue's
+    /// suppression state, whether to interrupt the driver) and whether the
+    /// budget ran out.
     fn process_queue(
         &mut self,
         index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool>;
+    ) -> Result<Served>;
 
     /// Admin queue `admin_index` (0 for the first admin queue) was
     /// notified. Same contract as [`VirtioDevice::process_queue`]. Devices
@@ -148,9 +172,30 @@ pub trait VirtioDevice: Send {
         admin_index: u16,
         _queue: &mut Queue,
         _mem: &GuestMemoryMmap,
-    ) -> Result<bool> {
+    ) -> Result<Served> {
         Err(DeviceError::NoSuchQueue(admin_index))
     }
+
+    /// For a device that completes requests on its own worker: the eventfd
+    /// signalled when requests finish. The transport then calls
+    /// [`VirtioDevice::take_completions`] and puts them on the used rings.
+    fn completion_event(&self) -> Option<Arc<EventFd>> {
+        None
+    }
+
+    /// Moves finished requests (queue, head, used length) into `out`.
+    fn take_completions(&mut self, _out: &mut Vec<Completion>) {}
+
+    /// Requests taken from the queues and not yet handed back by
+    /// [`VirtioDevice::take_completions`].
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    /// Waits until every request taken has finished (their completions
+    /// stay to be taken). `reset` and `queue_reset` do this themselves
+    /// and drop the completions of what they reset.
+    fn wait_idle(&mut self) {}
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
@@ -189,7 +234,7 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
         index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool> {
+    ) -> Result<Served> {
         (**self).process_queue(index, queue, mem)
     }
     fn process_admin_queue(
@@ -197,8 +242,20 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
         admin_index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> Result<bool> {
+    ) -> Result<Served> {
         (**self).process_admin_queue(admin_index, queue, mem)
+    }
+    fn completion_event(&self) -> Option<Arc<EventFd>> {
+        (**self).completion_event()
+    }
+    fn take_completions(&mut self, out: &mut Vec<Completion>) {
+        (**self).take_completions(out)
+    }
+    fn in_flight(&self) -> usize {
+        (**self).in_flight()
+    }
+    fn wait_idle(&mut self) {
+        (**self).wait_idle()
     }
 }
 
@@ -216,25 +273,26 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&src[start..start + n]);
 }
 
-/// Upper bound of notification-enable rounds per [`serve_queue`] call, so a
-/// driver that keeps adding buffers cannot hold the device thread forever.
-const MAX_ROUNDS: usize = 64;
-
-/// Serves every available chain of `queue` with `serve`, which returns the
-/// used length of a chain. Handles notification suppression (both the
-/// `VRING_USED_F_NO_NOTIFY` flag and `avail_event`) around the loop.
-/// Returns whether a used element was written.
+/// Serves the available chains of `queue` with `serve`, at most `budget` of
+/// them. `serve` returns the used length of a chain it completed, or
+/// `None` for a chain it keeps to complete later. Handles notification
+/// suppression (both the `VRING_USED_F_NO_NOTIFY` flag and `avail_event`)
+/// around the loop: notifications are re-enabled only once the queue is
+/// seen empty, so a driver that adds buffers meanwhile is never missed.
+/// When the budget runs out first the result says [`Served::more`].
 pub fn serve_queue<F>(
     index: u16,
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
+    budget: usize,
     mut serve: F,
-) -> Result<bool>
+) -> Result<Served>
 where
-    F: FnMut(&ChainBuffers) -> u32,
+    F: FnMut(ChainBuffers) -> Option<u32>,
 {
-    let mut used = false;
-    for _ in 0..MAX_ROUNDS {
+    let mut served = Served::default();
+    let mut taken = 0usize;
+    loop {
         queue
             .disable_notification(mem)
             .map_err(|source| DeviceError::UsedRing {
@@ -242,6 +300,10 @@ where
                 source,
             })?;
         loop {
+            if taken >= budget {
+                served.more = true;
+                return Ok(served);
+            }
             let chain = {
                 let mut iter = queue.iter(mem).map_err(|source| DeviceError::AvailRing {
                     queue: index,
@@ -250,15 +312,26 @@ where
                 iter.next()
             };
             let Some(chain) = chain else { break };
+            taken += 1;
             let bufs = ChainBuffers::from_chain(chain);
-            let len = serve(&bufs);
-            queue
-                .add_used(mem, bufs.head_index(), len)
-                .map_err(|source| DeviceError::UsedRing {
+            let head = bufs.head_index();
+            if head >= queue.size() {
+                // The driver published a head outside the ring: its
+                // queue is broken (the device needs a reset).
+                return Err(DeviceError::AvailRing {
                     queue: index,
-                    source,
-                })?;
-            used = true;
+                    source: virtio_queue::Error::InvalidDescriptorIndex,
+                });
+            }
+            if let Some(len) = serve(bufs) {
+                queue
+                    .add_used(mem, head, len)
+                    .map_err(|source| DeviceError::UsedRing {
+                        queue: index,
+                        source,
+                    })?;
+                served.used = true;
+            }
         }
         let more = queue
             .enable_notification(mem)
@@ -267,10 +340,9 @@ where
                 source,
             })?;
         if !more {
-            break;
+            return Ok(served);
         }
     }
-    Ok(used)
 }
 
 #[cfg(test)]

@@ -941,6 +941,9 @@ impl TestDriver {
         let off = u64::from(q.notify_off) * u64::from(caps.notify_off_multiplier);
         Self::region_write(dev, &caps.notify, off, 2, u64::from(index));
         dev.doorbell(index);
+        // A device with an I/O worker completes later: wait for it, as the
+        // VMM's device thread would deliver the completions.
+        dev.drain();
         Ok(())
     }
 
@@ -990,6 +993,7 @@ impl TestDriver {
         for i in 0..polls.max(1) {
             if i > 0 {
                 dev.doorbell(index);
+                dev.drain();
             }
             if let Some(e) = self.pop_used(index)? {
                 return Ok(Some(e));

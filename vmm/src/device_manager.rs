@@ -36,10 +36,11 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A doorbell as registered with KVM and epoll.
+/// A doorbell as registered with KVM and epoll (or, without an address,
+/// a function's work event, registered with epoll only).
 struct Registered {
     bdf: Bdf,
-    address: u64,
+    address: Option<u64>,
     event: Arc<EventFd>,
     device: SharedPciDevice,
     index: u16,
@@ -167,9 +168,13 @@ impl DeviceManager {
         let mut db = lock(&self.doorbells);
         // Drop every registration, then register what the functions report.
         for (token, r) in db.by_token.drain() {
-            let _ =
-                self.vm
-                    .unregister_ioevent(&r.event, &IoEventAddress::Mmio(r.address), NoDatamatch);
+            if let Some(address) = r.address {
+                let _ = self.vm.unregister_ioevent(
+                    &r.event,
+                    &IoEventAddress::Mmio(address),
+                    NoDatamatch,
+                );
+            }
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
                 std::os::fd::AsRawFd::as_raw_fd(&*r.event),
@@ -177,38 +182,48 @@ impl DeviceManager {
             );
         }
         for (bdf, dev) in self.bus.functions() {
-            let list = lock(&dev).doorbells();
-            for d in list {
+            let (doorbells, work) = {
+                let d = lock(&dev);
+                (d.doorbells(), d.work_events())
+            };
+            let entries = doorbells
+                .into_iter()
+                .map(|d| (Some(d.address), d.index, d.event))
+                .chain(work.into_iter().map(|w| (None, w.index, w.event)));
+            for (address, index, event) in entries {
                 let token = db.next_token;
                 db.next_token += 1;
-                if let Err(e) = self.vm.register_ioevent(
-                    &d.event,
-                    &IoEventAddress::Mmio(d.address),
-                    NoDatamatch,
-                ) {
-                    log::warn!("{bdf}: ioeventfd at {:#x}: {e}", d.address);
+                if let Some(a) = address {
+                    if let Err(e) =
+                        self.vm
+                            .register_ioevent(&event, &IoEventAddress::Mmio(a), NoDatamatch)
+                    {
+                        log::warn!("{bdf}: ioeventfd at {a:#x}: {e}");
+                    }
                 }
                 if let Err(e) = self.epoll.ctl(
                     ControlOperation::Add,
-                    std::os::fd::AsRawFd::as_raw_fd(&*d.event),
+                    std::os::fd::AsRawFd::as_raw_fd(&*event),
                     EpollEvent::new(EventSet::IN, token),
                 ) {
-                    log::warn!("{bdf}: epoll add of doorbell {}: {e}", d.index);
-                    let _ = self.vm.unregister_ioevent(
-                        &d.event,
-                        &IoEventAddress::Mmio(d.address),
-                        NoDatamatch,
-                    );
+                    log::warn!("{bdf}: epoll add of event {index}: {e}");
+                    if let Some(a) = address {
+                        let _ = self.vm.unregister_ioevent(
+                            &event,
+                            &IoEventAddress::Mmio(a),
+                            NoDatamatch,
+                        );
+                    }
                     continue;
                 }
                 db.by_token.insert(
                     token,
                     Registered {
                         bdf,
-                        address: d.address,
-                        event: d.event,
+                        address,
+                        event,
                         device: dev.clone(),
-                        index: d.index,
+                        index,
                     },
                 );
             }

@@ -97,6 +97,23 @@ impl Vcpu {
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(VcpuError::SupportedCpuid)?;
+        if id == 0 {
+            for e in cpuid
+                .as_slice()
+                .iter()
+                .filter(|e| matches!(e.function, 1 | 7 | 0xd))
+            {
+                log::debug!(
+                    "CPUID {:#x}.{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
+                    e.function,
+                    e.index,
+                    e.eax,
+                    e.ebx,
+                    e.ecx,
+                    e.edx
+                );
+            }
+        }
         cpuid::adjust(&mut cpuid, id, count);
         fd.set_cpuid2(&cpuid).map_err(cfg("CPUID"))?;
 

@@ -337,7 +337,6 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         eprint!("{}", dump::collect(dumps + 1, &sources));
         return Err(VmError::StuckVcpus(stuck));
     }
-    drop(sources);
     for t in threads {
         let _ = t.handle.join();
     }

@@ -81,6 +81,14 @@ pub enum Activity {
     Outside,
 }
 
+/// A vCPU's activity, exit count and last userspace exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuActivity {
+    pub now: Activity,
+    pub exits: u64,
+    pub last: Option<(ExitKind, u64)>,
+}
+
 impl ExitWatch {
     pub fn new(vcpus: usize) -> Arc<Self> {
         Arc::new(ExitWatch {
@@ -127,7 +135,7 @@ impl ExitWatch {
 
     /// What vCPU `id` is doing now, its exit count and its last exit (kind
     /// and address).
-    pub fn activity(&self, id: usize) -> Option<(Activity, u64, Option<(ExitKind, u64)>)> {
+    pub fn activity(&self, id: usize) -> Option<VcpuActivity> {
         let s = self.slots.get(id)?;
         let now = self.now_ms();
         let since = s.since.load(Ordering::Acquire);
@@ -147,16 +155,21 @@ impl ExitWatch {
         } else {
             Activity::Outside
         };
-        Some((
-            act,
-            s.exits.load(Ordering::Relaxed),
-            kind.map(|k| (k, addr)),
-        ))
+        Some(VcpuActivity {
+            now: act,
+            exits: s.exits.load(Ordering::Relaxed),
+            last: kind.map(|k| (k, addr)),
+        })
     }
 
     /// One line describing vCPU `id`'s activity.
     pub fn describe(&self, id: usize) -> String {
-        let Some((act, exits, last)) = self.activity(id) else {
+        let Some(VcpuActivity {
+            now: act,
+            exits,
+            last,
+        }) = self.activity(id)
+        else {
             return "no such vCPU".into();
         };
         let last = match last {
@@ -179,8 +192,8 @@ impl ExitWatch {
     /// how long).
     pub fn stalled(&self, limit: Duration) -> Vec<(usize, u64, Duration)> {
         (0..self.slots.len())
-            .filter_map(|i| match self.activity(i) {
-                Some((Activity::Handling { addr, for_, .. }, _, _)) if for_ > limit => {
+            .filter_map(|i| match self.activity(i).map(|a| a.now) {
+                Some(Activity::Handling { addr, for_, .. }) if for_ > limit => {
                     Some((i, addr, for_))
                 }
                 _ => None,
@@ -239,13 +252,17 @@ mod tests {
     #[test]
     fn activity_follows_run_and_handlers() {
         let w = ExitWatch::new(1);
-        assert_eq!(w.activity(0).unwrap().0, Activity::Outside);
+        assert_eq!(w.activity(0).unwrap().now, Activity::Outside);
         w.run_enter(0);
-        assert!(matches!(w.activity(0).unwrap().0, Activity::InGuest { .. }));
+        assert!(matches!(
+            w.activity(0).unwrap().now,
+            Activity::InGuest { .. }
+        ));
         assert!(w.describe(0).starts_with("in KVM_RUN"), "{}", w.describe(0));
         w.run_leave(0);
         w.enter(0, ExitKind::MmioRead, 0xc000_1000);
-        let (act, exits, last) = w.activity(0).unwrap();
+        let a = w.activity(0).unwrap();
+        let (act, exits, last) = (a.now, a.exits, a.last);
         assert!(matches!(
             act,
             Activity::Handling {
@@ -258,7 +275,7 @@ mod tests {
         assert_eq!(last, Some((ExitKind::MmioRead, 0xc000_1000)));
         assert!(w.describe(0).contains("MMIO read at 0xc0001000"));
         w.leave(0);
-        assert_eq!(w.activity(0).unwrap().0, Activity::Outside);
+        assert_eq!(w.activity(0).unwrap().now, Activity::Outside);
         assert!(w
             .describe(0)
             .contains("last userspace exit: MMIO read 0xc0001000"));

@@ -144,7 +144,11 @@ impl Regs for DevRegs {
     fn w16(&self, off: usize, v: u16) {
         self.write(off, &v.to_le_bytes());
         if self.doorbell {
-            self.dev.lock().unwrap().doorbell(v);
+            // The VMM's device thread serves the doorbell, then delivers
+            // what the device's I/O worker finished.
+            let mut d = self.dev.lock().unwrap();
+            d.doorbell(v);
+            d.drain();
         }
     }
     fn w32(&self, off: usize, v: u32) {
@@ -192,6 +196,29 @@ struct Rig {
     gm: GuestMemoryMmap,
     pf: Arc<Mutex<VirtioPf>>,
     vf_disk: std::path::PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    device_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Stands in for the VMM's device thread: delivers what the functions'
+/// I/O workers finished, and completes deferred admin commands.
+fn device_thread(
+    pf: Arc<Mutex<VirtioPf>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let n = pf.lock().unwrap().vfs().len() as u16;
+            for i in 1..=n {
+                let vf = pf.lock().unwrap().vf(i);
+                if let Some(vf) = vf {
+                    vf.lock().unwrap().drain();
+                }
+            }
+            pf.lock().unwrap().drain();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })
 }
 
 const ADMIN_BASE: u64 = 0x10_0000;
@@ -210,16 +237,24 @@ fn rig(name: &str) -> Rig {
     let cfg = PfConfig::new(pf_disk, Box::new(move |_| shared.clone()), 2, bdf, false).unwrap();
     let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let pf = VirtioPf::new(cfg, GuestMemoryAtomic::new(gm.clone()), Arc::new(Irqs)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t = device_thread(pf.clone(), stop.clone());
     Rig {
         _dir: dir,
         gm,
         pf,
         vf_disk,
+        stop,
+        device_thread: Some(t),
     }
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.device_thread.take() {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_dir_all(&self._dir);
     }
 }
@@ -440,12 +475,20 @@ impl Driver {
         head
     }
 
+    /// The used entries, waiting (up to 5 s) until every request in
+    /// flight has come back: the device completes on its I/O worker.
     fn drain(&mut self) -> Vec<u16> {
         let mut v = Vec::new();
-        while let Some(u) = self.q.poll(&self.mem).unwrap() {
-            v.push(u.id);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            while let Some(u) = self.q.poll(&self.mem).unwrap() {
+                v.push(u.id);
+            }
+            if self.q.in_flight() == 0 || std::time::Instant::now() >= deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        v
     }
 }
 

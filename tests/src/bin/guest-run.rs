@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! guest-run [--name NAME] [--script FILE] [--file NAME=HOSTPATH]...
-//!           [--timeout SECS] [-- VMM ARGS...]
+//!           [--timeout SECS] [--cmdline STRING] [-- VMM ARGS...]
 //! ```
 //!
 //! `--script` is run by the guest's /init (busybox sh). Each `--file` copies
@@ -19,7 +19,7 @@ use tests::Scenario;
 fn usage() -> ! {
     eprintln!(
         "usage: guest-run [--name NAME] [--script FILE] [--file NAME=HOSTPATH]... \
-         [--timeout SECS] [-- VMM ARGS...]"
+         [--timeout SECS] [--cmdline STRING] [-- VMM ARGS...]"
     );
     std::process::exit(2);
 }
@@ -30,6 +30,7 @@ fn main() {
     let mut script = String::new();
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     let mut timeout = None;
+    let mut cmdline = None;
     let mut vmm_args = Vec::new();
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage());
@@ -54,6 +55,7 @@ fn main() {
                     value().parse().unwrap_or_else(|_| usage()),
                 ))
             }
+            "--cmdline" => cmdline = Some(value()),
             "--" => {
                 vmm_args.extend(args.by_ref());
             }
@@ -64,6 +66,9 @@ fn main() {
     let mut scenario = Scenario::new(&name).args(vmm_args).script(&script);
     if let Some(t) = timeout {
         scenario = scenario.timeout(t);
+    }
+    if let Some(c) = &cmdline {
+        scenario = scenario.cmdline(c);
     }
     for (n, p) in &files {
         let data = std::fs::read(p).unwrap_or_else(|e| {

@@ -31,12 +31,13 @@ use log::{debug, warn};
 use pci::sriov::{SriovParams, SriovWriteEffect, VfEnableChange};
 use pci::{
     BarRange, Bdf, Doorbell, FunctionChange, InterruptManager, PciDevice, SharedPciDevice,
-    SriovCapability, SriovError,
+    SriovCapability, SriovError, WorkEvent,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vm_migration::dirty::{WriteRecorder, DEFAULT_SUPPORTED_RANGES};
 use vm_migration::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::admin::{qualifier, status, AdminCommand, AdminCompletion, DeferredChain, Execution};
 use super::migration::{AdminState, Member, MemberTable, MigrationError, MigrationSnapshot, Mode};
@@ -44,9 +45,10 @@ use super::vf::{
     restore_function, snapshot_function, FunctionSnapshot, RestoreError, SharedVf, VfFunction,
 };
 use super::{process_chain, AdminBuffers, ChainOutcome};
-use crate::block::{Block, BlockConfig, BlockError, DEFAULT_QUEUE_SIZE};
+use crate::block::{Block, BlockConfig, BlockError, DiskBackend, DEFAULT_QUEUE_SIZE};
 use crate::device::{
-    DeviceError, VirtioDevice, VIRTIO_F_ADMIN_VQ, VIRTIO_F_SR_IOV, VIRTIO_ID_BLOCK,
+    Completion, DeviceError, Served, VirtioDevice, VIRTIO_F_ADMIN_VQ, VIRTIO_F_SR_IOV,
+    VIRTIO_ID_BLOCK,
 };
 use crate::transport::{
     required_msix_vectors, FunctionKind, TransportError, VirtioPciDevice, VirtioPciOptions,
@@ -61,8 +63,13 @@ pub const SRIOV_CAP_OFFSET: u16 = 0x100;
 pub const DEFAULT_ADMIN_QUEUE_SIZE: u16 = 64;
 /// Size of each VF's BAR0 (the virtio-pci transport's BAR0).
 pub const VF_BAR0_SIZE: u64 = BAR0_SIZE;
-/// Upper bound of notification-enable rounds per admin queue service.
-const MAX_ROUNDS: usize = 64;
+/// Most admin commands run per turn of the admin queue (each may read or
+/// write up to the result size of context or records): past it the queue
+/// is served again after everything else.
+const ADMIN_BUDGET: usize = 16;
+/// The [`pci::WorkEvent`] index of the PF's member progress event: a member
+/// finished the requests a deferred mode change waits for.
+pub const MEMBER_PROGRESS_EVENT: u16 = 0xfffe;
 
 /// Errors building a [`VirtioPf`].
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +120,8 @@ pub enum PfError {
     },
     #[error("the snapshot has VF {0}, which the restored SR-IOV registers do not enable")]
     RestoreMissingVf(u16),
+    #[error("cannot create the member progress eventfd: {0}")]
+    Event(#[source] std::io::Error),
     #[error("SR-IOV capability landed at {0:#x}, not at 0x100 (another extended capability precedes it)")]
     SriovOffset(u16),
 }
@@ -165,6 +174,10 @@ pub fn vf_layout(pf: Bdf, total_vfs: u16) -> Result<VfLayout, PfError> {
 /// Backing file of VF n (1-based). Several VFs may share one file.
 pub type VfDiskFn = Box<dyn Fn(u16) -> PathBuf + Send>;
 
+/// A VF's disk as something other than a file (see
+/// [`PfConfig::vf_backend`]).
+pub type VfBackendFn = Box<dyn Fn(u16) -> std::io::Result<Arc<dyn DiskBackend>> + Send>;
+
 /// What a [`VirtioPf`] is made of.
 pub struct PfConfig {
     /// The PF's own disk.
@@ -185,6 +198,9 @@ pub struct PfConfig {
     pub queue_size: u16,
     /// Admin queue size.
     pub admin_queue_size: u16,
+    /// When set, VF n's disk is this backend instead of the file
+    /// `vf_disk(n)` (for tests that need a disk that fails or stalls).
+    pub vf_backend: Option<VfBackendFn>,
 }
 
 impl PfConfig {
@@ -208,6 +224,7 @@ impl PfConfig {
             readonly,
             queue_size: DEFAULT_QUEUE_SIZE,
             admin_queue_size: DEFAULT_ADMIN_QUEUE_SIZE,
+            vf_backend: None,
         })
     }
 }
@@ -416,8 +433,24 @@ impl VirtioDevice for PfDevice {
         index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> crate::device::Result<bool> {
+    ) -> crate::device::Result<Served> {
         self.block.process_queue(index, queue, mem)
+    }
+
+    fn completion_event(&self) -> Option<Arc<EventFd>> {
+        self.block.completion_event()
+    }
+
+    fn take_completions(&mut self, out: &mut Vec<Completion>) {
+        self.block.take_completions(out)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.block.in_flight()
+    }
+
+    fn wait_idle(&mut self) {
+        self.block.wait_idle()
     }
 
     fn process_admin_queue(
@@ -425,17 +458,25 @@ impl VirtioDevice for PfDevice {
         admin_index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
-    ) -> crate::device::Result<bool> {
+    ) -> crate::device::Result<Served> {
         if admin_index != 0 {
             return Err(DeviceError::NoSuchQueue(admin_index));
         }
         let qi = self.block.queue_max_sizes().len() as u16;
-        let mut used = self.complete_ready(queue, mem)?;
-        for _ in 0..MAX_ROUNDS {
+        let mut served = Served {
+            used: self.complete_ready(queue, mem)?,
+            more: false,
+        };
+        let mut taken = 0usize;
+        'rounds: loop {
             queue
                 .disable_notification(mem)
                 .map_err(|source| DeviceError::UsedRing { queue: qi, source })?;
             loop {
+                if taken >= ADMIN_BUDGET {
+                    served.more = true;
+                    break 'rounds;
+                }
                 let chain = {
                     let mut iter = queue
                         .iter(mem)
@@ -443,6 +484,7 @@ impl VirtioDevice for PfDevice {
                     iter.next()
                 };
                 let Some(chain) = chain else { break };
+                taken += 1;
                 let admin = &mut self.admin;
                 let table = &mut self.table;
                 let outcome = process_chain(chain, &mut self.bufs, |cmd, result, cap| {
@@ -456,7 +498,7 @@ impl VirtioDevice for PfDevice {
                         queue
                             .add_used(mem, head_index, used_len)
                             .map_err(|source| DeviceError::UsedRing { queue: qi, source })?;
-                        used = true;
+                        served.used = true;
                     }
                     ChainOutcome::Deferred(d) => {
                         debug!("virtio-pf: admin command of member {} deferred", d.member);
@@ -471,8 +513,8 @@ impl VirtioDevice for PfDevice {
                 break;
             }
         }
-        used |= self.complete_ready(queue, mem)?;
-        Ok(used)
+        served.used |= self.complete_ready(queue, mem)?;
+        Ok(served)
     }
 }
 
@@ -510,8 +552,12 @@ pub struct VirtioPf {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     interrupts: Arc<dyn InterruptManager>,
     vf_disk: VfDiskFn,
+    vf_backend: Option<VfBackendFn>,
     readonly: bool,
     queue_size: u16,
+    /// Signalled by a VF that finished what a deferred admin command of
+    /// its member waits for.
+    progress: Arc<EventFd>,
 }
 
 impl VirtioPf {
@@ -542,7 +588,7 @@ impl VirtioPf {
                 return Err(PfError::QueueSize(q));
             }
         }
-        for n in 1..=cfg.total_vfs {
+        for n in (1..=cfg.total_vfs).filter(|_| cfg.vf_backend.is_none()) {
             let path = (cfg.vf_disk)(n);
             if let Err(source) = std::fs::metadata(&path) {
                 return Err(PfError::VfDisk {
@@ -602,6 +648,7 @@ impl VirtioPf {
                 stride: cfg.vf_stride,
             });
         }
+        let progress = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(PfError::Event)?);
         Ok(VirtioPf {
             dev,
             sriov,
@@ -609,8 +656,10 @@ impl VirtioPf {
             mem,
             interrupts,
             vf_disk: cfg.vf_disk,
+            vf_backend: cfg.vf_backend,
             readonly: cfg.readonly,
             queue_size: cfg.queue_size,
+            progress,
         })
     }
 
@@ -822,11 +871,18 @@ impl VirtioPf {
         view_src: &GuestMemoryMmap,
     ) -> Option<(Bdf, Member<SharedVf<Block>>)> {
         let bdf = self.sriov.vf_rid(self.bdf, n)?;
-        let path = (self.vf_disk)(n);
-        let mut bcfg = BlockConfig::new(&path);
-        bcfg.read_only = self.readonly;
-        bcfg.queue_size = self.queue_size;
-        let block = match Block::new(&bcfg) {
+        let block = match &self.vf_backend {
+            Some(f) => f(n).map_err(BlockError::Metadata).and_then(|disk| {
+                Block::from_backend(disk, self.readonly, &format!("vf{n}"), self.queue_size)
+            }),
+            None => {
+                let mut bcfg = BlockConfig::new((self.vf_disk)(n));
+                bcfg.read_only = self.readonly;
+                bcfg.queue_size = self.queue_size;
+                Block::new(&bcfg)
+            }
+        };
+        let block = match block {
             Ok(b) => b,
             Err(e) => {
                 warn!("virtio-pf: VF {n} not created: {e}");
@@ -865,6 +921,7 @@ impl VirtioPf {
             }
         };
         vf.set_bar0(self.sriov.vf_bar0_address(self.dev.pci_config(), n));
+        vf.set_progress_event(self.progress.clone());
         let shared = SharedVf(Arc::new(Mutex::new(vf)));
         Some((bdf, Member::new(shared, recorder)))
     }
@@ -952,7 +1009,23 @@ impl PciDevice for VirtioPf {
     }
 
     fn doorbell(&mut self, index: u16) {
-        self.dev.doorbell(index);
+        if index != MEMBER_PROGRESS_EVENT {
+            self.dev.doorbell(index);
+        }
+        self.poll_admin();
+    }
+
+    fn work_events(&self) -> Vec<WorkEvent> {
+        let mut v = self.dev.work_events();
+        v.push(WorkEvent {
+            index: MEMBER_PROGRESS_EVENT,
+            event: self.progress.clone(),
+        });
+        v
+    }
+
+    fn drain(&mut self) {
+        self.dev.drain();
         self.poll_admin();
     }
 

@@ -14,15 +14,22 @@ use pci::{
 
 use super::admin::{opcode, qualifier, status, GROUP_TYPE_SRIOV, SUPPORTED_OPCODES};
 use super::context::MemberContext;
-use super::device::{vf_layout, PfConfig, PfError, VirtioPf, VF_BAR0_SIZE};
+use super::device::{
+    vf_layout, PfConfig, PfError, VfBackendFn, VirtioPf, MEMBER_PROGRESS_EVENT, VF_BAR0_SIZE,
+};
 use super::migration::Mode;
-use crate::block::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use crate::block::{
+    DiskBackend, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
 use crate::device::{VIRTIO_F_ADMIN_VQ, VIRTIO_F_SR_IOV, VIRTIO_F_VERSION_1};
+use crate::test_disk::{Fault, TestDisk};
 use crate::test_driver::{
     Layout, RecordingInterrupts, Seg, Submitted, TestDriver, UsedElem, VirtioCaps,
 };
 use crate::transport::state::common_offset as co;
 use crate::transport::state::*;
+use crate::transport::COMPLETION_EVENT;
 
 pub(crate) const PF_BDF: Bdf = Bdf::new(0, 4, 0);
 pub(crate) const PF_BAR0: u64 = 0xe000_0000;
@@ -103,6 +110,11 @@ impl PciDevice for OnBus<'_> {
     fn doorbell(&mut self, index: u16) {
         if let Some(d) = self.bus.function(self.bdf) {
             d.lock().unwrap().doorbell(index);
+        }
+    }
+    fn drain(&mut self) {
+        if let Some(d) = self.bus.function(self.bdf) {
+            d.lock().unwrap().drain();
         }
     }
 }
@@ -296,6 +308,7 @@ impl PfDriver {
         let off = u64::from(q) * u64::from(self.caps.notify_off_multiplier);
         TestDriver::region_write(dev, &self.caps.notify, off, 2, u64::from(q));
         dev.doorbell(q);
+        dev.drain();
     }
 
     fn pop_used(&mut self, t: &TestDriver, q: u16) -> Option<(u16, u32)> {
@@ -433,6 +446,23 @@ pub(crate) fn vf_file(dir: &std::path::Path, files: Files, n: u16) -> PathBuf {
 
 impl Rig {
     pub(crate) fn new(name: &str, total: u16, files: Files) -> Rig {
+        Self::build(name, total, files, None)
+    }
+
+    /// A rig whose VF n's disk is `disks[n - 1]` (see [`TestDisk`]).
+    pub(crate) fn with_disks(name: &str, disks: &[Arc<TestDisk>]) -> Rig {
+        let total = u16::try_from(disks.len()).unwrap_or(u16::MAX);
+        let disks = disks.to_vec();
+        let f: VfBackendFn = Box::new(move |n| {
+            disks
+                .get(usize::from(n) - 1)
+                .map(|d| d.clone() as Arc<dyn DiskBackend>)
+                .ok_or_else(|| std::io::Error::other("no such test disk"))
+        });
+        Self::build(name, total, Files::PerVf, Some(f))
+    }
+
+    fn build(name: &str, total: u16, files: Files, backend: Option<VfBackendFn>) -> Rig {
         let dir = TempDir::new(name);
         std::fs::write(dir.0.join("pf.img"), vec![0u8; DISK_LEN]).unwrap();
         for n in 1..=total {
@@ -449,6 +479,10 @@ impl Rig {
             false,
         )
         .unwrap();
+        let cfg = PfConfig {
+            vf_backend: backend,
+            ..cfg
+        };
         let pf = VirtioPf::new(cfg, t.mem_atomic(), irqs.clone()).unwrap();
         let bus = PciBus::new();
         bus.add_function(PF_BDF, pf.clone()).unwrap();
@@ -518,7 +552,14 @@ impl Rig {
     pub(crate) fn admin(&mut self, op: u16, member: u64, data: &[u8], result_len: u32) -> Reply {
         let mut pf = OnBus::new(&self.bus, PF_BDF);
         let d = self.pfd.as_mut().expect("PF not brought up");
-        d.admin(&mut self.t, &mut pf, op, member, data, result_len)
+        let r = d.admin(&mut self.t, &mut pf, op, member, data, result_len);
+        // As the VMM's device thread would: deliver what the members'
+        // workers finished meanwhile (a member set Active serves its
+        // queues at once).
+        for (_, f) in self.bus.functions() {
+            f.lock().unwrap().drain();
+        }
+        r
     }
 
     pub(crate) fn set_mode(&mut self, member: u16, mode: Mode) {
@@ -1844,4 +1885,314 @@ fn r_pci_3_zero_vfs_and_read_only_members() {
         .unwrap()
         .iter()
         .all(|b| *b == 0));
+}
+
+// ---- requests in flight on the I/O worker --------------------------------------
+
+/// Publishes one admin command on the PF's admin queue and rings its
+/// doorbell as the device thread does, without waiting for anything else
+/// (no function is drained). Returns the chain's head and its result
+/// buffer (status first).
+fn raw_admin(r: &mut Rig, member: u64, op: u16, data: &[u8]) -> (u16, u64) {
+    let bufs = r.t.alloc_pages(1).unwrap();
+    let d = r.pfd.as_mut().unwrap();
+    let size = d.queues[&ADMIN_Q].size;
+    let mut cmd = op.to_le_bytes().to_vec();
+    cmd.extend_from_slice(&GROUP_TYPE_SRIOV.to_le_bytes());
+    cmd.extend_from_slice(&[0; 12]);
+    cmd.extend_from_slice(&member.to_le_bytes());
+    cmd.extend_from_slice(data);
+    let res = bufs + 2048;
+    r.t.write_mem(bufs, &cmd).unwrap();
+    r.t.write_mem(res, &[0xee; 9]).unwrap();
+    let head = d.queues[&ADMIN_Q].avail_idx.wrapping_mul(2) % size;
+    d.publish_raw(
+        &r.t,
+        ADMIN_Q,
+        &[
+            (bufs, cmd.len() as u32, 1, (head + 1) % size),
+            (res, 9, 2, 0),
+        ],
+        head,
+    );
+    r.bus
+        .function(PF_BDF)
+        .unwrap()
+        .lock()
+        .unwrap()
+        .doorbell(ADMIN_Q);
+    (head, res)
+}
+
+/// Rings doorbell or work event `index` of function `bdf` the way the
+/// device thread does (no draining).
+fn ring(r: &Rig, bdf: Bdf, index: u16) {
+    r.bus.function(bdf).unwrap().lock().unwrap().doorbell(index);
+}
+
+/// R-MODE-3 and R-ADM-4 with a real VF: DEV_MODE_SET Stop of a member
+/// whose request is still on its disk does not complete until the request
+/// has (used ring written): the admin command is deferred, commands for
+/// other members complete meanwhile, and once the disk answers the VF's
+/// completion event delivers the request and signals the PF, whose
+/// progress event completes the Stop.
+#[test]
+fn r_mode_3_stop_waits_for_a_real_vf_request_on_its_disk() {
+    let disks: Vec<Arc<TestDisk>> = (0..2).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
+    let mut r = Rig::with_disks("stop-waits", &disks);
+    r.probe_pf();
+    r.bring_up_pf();
+    r.enable_vfs(2);
+    r.bring_up_vf(1);
+    let vf1 = r.vf_bdf(1);
+    disks[0].set_open(false);
+    let data = pattern(4, 512);
+    let s = r.t.submit(0, &write_req(2, &data), Layout::Direct).unwrap();
+    ring(&r, vf1, 0);
+    assert!(disks[0].wait_for_waiting(1), "the request reached the disk");
+
+    let (stop_head, stop_res) = raw_admin(&mut r, 1, opcode::DEV_MODE_SET, &[Mode::Stop as u8]);
+    let d = r.pfd.as_mut().unwrap();
+    assert_eq!(
+        d.pop_used(&r.t, ADMIN_Q),
+        None,
+        "Stop must wait for the request"
+    );
+    assert_eq!(r.pf.lock().unwrap().member_mode(1), Some(Mode::Active));
+    // Another member's command completes meanwhile (R-ADM-4).
+    let (get_head, get_res) = raw_admin(&mut r, 2, opcode::DEV_MODE_GET, &[]);
+    let d = r.pfd.as_mut().unwrap();
+    assert_eq!(d.pop_used(&r.t, ADMIN_Q).map(|u| u.0), Some(get_head));
+    assert_eq!(
+        r.t.read_mem(get_res, 3).unwrap(),
+        [0, 0, Mode::Active as u8]
+    );
+    // The same member: busy until its mode change is done.
+    let (busy_head, busy_res) = raw_admin(&mut r, 1, opcode::DEV_MODE_GET, &[]);
+    let d = r.pfd.as_mut().unwrap();
+    assert_eq!(d.pop_used(&r.t, ADMIN_Q).map(|u| u.0), Some(busy_head));
+    assert_eq!(
+        r.t.read_mem(busy_res, 2).unwrap(),
+        status::EAGAIN.to_le_bytes()
+    );
+    assert_eq!(
+        r.t.used_idx(0).unwrap(),
+        0,
+        "the request is still on its disk"
+    );
+
+    // The disk answers; the device thread serves the VF's completion
+    // event, then the PF's progress event.
+    disks[0].set_open(true);
+    let vf = r.bus.function(vf1).unwrap();
+    vf.lock().unwrap().drain();
+    let progress = r
+        .bus
+        .function(PF_BDF)
+        .unwrap()
+        .lock()
+        .unwrap()
+        .work_events()
+        .into_iter()
+        .find(|w| w.index == MEMBER_PROGRESS_EVENT)
+        .unwrap();
+    assert!(progress.event.read().is_ok(), "the VF signalled the PF");
+    assert_eq!(r.t.pop_used(0).unwrap().map(|u| u.id), Some(s.head));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    ring(&r, PF_BDF, MEMBER_PROGRESS_EVENT);
+    let d = r.pfd.as_mut().unwrap();
+    assert_eq!(d.pop_used(&r.t, ADMIN_Q).map(|u| u.0), Some(stop_head));
+    assert_eq!(
+        r.t.read_mem(stop_res, 2).unwrap(),
+        [0, 0],
+        "Stop completed OK"
+    );
+    assert_eq!(r.mode(1), Mode::Stop as u8);
+    assert_eq!(&disks[0].contents()[1024..1536], &data[..]);
+}
+
+/// No guest can keep the admin queue, another VF or a vCPU waiting behind
+/// its own I/O: VF 1 fills its queue while its disk does not answer; VF 2's
+/// requests, admin commands for both members and configuration and BAR
+/// accesses to VF 1 itself all complete meanwhile. When the disk answers,
+/// every request of VF 1 completes exactly once.
+#[test]
+fn a_vf_stuck_on_its_disk_holds_up_nobody_else() {
+    let disks: Vec<Arc<TestDisk>> = (0..2).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
+    let mut r = Rig::with_disks("flood", &disks);
+    r.probe_pf();
+    r.bring_up_pf();
+    r.enable_vfs(2);
+    r.bring_up_vf(1);
+    let vf1 = r.vf_bdf(1);
+    disks[0].set_open(false);
+    let mut flood = Vec::new();
+    for i in 0..40u64 {
+        flood.push(
+            r.t.submit(0, &write_req(i, &[i as u8; 512]), Layout::Direct)
+                .unwrap(),
+        );
+    }
+    ring(&r, vf1, 0);
+    assert!(disks[0].wait_for_waiting(1));
+    let vf1_used = r.t.queue(0).unwrap().used;
+
+    // A vCPU touching VF 1 (configuration space, BAR0) is not held by its
+    // disk: done on another thread, bounded.
+    let f = r.bus.function(vf1).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut d = f.lock().unwrap();
+        let mut b = [0u8; 4];
+        d.config_read(0, &mut b);
+        let mut st = [0u8; 1];
+        d.bar_read(0, co::DEVICE_STATUS, &mut st);
+        let _ = tx.send((b, st[0]));
+    });
+    let (id, status) = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("VF 1's registers did not answer while its disk was stuck");
+    assert_eq!(id, [0xff; 4], "a VF's vendor/device ID reads 0xFFFF");
+    assert_eq!(status, 0xf);
+
+    // Admin commands for both members.
+    for m in [1u64, 2] {
+        let (h, res) = raw_admin(&mut r, m, opcode::DEV_MODE_GET, &[]);
+        let d = r.pfd.as_mut().unwrap();
+        assert_eq!(
+            d.pop_used(&r.t, ADMIN_Q).map(|u| u.0),
+            Some(h),
+            "member {m}"
+        );
+        assert_eq!(r.t.read_mem(res, 3).unwrap(), [0, 0, 0]);
+    }
+    // VF 2 does I/O with its own disk.
+    r.bring_up_vf(2);
+    let data = pattern(9, 4096);
+    let (s, u) = r.request(2, &write_req(8, &data));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    assert_eq!(&disks[1].contents()[4096..8192], &data[..]);
+    assert_eq!(
+        r.t.read_mem(vf1_used + 2, 2).unwrap(),
+        [0, 0],
+        "VF 1 completed nothing while its disk was stuck"
+    );
+
+    // The disk answers: all 40 complete, once each.
+    disks[0].set_open(true);
+    f_drain(&r, vf1);
+    let idx = u16::from_le_bytes(r.t.read_mem(vf1_used + 2, 2).unwrap().try_into().unwrap());
+    assert_eq!(idx, 40);
+    let mut ids: Vec<u32> = (0..40u64)
+        .map(|k| {
+            let e = r.t.read_mem(vf1_used + 4 + 8 * k, 4).unwrap();
+            u32::from_le_bytes(e.try_into().unwrap())
+        })
+        .collect();
+    ids.sort_unstable();
+    let mut want: Vec<u32> = flood.iter().map(|s| u32::from(s.head)).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    for i in 0..40usize {
+        assert_eq!(disks[0].contents()[i * 512], i as u8);
+    }
+}
+
+fn f_drain(r: &Rig, bdf: Bdf) {
+    r.bus.function(bdf).unwrap().lock().unwrap().drain();
+}
+
+/// A disk that fails: the guest sees VIRTIO_BLK_S_IOERR for the request
+/// that failed, the queue keeps working, the other VF is untouched, and
+/// the same VF works again once the disk does. A full disk fails writes
+/// only.
+#[test]
+fn disk_errors_reach_the_guest_as_ioerr_and_nothing_else_breaks() {
+    let disks: Vec<Arc<TestDisk>> = (0..2).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
+    let mut r = Rig::with_disks("faults", &disks);
+    r.probe_pf();
+    r.bring_up_pf();
+    r.enable_vfs(2);
+    r.bring_up_vf(1);
+    let data = pattern(1, 512);
+    let (_, u) = r.request(1, &write_req(0, &data));
+    assert!(u.is_some());
+
+    disks[0].set_fault(Fault::Io);
+    let (s, u) = r.request(1, &read_req(0, 512));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_IOERR);
+    let (s, _) = r.request(1, &write_req(1, &data));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_IOERR);
+
+    disks[0].set_fault(Fault::NoSpace);
+    let (s, _) = r.request(1, &write_req(1, &data));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_IOERR, "ENOSPC");
+    let (s, _) = r.request(1, &read_req(0, 512));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK, "reads still work");
+    assert_eq!(r.t.read_mem(s.writable()[0].0, 512).unwrap(), data);
+    let vf1 = r.bus.function(r.vf_bdf(1)).unwrap();
+    assert!(
+        !vf1.lock().unwrap().debug_state().contains("NEEDS_RESET"),
+        "an I/O error is the request's, not the device's"
+    );
+
+    disks[0].set_fault(Fault::None);
+    let (s, _) = r.request(1, &write_req(1, &data));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    // The other VF was never affected; admin still works.
+    r.bring_up_vf(2);
+    let (s, _) = r.request(2, &write_req(3, &data));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
+    assert_eq!(r.mode(1), Mode::Active as u8);
+}
+
+/// A reset (virtio reset or FLR) of a VF with requests on its disk waits
+/// for them (the device must not write guest memory after the reset) and
+/// drops their completions: the driver that reset the device does not see
+/// them, and the queue starts clean.
+#[test]
+fn reset_with_requests_in_flight_waits_and_drops_their_completions() {
+    let disks: Vec<Arc<TestDisk>> = (0..1).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
+    let mut r = Rig::with_disks("reset-inflight", &disks);
+    r.probe_pf();
+    r.bring_up_pf();
+    r.enable_vfs(1);
+    r.bring_up_vf(1);
+    let vf1 = r.vf_bdf(1);
+    disks[0].set_open(false);
+    for i in 0..4u64 {
+        r.t.submit(0, &write_req(i, &[7; 512]), Layout::Direct)
+            .unwrap();
+    }
+    ring(&r, vf1, 0);
+    assert!(disks[0].wait_for_waiting(1));
+    let used = r.t.queue(0).unwrap().used;
+    // The reset (from a vCPU) waits for the disk: open it from elsewhere.
+    let d = disks[0].clone();
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        d.set_open(true);
+    });
+    let mut vf = r.on(vf1);
+    r.t.set_status(&mut vf, 0);
+    opener.join().unwrap();
+    assert_eq!(r.t.status(&mut vf), 0);
+    assert_eq!(
+        disks[0].ops(),
+        4,
+        "every request reached the disk before the reset ended"
+    );
+    ring(&r, vf1, COMPLETION_EVENT);
+    assert_eq!(
+        r.t.read_mem(used + 2, 2).unwrap(),
+        [0, 0],
+        "completions dropped"
+    );
+    // The device works again after the driver brings it up.
+    r.bring_up_vf(1);
+    let (s, u) = r.request(1, &write_req(9, &[1; 512]));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
 }

@@ -30,10 +30,11 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, warn};
-use pci::{BarRange, Doorbell, FunctionChange, InterruptSourceGroup, PciDevice};
+use pci::{BarRange, Doorbell, FunctionChange, InterruptSourceGroup, PciDevice, WorkEvent};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vm_migration::{GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::context::{ContextLimits, MemberContext};
 use super::migration::{MemberDevice, MemberDeviceError, Mode, Quiesce};
@@ -57,6 +58,11 @@ pub struct VfFunction<D: VirtioDevice> {
     /// Per device queue: heads that a written context listed as
     /// device-owned, to serve when the member becomes Active.
     adopted: Vec<Vec<u16>>,
+    /// A Stop or Freeze waiting for the requests in flight (R-MODE-3).
+    quiescing: Option<Mode>,
+    /// Signalled when a quiesce can finish, so that the PF completes the
+    /// admin command waiting on it.
+    progress: Option<Arc<EventFd>>,
 }
 
 impl<D: VirtioDevice> VfFunction<D> {
@@ -84,6 +90,8 @@ impl<D: VirtioDevice> VfFunction<D> {
             bdf,
             dev,
             adopted: vec![Vec::new(); nq],
+            quiescing: None,
+            progress: None,
         })
     }
 
@@ -112,6 +120,29 @@ impl<D: VirtioDevice> VfFunction<D> {
         self.dev.set_vf_bar0(base);
     }
 
+    /// The event to signal when a quiesce waiting for requests in flight
+    /// can finish (the PF's member progress event).
+    pub fn set_progress_event(&mut self, event: Arc<EventFd>) {
+        self.progress = Some(event);
+    }
+
+    /// The mode a quiesce is waiting to enter, if any.
+    pub fn quiescing(&self) -> Option<Mode> {
+        self.quiescing
+    }
+
+    /// After completions were delivered: tell the PF if a quiesce can now
+    /// finish.
+    fn report_progress(&self) {
+        if self.quiescing.is_some() && self.dev.device().in_flight() == 0 {
+            if let Some(p) = &self.progress {
+                if let Err(e) = p.write(1) {
+                    warn!("virtio-pf: VF {}: cannot signal progress: {e}", self.number);
+                }
+            }
+        }
+    }
+
     /// Heads adopted from a written context, not yet served, per queue.
     pub fn adopted_heads(&self) -> &[Vec<u16>] {
         &self.adopted
@@ -134,11 +165,13 @@ impl<D: VirtioDevice> VfFunction<D> {
     /// own buffers is touched in guest memory) and each is then completed
     /// on the real used ring.
     fn serve_adopted(&mut self) {
+        let mut any = false;
         for index in 0..self.dev.num_device_queues() {
             let heads = std::mem::take(&mut self.adopted[usize::from(index)]);
             if heads.is_empty() {
                 continue;
             }
+            any = true;
             let done = self.run_heads(index, &heads);
             for (head, len) in done {
                 if !self.dev.complete_chain(index, head, len) {
@@ -149,10 +182,16 @@ impl<D: VirtioDevice> VfFunction<D> {
                 }
             }
         }
+        if any {
+            // Chains the device handed to its worker complete on the real
+            // used ring.
+            self.dev.drain();
+        }
     }
 
     /// Runs `heads` of queue `index` through the device model; returns the
-    /// `(head, used length)` of each chain served.
+    /// `(head, used length)` of each chain it completed at once (a device
+    /// with a worker completes them later, through the transport).
     fn run_heads(&mut self, index: u16, heads: &[u16]) -> Vec<(u16, u32)> {
         let st = self.dev.state();
         let Some(q) = st.queues.get(usize::from(index)).copied() else {
@@ -349,7 +388,17 @@ impl<D: VirtioDevice> PciDevice for VfFunction<D> {
     }
 
     fn doorbell(&mut self, index: u16) {
-        self.dev.doorbell(index)
+        self.dev.doorbell(index);
+        self.report_progress();
+    }
+
+    fn work_events(&self) -> Vec<WorkEvent> {
+        self.dev.work_events()
+    }
+
+    fn drain(&mut self) {
+        self.dev.drain();
+        self.report_progress();
     }
 
     fn debug_state(&self) -> String {
@@ -415,19 +464,43 @@ impl<D: VirtioDevice> MemberDevice for VfFunction<D> {
     }
 
     fn quiesce(&mut self, mode: Mode) -> Quiesce {
-        // Requests complete synchronously inside `process_queue`, so once
-        // the transport stops serving nothing is in flight (R-MODE-3).
         match mode {
-            Mode::Active => self.resume(),
-            Mode::Stop => self.dev.set_mode(TransportMode::Stop),
-            Mode::Freeze => self.dev.set_mode(TransportMode::Freeze),
+            Mode::Active => {
+                self.resume();
+                Quiesce::Done
+            }
+            Mode::Stop | Mode::Freeze => {
+                // Take no new request; the ones in flight complete as
+                // usual, then the mode changes (R-MODE-3).
+                self.dev.hold_requests(true);
+                self.quiescing = Some(mode);
+                self.poll_quiesce()
+            }
         }
+    }
+
+    fn poll_quiesce(&mut self) -> Quiesce {
+        let Some(mode) = self.quiescing else {
+            return Quiesce::Done;
+        };
+        self.dev.complete_requests();
+        if self.dev.device().in_flight() > 0 {
+            return Quiesce::InProgress;
+        }
+        self.quiescing = None;
+        self.dev.hold_requests(false);
+        self.dev.set_mode(match mode {
+            Mode::Freeze => TransportMode::Freeze,
+            _ => TransportMode::Stop,
+        });
         Quiesce::Done
     }
 
     fn resume(&mut self) {
         // Serves every enabled queue once and delivers held interrupts
         // (R-MODE-4), then the adopted device-owned heads.
+        self.quiescing = None;
+        self.dev.hold_requests(false);
         self.dev.set_mode(TransportMode::Active);
         self.serve_adopted();
     }

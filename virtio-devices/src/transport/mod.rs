@@ -59,7 +59,7 @@ use pci::msix::MsixLayout;
 use pci::pcie::{PcieCapability, PcieCapabilityBuilder};
 use pci::{
     BarKind, BarRange, Doorbell, FunctionChange, InterruptSourceGroup, MsixConfig,
-    PciConfiguration, PciDevice,
+    PciConfiguration, PciDevice, WorkEvent,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
@@ -233,7 +233,14 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     held_queue_irqs: Vec<bool>,
     /// A configuration interrupt held back while not Active.
     held_config_irq: bool,
+    /// New requests are held (see [`VirtioPciDevice::hold_requests`]).
+    holding: bool,
+    /// Reused buffer of completions.
+    completions: Vec<crate::device::Completion>,
 }
+
+/// The [`pci::WorkEvent`] index of a device's completion eventfd.
+pub const COMPLETION_EVENT: u16 = 0xffff;
 
 impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Builds the function around `device`. `interrupts` must have at least
@@ -357,6 +364,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             vf_bar0: None,
             held_queue_irqs: vec![false; n],
             held_config_irq: false,
+            holding: false,
+            completions: Vec::new(),
         })
     }
 
@@ -685,7 +694,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// function is Active (in Stop the queue is served on the return to
     /// Active).
     pub fn process_queue(&mut self, index: u16) -> bool {
-        if self.mode != TransportMode::Active {
+        if self.mode != TransportMode::Active || self.holding {
             return false;
         }
         let i = usize::from(index);
@@ -709,15 +718,21 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 .process_admin_queue(index - self.num_device_queues, queue, &mem)
         };
         match res {
-            Ok(true) => {
-                let notify = driver_wants_interrupt(queue, &mem);
+            Ok(served) => {
+                let notify = served.used && driver_wants_interrupt(queue, &mem);
                 drop(mem);
+                if served.more {
+                    // Budget used up: come back after everything else the
+                    // device thread has to serve.
+                    if let Err(e) = self.events[i].write(1) {
+                        warn!("virtio-pci: cannot re-signal queue {index}: {e}");
+                    }
+                }
                 if notify {
                     self.send_queue_interrupt(index);
                 }
-                true
+                served.used
             }
-            Ok(false) => false,
             Err(e) => {
                 drop(mem);
                 warn!("virtio-pci: queue {index} failed, device needs reset: {e}");
@@ -725,6 +740,45 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 false
             }
         }
+    }
+
+    /// Puts the requests the device finished on its worker on their used
+    /// rings, one interrupt per queue (unless suppressed). Returns whether
+    /// any was completed.
+    pub fn complete_requests(&mut self) -> bool {
+        let mut done = std::mem::take(&mut self.completions);
+        self.device.take_completions(&mut done);
+        let mut touched: Vec<u16> = Vec::new();
+        for c in done.drain(..) {
+            if self.put_used(c.queue, c.head, c.len) && !touched.contains(&c.queue) {
+                touched.push(c.queue);
+            }
+        }
+        self.completions = done;
+        for &q in &touched {
+            self.notify_used(q);
+        }
+        !touched.is_empty()
+    }
+
+    /// Holds (or releases) new requests: while held, notified queues are
+    /// not served, but requests already taken still complete. A member
+    /// quiescing for Stop or Freeze holds until its requests in flight
+    /// are done (R-MODE-3); the queues are examined again on the way back
+    /// to Active (R-MODE-4).
+    pub fn hold_requests(&mut self, hold: bool) {
+        self.holding = hold;
+    }
+
+    /// Whether new requests are held.
+    pub fn holding_requests(&self) -> bool {
+        self.holding
+    }
+
+    /// Waits for the device's requests in flight and completes them.
+    pub fn drain(&mut self) {
+        self.device.wait_idle();
+        self.complete_requests();
     }
 
     /// Sends queue `index`'s interrupt (for a device that completed
@@ -741,12 +795,23 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// written) when the queue is not enabled, the device is not activated,
     /// bus mastering is off, or the function is not Active.
     pub fn complete_chain(&mut self, index: u16, head: u16, len: u32) -> bool {
+        if !self.put_used(index, head, len) {
+            return false;
+        }
+        self.notify_used(index);
+        true
+    }
+
+    /// Writes one used element (see [`Self::complete_chain`]) without
+    /// interrupting.
+    fn put_used(&mut self, index: u16, head: u16, len: u32) -> bool {
         let i = usize::from(index);
         if self.mode != TransportMode::Active
             || !self.activated
             || !self.config.bus_master_enabled()
             || !self.st.queues.get(i).is_some_and(|q| q.enabled)
         {
+            warn!("virtio-pci: completion of chain {head} on queue {index} dropped: the queue cannot take it now");
             return false;
         }
         if head >= self.st.queues[i].size {
@@ -761,12 +826,21 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             self.set_needs_reset();
             return false;
         }
+        true
+    }
+
+    /// Interrupts the driver of queue `index` for what was put on its used
+    /// ring, unless it suppressed the notification.
+    fn notify_used(&mut self, index: u16) {
+        let Some(queue) = self.queues.get_mut(usize::from(index)) else {
+            return;
+        };
+        let mem = self.mem.memory();
         let notify = driver_wants_interrupt(queue, &mem);
         drop(mem);
         if notify {
             self.send_queue_interrupt(index);
         }
-        true
     }
 
     /// The virtqueue `index` as virtio-queue runs it, mutably (for a device
@@ -1096,10 +1170,29 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
     }
 
     fn doorbell(&mut self, index: u16) {
+        if index == COMPLETION_EVENT {
+            self.complete_requests();
+            return;
+        }
         if self.mode == TransportMode::Freeze {
             return;
         }
         self.process_queue(index);
+    }
+
+    fn work_events(&self) -> Vec<WorkEvent> {
+        self.device
+            .completion_event()
+            .map(|event| WorkEvent {
+                index: COMPLETION_EVENT,
+                event,
+            })
+            .into_iter()
+            .collect()
+    }
+
+    fn drain(&mut self) {
+        VirtioPciDevice::drain(self)
     }
 
     fn debug_state(&self) -> String {
