@@ -341,6 +341,23 @@ impl TestDriver {
         Ok(start)
     }
 
+    /// A second driver over the same guest memory, for another function
+    /// (a PF and its VFs each have their own driver): `bytes` of this
+    /// driver's free memory become the new driver's allocation window.
+    pub fn split(&mut self, bytes: u64) -> Result<TestDriver> {
+        let start = self.alloc_pages(bytes.div_ceil(PAGE_SIZE))?;
+        Ok(TestDriver {
+            mem: self.mem.clone(),
+            irqs: RecordingInterrupts::new(),
+            bar0: 0,
+            caps: None,
+            queues: HashMap::new(),
+            alloc_next: start,
+            alloc_end: start + bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE,
+            features: 0,
+        })
+    }
+
     /// Allocates whole pages.
     pub fn alloc_pages(&mut self, pages: u64) -> Result<u64> {
         self.alloc(pages * PAGE_SIZE, PAGE_SIZE)

@@ -32,6 +32,26 @@ pub enum DeviceManagerError {
     Bars { bdf: Bdf, reason: String },
 }
 
+/// Where the guest's doorbell writes become eventfd signals without an
+/// exit to the VMM: KVM's ioeventfds in the VMM, a recorder in tests.
+pub trait IoEvents: Send + Sync {
+    /// Signal `event` on every write to the MMIO `address`.
+    fn register(&self, event: &EventFd, address: u64) -> std::io::Result<()>;
+    /// Stop signalling `event` for `address`.
+    fn unregister(&self, event: &EventFd, address: u64) -> std::io::Result<()>;
+}
+
+impl IoEvents for VmFd {
+    fn register(&self, event: &EventFd, address: u64) -> std::io::Result<()> {
+        self.register_ioevent(event, &IoEventAddress::Mmio(address), NoDatamatch)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+    fn unregister(&self, event: &EventFd, address: u64) -> std::io::Result<()> {
+        self.unregister_ioevent(event, &IoEventAddress::Mmio(address), NoDatamatch)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -55,7 +75,7 @@ struct Doorbells {
 
 /// The PCI side of the machine.
 pub struct DeviceManager {
-    vm: Arc<VmFd>,
+    vm: Arc<dyn IoEvents>,
     bus: PciBus,
     epoll: Epoll,
     doorbells: Mutex<Doorbells>,
@@ -118,7 +138,7 @@ const DUMP_LOCK_WAIT: Duration = Duration::from_millis(300);
 const STOP_TOKEN: u64 = u64::MAX;
 
 impl DeviceManager {
-    pub fn new(vm: Arc<VmFd>, allocator: BarAllocator) -> Result<Self, DeviceManagerError> {
+    pub fn new(vm: Arc<dyn IoEvents>, allocator: BarAllocator) -> Result<Self, DeviceManagerError> {
         let epoll = Epoll::new().map_err(DeviceManagerError::Epoll)?;
         let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         epoll
@@ -169,11 +189,7 @@ impl DeviceManager {
         // Drop every registration, then register what the functions report.
         for (token, r) in db.by_token.drain() {
             if let Some(address) = r.address {
-                let _ = self.vm.unregister_ioevent(
-                    &r.event,
-                    &IoEventAddress::Mmio(address),
-                    NoDatamatch,
-                );
+                let _ = self.vm.unregister(&r.event, address);
             }
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
@@ -194,10 +210,7 @@ impl DeviceManager {
                 let token = db.next_token;
                 db.next_token += 1;
                 if let Some(a) = address {
-                    if let Err(e) =
-                        self.vm
-                            .register_ioevent(&event, &IoEventAddress::Mmio(a), NoDatamatch)
-                    {
+                    if let Err(e) = self.vm.register(&event, a) {
                         log::warn!("{bdf}: ioeventfd at {a:#x}: {e}");
                     }
                 }
@@ -208,11 +221,7 @@ impl DeviceManager {
                 ) {
                     log::warn!("{bdf}: epoll add of event {index}: {e}");
                     if let Some(a) = address {
-                        let _ = self.vm.unregister_ioevent(
-                            &event,
-                            &IoEventAddress::Mmio(a),
-                            NoDatamatch,
-                        );
+                        let _ = self.vm.unregister(&event, a);
                     }
                     continue;
                 }
@@ -363,5 +372,303 @@ impl DeviceManager {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
+
+    use pci::bus::ecam_offset;
+    use pci::{BarRange, Doorbell, FunctionChange, InterruptManager, InterruptSourceGroup};
+    use pci::{MsiMessage, PciDevice};
+    use virtio_devices::block::{Block, BlockConfig};
+    use virtio_devices::pf::device::{PfConfig, VirtioPf, SRIOV_CAP_OFFSET};
+    use virtio_devices::transport::{VirtioPciDevice, VirtioPciOptions};
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+    use vm_migration::GuestMemoryMmap;
+
+    use super::*;
+
+    /// Records registrations by address, as KVM would hold them.
+    #[derive(Default)]
+    struct Recorder {
+        live: Mutex<HashMap<u64, i32>>,
+        fail_at: Mutex<Option<u64>>,
+    }
+
+    impl IoEvents for Recorder {
+        fn register(&self, event: &EventFd, address: u64) -> std::io::Result<()> {
+            if *lock(&self.fail_at) == Some(address) {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let old = lock(&self.live).insert(address, event.as_raw_fd());
+            assert!(old.is_none(), "{address:#x} registered twice");
+            Ok(())
+        }
+        fn unregister(&self, event: &EventFd, address: u64) -> std::io::Result<()> {
+            match lock(&self.live).remove(&address) {
+                Some(fd) if fd == event.as_raw_fd() => Ok(()),
+                _ => Err(std::io::Error::from_raw_os_error(libc::ENOENT)),
+            }
+        }
+    }
+
+    impl Recorder {
+        fn addresses(&self) -> Vec<u64> {
+            let mut v: Vec<u64> = lock(&self.live).keys().copied().collect();
+            v.sort_unstable();
+            v
+        }
+    }
+
+    struct NoIrq;
+    impl InterruptSourceGroup for NoIrq {
+        fn trigger(&self, _: u16) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn update(&self, _: u16, _: MsiMessage, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl InterruptManager for NoIrq {
+        fn create_group(&self, _: Bdf, _: u16) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
+            Ok(Arc::new(NoIrq))
+        }
+    }
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("ch-dm-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        fn file(&self, name: &str, len: usize) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, vec![0u8; len]).unwrap();
+            p
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const W32: (u64, u64) = (0xc000_0000, 0x1000_0000);
+    const W64: (u64, u64) = (0x1_0000_0000, 0x1_0000_0000);
+
+    fn manager() -> (Arc<DeviceManager>, Arc<Recorder>) {
+        let rec = Arc::new(Recorder::default());
+        let dm = DeviceManager::new(rec.clone(), BarAllocator::new(W32, W64).unwrap()).unwrap();
+        (Arc::new(dm), rec)
+    }
+
+    fn mem() -> GuestMemoryAtomic<GuestMemoryMmap> {
+        GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap())
+    }
+
+    fn block_fn(dir: &Dir, name: &str) -> SharedPciDevice {
+        let block = Block::new(&BlockConfig::new(dir.file(name, 1 << 16))).unwrap();
+        let dev = VirtioPciDevice::new(block, mem(), Arc::new(NoIrq), VirtioPciOptions::default())
+            .unwrap();
+        Arc::new(Mutex::new(dev))
+    }
+
+    fn cfg_write(dm: &DeviceManager, bdf: Bdf, reg: u16, v: &[u8]) {
+        dm.ecam_write(ecam_offset(bdf, reg), v);
+    }
+
+    fn bar0(dm: &DeviceManager, bdf: Bdf) -> u64 {
+        let f = dm.bus.function(bdf).unwrap();
+        let bars = lock(&f).decoded_bars();
+        bars.iter().find(|b| b.index == 0).unwrap().base
+    }
+
+    #[test]
+    fn doorbells_are_registered_inside_bar0_and_follow_it_when_it_moves() {
+        let dir = Dir::new("move");
+        let (dm, rec) = manager();
+        let bdf = Bdf::new(0, 2, 0);
+        dm.add_function(bdf, block_fn(&dir, "a.img")).unwrap();
+        let base = bar0(&dm, bdf);
+        assert!((W32.0..W32.0 + W32.1).contains(&base) || base >= W64.0);
+        let before = rec.addresses();
+        assert!(!before.is_empty(), "no doorbell registered");
+        assert!(before.iter().all(|a| (base..base + 0x1_0000).contains(a)));
+        // The completion work event is with epoll only: more registered
+        // entries than ioeventfds.
+        let registered = lock(&dm.doorbells).by_token.len();
+        assert!(registered > before.len(), "{registered} vs {before:?}");
+
+        // The guest moves BAR0 (decoding off, new address, decoding on).
+        let new_base: u64 = 0xd000_0000;
+        cfg_write(&dm, bdf, 0x04, &0u16.to_le_bytes());
+        assert!(
+            rec.addresses().is_empty(),
+            "doorbells kept with decoding off"
+        );
+        cfg_write(&dm, bdf, 0x10, &(new_base as u32).to_le_bytes());
+        cfg_write(&dm, bdf, 0x14, &((new_base >> 32) as u32).to_le_bytes());
+        cfg_write(&dm, bdf, 0x04, &0x6u16.to_le_bytes());
+        let after = rec.addresses();
+        assert_eq!(after.len(), before.len());
+        let moved: Vec<u64> = before.iter().map(|a| a - base + new_base).collect();
+        assert_eq!(after, moved);
+        assert_eq!(lock(&dm.doorbells).by_token.len(), registered);
+    }
+
+    #[test]
+    fn vf_enable_registers_each_vfs_doorbells_and_clearing_it_removes_them() {
+        let dir = Dir::new("vfs");
+        let (dm, rec) = manager();
+        let bdf = Bdf::new(0, 4, 0);
+        let pf_disk = dir.file("pf.img", 4096);
+        let d = dir.0.clone();
+        let cfg = PfConfig::new(
+            pf_disk,
+            Box::new(move |n| {
+                let p = d.join(format!("vf{n}.img"));
+                let _ = std::fs::write(&p, vec![0u8; 4096]);
+                p
+            }),
+            16,
+            bdf,
+            false,
+        )
+        .unwrap();
+        let pf = VirtioPf::new(cfg, mem(), Arc::new(NoIrq)).unwrap();
+        dm.add_function(bdf, pf).unwrap();
+        let pf_only = rec.addresses().len();
+        let entries_pf = lock(&dm.doorbells).by_token.len();
+        assert!(pf_only > 0);
+        for round in 0..3 {
+            cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x10, &16u16.to_le_bytes());
+            cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x08, &0x9u16.to_le_bytes());
+            let with_vfs = rec.addresses().len();
+            assert!(
+                with_vfs >= pf_only + 16,
+                "round {round}: {with_vfs} ioeventfds for the PF and 16 VFs"
+            );
+            assert_eq!(dm.bus.functions().len(), 17);
+            cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x08, &0u16.to_le_bytes());
+            assert_eq!(
+                rec.addresses().len(),
+                pf_only,
+                "round {round}: VF ioeventfds left"
+            );
+            assert_eq!(lock(&dm.doorbells).by_token.len(), entries_pf);
+        }
+    }
+
+    #[test]
+    fn a_failed_ioeventfd_still_leaves_the_doorbell_served_by_epoll() {
+        let dir = Dir::new("fail");
+        let (dm, rec) = manager();
+        // The first doorbell of the function at 00:02.0 will fail.
+        let probe = block_fn(&dir, "p.img");
+        let (dm2, rec2) = manager();
+        dm2.add_function(Bdf::new(0, 2, 0), probe).unwrap();
+        let first = rec2.addresses()[0];
+        drop(dm2);
+        *lock(&rec.fail_at) = Some(first);
+        dm.add_function(Bdf::new(0, 2, 0), block_fn(&dir, "a.img"))
+            .unwrap();
+        assert!(!rec.addresses().contains(&first));
+        // The doorbell is still in epoll: an MMIO write that reaches the
+        // device signals the same eventfd.
+        let n = rec.addresses().len();
+        assert_eq!(lock(&dm.doorbells).by_token.len(), n + 1 + 1);
+    }
+
+    /// A function with one doorbell that counts its calls.
+    struct Counter {
+        event: Arc<EventFd>,
+        calls: Arc<AtomicU64>,
+        hold: Arc<Mutex<()>>,
+    }
+
+    impl PciDevice for Counter {
+        fn config_read(&mut self, _: u16, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn config_write(&mut self, _: u16, _: &[u8]) -> Option<FunctionChange> {
+            None
+        }
+        fn decoded_bars(&self) -> Vec<BarRange> {
+            vec![]
+        }
+        fn bar_read(&mut self, _: u8, _: u64, data: &mut [u8]) {
+            data.fill(0xff);
+        }
+        fn bar_write(&mut self, _: u8, _: u64, _: &[u8]) {}
+        fn doorbells(&self) -> Vec<Doorbell> {
+            vec![Doorbell {
+                address: 0xe000_0000,
+                len: 2,
+                index: 7,
+                event: self.event.clone(),
+            }]
+        }
+        fn doorbell(&mut self, index: u16) {
+            assert_eq!(index, 7);
+            let _g = lock(&self.hold);
+            self.calls.fetch_add(1, Ordering::AcqRel);
+        }
+        fn debug_state(&self) -> String {
+            format!("calls={}", self.calls.load(Ordering::Acquire))
+        }
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn the_device_thread_serves_doorbells_and_the_dump_sees_a_busy_function() {
+        let (dm, rec) = manager();
+        let event = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let calls = Arc::new(AtomicU64::new(0));
+        let hold = Arc::new(Mutex::new(()));
+        let f: SharedPciDevice = Arc::new(Mutex::new(Counter {
+            event: event.clone(),
+            calls: calls.clone(),
+            hold: hold.clone(),
+        }));
+        let bdf = Bdf::new(0, 3, 0);
+        dm.add_function(bdf, f).unwrap();
+        assert_eq!(rec.addresses(), vec![0xe000_0000]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = dm.start_thread(stop.clone()).unwrap();
+        assert!(dm.describe().contains("waiting for doorbells"));
+
+        event.write(1).unwrap();
+        wait_for("the first doorbell", || calls.load(Ordering::Acquire) == 1);
+        assert!(dm.describe().contains(&format!("{bdf}: calls=1")));
+
+        // The doorbell handler is stuck (on its disk, say): the dump names
+        // the doorbell being served and reports the function busy rather
+        // than waiting for it.
+        let g = lock(&hold);
+        event.write(1).unwrap();
+        wait_for("the thread to enter the doorbell", || {
+            dm.describe().contains("serving doorbell 7 of")
+        });
+        let d = dm.describe();
+        assert!(d.contains(&format!("{bdf}: BUSY")), "{d}");
+        drop(g);
+        wait_for("the second doorbell", || calls.load(Ordering::Acquire) == 2);
+
+        dm.stop_thread();
+        let t0 = Instant::now();
+        t.join().unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }

@@ -6,21 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-mod arch;
-mod config;
-mod device_manager;
-mod devices;
-mod dump;
-mod firmware;
-mod interrupts;
-mod platform;
-mod stdin;
-mod vcpu;
-mod vm;
-mod watchdog;
-mod wiring;
+use vmm::{vm, wiring};
 
-use config::{ConfigError, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
+use vmm::config::{ConfigError, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
 
 /// Command line, in Cloud Hypervisor's syntax.
 #[derive(Parser, Debug)]

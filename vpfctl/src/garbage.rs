@@ -55,6 +55,8 @@ pub struct GarbageOpts {
     pub seed: u64,
     /// How long to watch each round.
     pub wait: Duration,
+    /// How long the end-of-round reset may take.
+    pub reset_timeout: Duration,
 }
 
 /// Where garbage may point, in the admin queue's memory.
@@ -263,9 +265,14 @@ pub fn inject(rng: &mut Rng, mem: &dyn Mem, l: &Layout, kind: usize) -> u16 {
     }
 }
 
-/// Run `o.rounds` rounds; `reopen` brings the PF up afresh (reset). After
-/// the last round the PF must come up again and answer LIST_QUERY, and
-/// `check` (e.g. a member's DEV_MODE_GET, or I/O on another VF) must pass.
+/// Run `o.rounds` rounds; `reopen` brings the PF up afresh (reset). Each
+/// round ends with a virtio reset of the PF that must complete (status
+/// reads back 0) before the round's DMA memory is freed: a chain the device
+/// is still working on must not land in pages this process gives back.
+/// After the last round the PF must come up again and answer LIST_QUERY,
+/// and `check` (e.g. a member's DEV_MODE_GET, or I/O on another VF) must
+/// pass. The run is healthy only if the garbage reached the device: some
+/// rounds completed requests or set DEVICE_NEEDS_RESET.
 pub fn run(
     reopen: &mut dyn FnMut() -> Result<AdminDev>,
     check: &mut dyn FnMut(&mut AdminDev) -> Result<()>,
@@ -302,10 +309,15 @@ pub fn run(
         e.0 += 1;
         e.1 += u32::from(completed > 0);
         e.2 += u32::from(status & st::NEEDS_RESET != 0);
+        // The device is done with this round's memory only once its reset
+        // has completed; `a` (and its DMA memory) goes after that.
+        a.dev.reset(o.reset_timeout)?;
     }
     let mut a = reopen()?;
     let bits = a.list_query()?;
     check(&mut a)?;
+    let reached: u32 = per_kind.iter().map(|(_, c, nr)| c + nr).sum();
+    let healthy = o.rounds == 0 || reached > 0;
     let kinds: Vec<Json> = KINDS
         .iter()
         .zip(&per_kind)
@@ -317,26 +329,37 @@ pub fn run(
                 .with("rounds_needs_reset", *nr)
         })
         .collect();
-    let mut human = format!(
-        "{} rounds of admin-queue garbage; device healthy afterwards",
-        o.rounds
-    );
+    let mut human = if healthy {
+        format!(
+            "{} rounds of admin-queue garbage ({reached} reached the device); device healthy afterwards",
+            o.rounds
+        )
+    } else {
+        format!(
+            "{} rounds of admin-queue garbage, none completed a request or set \
+             DEVICE_NEEDS_RESET: the garbage never reached the device",
+            o.rounds
+        )
+    };
     for (n, (r, c, nr)) in KINDS.iter().zip(&per_kind) {
         human.push_str(&format!(
             "\n  {n:<18} {r:>5} rounds, {c:>5} with completions, {nr:>5} set DEVICE_NEEDS_RESET"
         ));
     }
-    Ok(Outcome::ok(
-        Json::obj()
-            .with("command", "garbage")
-            .with("ok", true)
-            .with("rounds", o.rounds)
-            .with("seed", o.seed)
-            .with("kinds", Json::A(kinds))
-            .with("healthy", true)
-            .with("list_query_after", crate::json::hex(bits)),
-        human,
-    ))
+    let json = Json::obj()
+        .with("command", "garbage")
+        .with("ok", healthy)
+        .with("rounds", o.rounds)
+        .with("seed", o.seed)
+        .with("kinds", Json::A(kinds))
+        .with("rounds_reached_device", reached)
+        .with("healthy", healthy)
+        .with("list_query_after", crate::json::hex(bits));
+    let mut out = Outcome::ok(json, human);
+    if !healthy {
+        out.err = Some(crate::error::Error::Verify(out.human.clone()));
+    }
+    Ok(out)
 }
 
 /// SR-IOV capability registers (offsets in the capability) a garbage

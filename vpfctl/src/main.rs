@@ -541,7 +541,13 @@ fn run(cli: &Cli) -> Result<Outcome> {
             let mut reopen = || AdminDev::open(&pf, &opts);
             let mut check = |a: &mut AdminDev| -> Result<()> {
                 if let Some(m) = check_member {
-                    a.mode_get(*m)?;
+                    let (mode, _) = a.mode_get(*m)?;
+                    if mode != wire::Mode::Active as u8 {
+                        return Err(Error::Verify(format!(
+                            "member {m} is in mode {} after the garbage, not Active",
+                            wire::mode_name(mode)
+                        )));
+                    }
                 }
                 Ok(())
             };
@@ -552,6 +558,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
                     rounds: *rounds,
                     seed: *seed,
                     wait: Duration::from_millis(*wait_ms),
+                    reset_timeout: Duration::from_millis(cli.timeout_ms),
                 },
             )?;
             o.json.set("pf", pf.as_str()).set("sriov", sriov);

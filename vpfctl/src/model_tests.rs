@@ -168,6 +168,12 @@ fn config_space(dev: &Arc<Mutex<dyn PciDevice>>) -> Vec<u8> {
 /// Map a model function the way `VirtioPci::open` maps a real one: parse
 /// its configuration space, then one register window per capability.
 fn virtio_of(dev: Arc<Mutex<dyn PciDevice>>, name: &str) -> VirtioPci {
+    virtio_of_with(dev, name, true)
+}
+
+/// [`virtio_of`]; with `doorbells` false, notify writes reach the register
+/// but the device is never told (a doorbell that goes nowhere).
+fn virtio_of_with(dev: Arc<Mutex<dyn PciDevice>>, name: &str, doorbells: bool) -> VirtioPci {
     let cfg = config_space(&dev);
     let caps = pci::parse_virtio_caps(&cfg).unwrap();
     // Memory space + bus master, as `enable_mem_and_bus_master` does.
@@ -185,7 +191,7 @@ fn virtio_of(dev: Arc<Mutex<dyn PciDevice>>, name: &str) -> VirtioPci {
         name,
         caps.clone(),
         regs(caps.common, false),
-        regs(caps.notify, true),
+        regs(caps.notify, doorbells),
         caps.isr.map(|r| regs(r, false)),
         caps.device.map(|r| regs(r, false)),
     )
@@ -925,7 +931,18 @@ fn garbage_leaves_the_pf_and_other_vfs_working() {
         s.get("read_only_intact"),
         Some(&crate::json::Json::Bool(true))
     );
-    let mut reopen = || r.admin(true);
+    // Every round but the first finds the PF already reset: the previous
+    // round's DMA memory was freed only after the device let go of it.
+    let mut rounds = 0;
+    let mut not_reset = 0;
+    let mut reopen = || {
+        let dev: Arc<Mutex<dyn PciDevice>> = r.pf.clone();
+        if rounds > 0 && virtio_of(dev, "pf").status() != 0 {
+            not_reset += 1;
+        }
+        rounds += 1;
+        r.admin(true)
+    };
     let mut check = |a: &mut AdminDev| -> crate::error::Result<()> {
         a.mode_get(1)?;
         a.mode_get(2)?;
@@ -938,14 +955,55 @@ fn garbage_leaves_the_pf_and_other_vfs_working() {
             rounds: 250,
             seed: 11,
             wait: Duration::from_millis(1),
+            reset_timeout: Duration::from_secs(5),
         },
     )
     .unwrap();
     eprintln!("{}", o.human);
     assert!(o.err.is_none());
+    assert_eq!(rounds, 251);
+    assert_eq!(not_reset, 0, "rounds that left the PF running");
+    assert_eq!(o.json.get("healthy"), Some(&crate::json::Json::Bool(true)));
+    assert!(
+        matches!(o.json.get("rounds_reached_device"), Some(crate::json::Json::U(n)) if *n > 100)
+    );
     // VF1 still serves the same rings.
     d.write(8, 2, true);
     assert_eq!(d.drain().len(), 1);
     let disk = std::fs::read(&r.vf_disk).unwrap();
     assert_eq!(&disk[4096..8192], &pattern(2, 4096)[..]);
+}
+
+/// A device that never sees the garbage (its doorbell goes nowhere) is not
+/// reported healthy: the run fails and says why.
+#[test]
+fn garbage_that_never_reaches_the_device_is_not_healthy() {
+    let r = rig("garbage-deaf");
+    // The 20 rounds get the deaf doorbell; the final bring-up (LIST_QUERY)
+    // the real one.
+    let mut opened = 0;
+    let mut reopen = || {
+        let mut a = r.admin(true)?;
+        opened += 1;
+        if opened <= 20 {
+            let dev: Arc<Mutex<dyn PciDevice>> = r.pf.clone();
+            a.dev = virtio_of_with(dev, "pf", false);
+        }
+        Ok(a)
+    };
+    let mut check = |_: &mut AdminDev| -> crate::error::Result<()> { Ok(()) };
+    let o = crate::garbage::run(
+        &mut reopen,
+        &mut check,
+        &crate::garbage::GarbageOpts {
+            rounds: 20,
+            seed: 5,
+            wait: Duration::from_millis(1),
+            reset_timeout: Duration::from_secs(5),
+        },
+    )
+    .unwrap();
+    eprintln!("{}", o.human);
+    assert!(matches!(o.err, Some(Error::Verify(_))), "{:?}", o.err);
+    assert_eq!(o.json.get("healthy"), Some(&crate::json::Json::Bool(false)));
 }
