@@ -34,9 +34,9 @@ use crate::transport::COMPLETION_EVENT;
 pub(crate) const PF_BDF: Bdf = Bdf::new(0, 4, 0);
 pub(crate) const PF_BAR0: u64 = 0xe000_0000;
 pub(crate) const VF_BAR0: u64 = 0xe100_0000;
-const SRIOV: u16 = 0x100;
-const DISK_LEN: usize = 1 << 20;
-const MEM_LEN: usize = 64 << 20;
+pub(crate) const SRIOV: u16 = 0x100;
+pub(crate) const DISK_LEN: usize = 1 << 20;
+pub(crate) const MEM_LEN: usize = 64 << 20;
 
 // ---- plumbing --------------------------------------------------------------
 
@@ -120,11 +120,11 @@ impl PciDevice for OnBus<'_> {
 }
 
 /// A split virtqueue of the PF driven by the test's own small driver.
-struct MiniQueue {
+pub(crate) struct MiniQueue {
     size: u16,
     desc: u64,
     avail: u64,
-    used: u64,
+    pub(crate) used: u64,
     avail_idx: u16,
     last_used: u16,
 }
@@ -132,7 +132,7 @@ struct MiniQueue {
 /// The PF's driver: common configuration, queues 0 (block) and 1 (admin).
 pub(crate) struct PfDriver {
     caps: VirtioCaps,
-    queues: HashMap<u16, MiniQueue>,
+    pub(crate) queues: HashMap<u16, MiniQueue>,
     cmd_buf: u64,
     res_buf: u64,
 }
@@ -153,7 +153,7 @@ impl Reply {
     }
 }
 
-const ADMIN_Q: u16 = 1;
+pub(crate) const ADMIN_Q: u16 = 1;
 const CMD_BUF_LEN: u64 = 1 << 20;
 const RES_BUF_LEN: u64 = 1 << 20;
 
@@ -304,6 +304,13 @@ impl PfDriver {
             .unwrap();
     }
 
+    /// Writes device_status 0 (a virtio reset) and returns the status
+    /// read back.
+    pub(crate) fn reset(&self, dev: &mut dyn PciDevice) -> u8 {
+        self.cw(dev, co::DEVICE_STATUS, 1, 0);
+        self.cr(dev, co::DEVICE_STATUS, 1) as u8
+    }
+
     fn kick(&self, dev: &mut dyn PciDevice, q: u16) {
         let off = u64::from(q) * u64::from(self.caps.notify_off_multiplier);
         TestDriver::region_write(dev, &self.caps.notify, off, 2, u64::from(q));
@@ -311,7 +318,7 @@ impl PfDriver {
         dev.drain();
     }
 
-    fn pop_used(&mut self, t: &TestDriver, q: u16) -> Option<(u16, u32)> {
+    pub(crate) fn pop_used(&mut self, t: &TestDriver, q: u16) -> Option<(u16, u32)> {
         let mq = self.queues.get_mut(&q).unwrap();
         let b = t.read_mem(mq.used + 2, 2).unwrap();
         if u16::from_le_bytes([b[0], b[1]]) == mq.last_used {
@@ -692,7 +699,7 @@ pub(crate) fn status_of(t: &TestDriver, s: &Submitted) -> u8 {
     t.read_mem(a + u64::from(l) - 1, 1).unwrap()[0]
 }
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_mul(31).wrapping_add(i as u8))
         .collect()
@@ -1238,6 +1245,103 @@ fn r_mode_7_virtio_reset_and_flr_in_freeze_reset_the_member() {
         64,
     );
     assert!(rd.ok(), "recording still started: {rd:?}");
+}
+
+/// R-MODE-6 with a real VF: in Stop and in Freeze, PCI-architected
+/// behaviour is what it is in Active (VF MSE switches BAR0 decoding, the
+/// command register and MSI-X table entries take writes); virtio configuration
+/// writes take effect in Stop and are ignored in Freeze, whose reads return
+/// the frozen values.
+#[test]
+fn r_mode_6_pci_behaviour_is_the_same_in_every_mode_on_a_real_vf() {
+    let mut r = Rig::up("mode6", 1, 1, Files::PerVf);
+    r.bring_up_vf(1);
+    let bdf = r.vf_bdf(1);
+    let mut vf = r.on(bdf);
+    let cap = TestDriver::read_caps(&mut vf).unwrap().msix.unwrap();
+    let table = TestDriver::cfg_read32(&mut vf, cap + 4);
+    let ctrl_of = |vf: &mut OnBus, v: u64| {
+        let mut b = [0u8; 4];
+        vf.bar_read(
+            (table & 7) as u8,
+            u64::from(table & !7) + 16 * v + 12,
+            &mut b,
+        );
+        u32::from_le_bytes(b)
+    };
+    for mode in [Mode::Stop, Mode::Freeze] {
+        if mode == Mode::Freeze {
+            r.set_mode(1, Mode::Stop);
+        }
+        r.set_mode(1, mode);
+        let mut vf = r.on(bdf);
+        // VF MSE off: BAR0 reads all ones; on again: the device.
+        let mut pf = r.on(PF_BDF);
+        TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, 0x1);
+        assert_eq!(r.t.status(&mut vf), 0xff, "{mode:?}: BAR0 not decoded");
+        TestDriver::cfg_write16(&mut pf, SRIOV + 0x08, 0x9);
+        assert_eq!(r.t.status(&mut vf), 0xf, "{mode:?}");
+        // The VF's command register (Bus Master) takes writes.
+        TestDriver::cfg_write16(&mut vf, 0x04, 0x0);
+        assert_eq!(TestDriver::cfg_read16(&mut vf, 0x04) & 0x4, 0, "{mode:?}");
+        TestDriver::cfg_write16(&mut vf, 0x04, 0x4);
+        assert_eq!(TestDriver::cfg_read16(&mut vf, 0x04) & 0x4, 0x4, "{mode:?}");
+        // MSI-X vector 1 masked and unmasked.
+        r.t.mask_vector(&mut vf, 1, true).unwrap();
+        assert_eq!(ctrl_of(&mut vf, 1) & 1, 1, "{mode:?}: mask");
+        r.t.mask_vector(&mut vf, 1, false).unwrap();
+        assert_eq!(ctrl_of(&mut vf, 1) & 1, 0, "{mode:?}: unmask");
+        // Virtio configuration: queue_select 0 -> 5.
+        assert_eq!(r.t.common_read(&mut vf, co::QUEUE_SELECT, 2), 0);
+        r.t.common_write(&mut vf, co::QUEUE_SELECT, 2, 5);
+        let seen = r.t.common_read(&mut vf, co::QUEUE_SELECT, 2);
+        match mode {
+            Mode::Stop => assert_eq!(seen, 5, "Stop takes configuration writes"),
+            _ => assert_eq!(seen, 0, "Freeze ignores them, reads the frozen value"),
+        }
+        r.t.common_write(&mut vf, co::QUEUE_SELECT, 2, 0);
+    }
+    r.set_mode(1, Mode::Active);
+    let (s, u) = r.request(1, &write_req(0, &[1; 512]));
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+}
+
+/// R-WR-6 with a real VF in Active mode: FLR and virtio reset of a
+/// recording member stop nothing and clear nothing; what it writes after
+/// its driver brings it up again is recorded too.
+#[test]
+fn r_wr_6_flr_and_reset_of_a_recording_real_vf_in_active() {
+    let mut r = Rig::up("wr6", 1, 1, Files::PerVf);
+    r.bring_up_vf(1);
+    r.start_records_all(1);
+    let bdf = r.vf_bdf(1);
+    let pcie = TestDriver::read_caps(&mut r.on(bdf)).unwrap().pcie.unwrap();
+    let mut expected: Vec<u64> = Vec::new();
+    for (k, flr) in [true, false].into_iter().enumerate() {
+        let (s, _) = r.request(1, &read_req(8 * k as u64, 4096));
+        expected.extend(pages_of(s.writable()[0].0, 4096));
+        let mut vf = r.on(bdf);
+        if flr {
+            TestDriver::cfg_write16(&mut vf, pcie + 8, 0x8000);
+        } else {
+            r.t.set_status(&mut vf, 0);
+        }
+        assert_eq!(r.t.status(&mut vf), 0);
+        assert_eq!(r.mode(1), Mode::Active as u8);
+        let recs = r.read_records(1);
+        for p in &expected {
+            assert!(
+                recs.contains(p),
+                "page {p:#x} lost by the reset (flr={flr})"
+            );
+        }
+        // read_records returned and cleared them; the next round checks
+        // fresh ones.
+        expected.clear();
+        r.bring_up_vf(1);
+    }
+    let (s, _) = r.request(1, &read_req(64, 512));
+    assert!(r.read_records(1).contains(&(s.writable()[0].0 & !4095)));
 }
 
 // ---- device context round trip ---------------------------------------------------
@@ -1893,7 +1997,15 @@ fn r_pci_3_zero_vfs_and_read_only_members() {
 /// doorbell as the device thread does, without waiting for anything else
 /// (no function is drained). Returns the chain's head and its result
 /// buffer (status first).
-fn raw_admin(r: &mut Rig, member: u64, op: u16, data: &[u8]) -> (u16, u64) {
+pub(crate) fn raw_admin(r: &mut Rig, member: u64, op: u16, data: &[u8]) -> (u16, u64) {
+    let (head, res) = queue_admin(r, member, op, data);
+    ring(r, PF_BDF, ADMIN_Q);
+    (head, res)
+}
+
+/// Publishes an admin command without ringing the doorbell; returns its
+/// head and the address of its 9-byte status + result (filled with 0xEE).
+pub(crate) fn queue_admin(r: &mut Rig, member: u64, op: u16, data: &[u8]) -> (u16, u64) {
     let bufs = r.t.alloc_pages(1).unwrap();
     let d = r.pfd.as_mut().unwrap();
     let size = d.queues[&ADMIN_Q].size;
@@ -1915,18 +2027,12 @@ fn raw_admin(r: &mut Rig, member: u64, op: u16, data: &[u8]) -> (u16, u64) {
         ],
         head,
     );
-    r.bus
-        .function(PF_BDF)
-        .unwrap()
-        .lock()
-        .unwrap()
-        .doorbell(ADMIN_Q);
     (head, res)
 }
 
 /// Rings doorbell or work event `index` of function `bdf` the way the
 /// device thread does (no draining).
-fn ring(r: &Rig, bdf: Bdf, index: u16) {
+pub(crate) fn ring(r: &Rig, bdf: Bdf, index: u16) {
     r.bus.function(bdf).unwrap().lock().unwrap().doorbell(index);
 }
 
@@ -2099,7 +2205,7 @@ fn a_vf_stuck_on_its_disk_holds_up_nobody_else() {
     }
 }
 
-fn f_drain(r: &Rig, bdf: Bdf) {
+pub(crate) fn f_drain(r: &Rig, bdf: Bdf) {
     r.bus.function(bdf).unwrap().lock().unwrap().drain();
 }
 

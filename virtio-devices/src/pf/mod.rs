@@ -25,6 +25,8 @@ pub mod vf;
 #[cfg(test)]
 mod device_tests;
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod tests;
 
 pub use admin::{

@@ -1352,7 +1352,16 @@ fn stop_holds_work_and_freeze_ignores_config_writes() {
         "Stop: no driver memory touched"
     );
     assert!(drv.irqs().triggered().is_empty());
-    // Configuration writes are accepted in Stop.
+    // Configuration writes are accepted in Stop: values that change.
+    assert_eq!(dev.state().queue_select, 0);
+    drv.common_write(&mut dev, co::QUEUE_SELECT, 2, 3);
+    assert_eq!(dev.state().queue_select, 3);
+    assert_eq!(drv.common_read(&mut dev, co::QUEUE_SELECT, 2), 3);
+    let vector = drv.common_read(&mut dev, co::CONFIG_MSIX_VECTOR, 2);
+    assert_eq!(vector, 0);
+    drv.common_write(&mut dev, co::CONFIG_MSIX_VECTOR, 2, 1);
+    assert_eq!(drv.common_read(&mut dev, co::CONFIG_MSIX_VECTOR, 2), 1);
+    drv.common_write(&mut dev, co::CONFIG_MSIX_VECTOR, 2, vector);
     drv.common_write(&mut dev, co::QUEUE_SELECT, 2, 0);
     assert_eq!(dev.state().queue_select, 0);
     dev.set_mode(TransportMode::Active);
