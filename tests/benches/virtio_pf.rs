@@ -105,8 +105,27 @@ fn main() {
         .file("pf.img", vec![0u8; 4 * MIB])
         .file("vf.img", vec![0u8; 8 * MIB])
         .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
-        .timeout(Duration::from_secs(900))
-        .script(&format!("RUNS={runs}\n{SCRIPT}"));
+        .script(&format!("RUNS={runs}\n{SCRIPT}"))
+        .step(
+            "admin round trips",
+            "@@B:RTT=DEV_WRITE_RECORD_CAP_QUERY ",
+            Duration::from_secs(90),
+        );
+    // Each migration and its workload's end have their own deadline.
+    let scenario = (1..=runs)
+        .fold(scenario, |sc, i| {
+            sc.step(
+                &format!("run {i}: migrate"),
+                &format!("@@B:MIGRATE={i} "),
+                Duration::from_secs(60),
+            )
+            .step(
+                &format!("run {i}: workload end"),
+                &format!("@@B:STALL={i} "),
+                Duration::from_secs(60),
+            )
+        })
+        .script_limit(Duration::from_secs(30));
     let out = match runner.run(&scenario) {
         Ok(out) => out,
         Err(e) => fail(&format!("the benchmark run failed: {e}")),

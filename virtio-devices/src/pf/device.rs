@@ -485,6 +485,14 @@ impl VirtioDevice for PfDevice {
                 };
                 let Some(chain) = chain else { break };
                 taken += 1;
+                if chain.head_index() >= queue.size() {
+                    // A head outside the ring: the driver's queue is broken
+                    // (DEVICE_NEEDS_RESET), and the command is not run.
+                    return Err(DeviceError::AvailRing {
+                        queue: qi,
+                        source: virtio_queue::Error::InvalidDescriptorIndex,
+                    });
+                }
                 let admin = &mut self.admin;
                 let table = &mut self.table;
                 let outcome = process_chain(chain, &mut self.bufs, |cmd, result, cap| {

@@ -121,9 +121,9 @@ impl PciDevice for OnBus<'_> {
 
 /// A split virtqueue of the PF driven by the test's own small driver.
 pub(crate) struct MiniQueue {
-    size: u16,
+    pub(crate) size: u16,
     desc: u64,
-    avail: u64,
+    pub(crate) avail: u64,
     pub(crate) used: u64,
     avail_idx: u16,
     last_used: u16,
@@ -302,6 +302,11 @@ impl PfDriver {
         mq.avail_idx = mq.avail_idx.wrapping_add(1);
         t.write_mem(mq.avail + 2, &mq.avail_idx.to_le_bytes())
             .unwrap();
+    }
+
+    /// device_status.
+    pub(crate) fn status(&self, dev: &mut dyn PciDevice) -> u8 {
+        self.cr(dev, co::DEVICE_STATUS, 1) as u8
     }
 
     /// Writes device_status 0 (a virtio reset) and returns the status

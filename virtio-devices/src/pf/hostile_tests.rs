@@ -385,3 +385,28 @@ fn an_owner_that_dies_mid_migration_leaves_everything_recoverable() {
     assert_eq!(u.map(|u| u.id), Some(s.head));
     assert_eq!(status_of(&r.t, &s), VIRTIO_BLK_S_OK);
 }
+
+/// An admin command published with a head outside the ring: the admin
+/// queue is broken (DEVICE_NEEDS_RESET) and the command is not run, so the
+/// member's mode is unchanged; the PF comes back after a reset.
+#[test]
+fn an_admin_head_outside_the_ring_needs_reset_and_runs_nothing() {
+    let mut r = Rig::up("admin-head", 1, 1, Files::PerVf);
+    let (head, _) = queue_admin(&mut r, 1, opcode::DEV_MODE_SET, &[Mode::Stop as u8]);
+    let (slot, bad) = {
+        let q = &r.pfd.as_ref().unwrap().queues[&ADMIN_Q];
+        // The entry queue_admin just published, pointing past the ring.
+        let idx = u16::from_le_bytes(r.t.read_mem(q.avail + 2, 2).unwrap().try_into().unwrap());
+        (
+            q.avail + 4 + 2 * u64::from(idx.wrapping_sub(1) % q.size),
+            head + q.size,
+        )
+    };
+    r.t.write_mem(slot, &bad.to_le_bytes()).unwrap();
+    ring(&r, PF_BDF, ADMIN_Q);
+    let st = r.pfd.as_ref().unwrap().status(&mut r.on(PF_BDF));
+    assert_ne!(st & 0x40, 0, "DEVICE_NEEDS_RESET: status {st:#x}");
+    assert_eq!(r.pf.lock().unwrap().member_mode(1), Some(Mode::Active));
+    r.bring_up_pf();
+    assert_eq!(r.mode(1), Mode::Active as u8);
+}
