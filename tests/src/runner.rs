@@ -261,6 +261,7 @@ impl Runner {
     }
 
     fn run_direct(&self, scenario: &Scenario, dir: &Path, watch: Watch) -> Result<RunOutput> {
+        let _mounts = FullDiskMounts::setup(scenario, dir)?;
         let mut cmd = Command::new(&self.vmm);
         cmd.args(scenario.full_args()).current_dir(dir);
         let what = format!("VMM {} (scenario {})", self.vmm.display(), scenario.name);
@@ -278,6 +279,14 @@ impl Runner {
     }
 
     fn run_reference(&self, scenario: &Scenario, dir: &Path, watch: Watch) -> Result<RunOutput> {
+        if !scenario.full_disks.is_empty() {
+            // QEMU stops the guest on ENOSPC by default (werror=enospc):
+            // not what the scenario checks.
+            return Err(Error::BadScenario {
+                scenario: scenario.name.clone(),
+                why: "full disks are not supported in qemu-reference mode".into(),
+            });
+        }
         let args = reference_qemu_args(scenario)?;
         let mut cmd = Command::new(qemu_program());
         cmd.args(&args).current_dir(dir);
@@ -322,8 +331,21 @@ impl Runner {
             args_file.push('\n');
         }
         cpio.file("scenario.args", 0o644, args_file.as_bytes());
+        // Run by the outer /init before the VMM (as `sh`, cwd /): the full
+        // disks' tmpfs mounts, then the scenario's own outer script.
+        let mut selfcheck = String::new();
+        for d in &scenario.full_disks {
+            selfcheck.push_str(&format!(
+                "( cd /scenario && {} ) || echo '@@{KEY_OUTER_ERROR}=cannot make the full disk {}@@'\n",
+                d.setup_script().trim_end(),
+                d.name
+            ));
+        }
         if let Some(script) = &scenario.outer_script {
-            cpio.file("scenario.selfcheck", 0o755, script.as_bytes());
+            selfcheck.push_str(script);
+        }
+        if !selfcheck.is_empty() {
+            cpio.file("scenario.selfcheck", 0o755, selfcheck.as_bytes());
         }
 
         // One outer disk per scenario file.
@@ -930,5 +952,49 @@ i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"#;
         assert_eq!(t, ["@@CH-DUMP:BEGIN=2@@", "y"]);
         assert_eq!(rest.len(), 5);
         assert!(split_dump(&[l("z")]).0.is_empty());
+    }
+}
+
+/// The tmpfs mounts of a scenario's full disks on the host (direct mode),
+/// unmounted when dropped.
+struct FullDiskMounts(Vec<PathBuf>);
+
+impl FullDiskMounts {
+    fn setup(scenario: &Scenario, dir: &Path) -> Result<FullDiskMounts> {
+        let mut mounts = FullDiskMounts(Vec::new());
+        for d in &scenario.full_disks {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(d.setup_script())
+                .current_dir(dir)
+                .output()
+                .map_err(|source| Error::Spawn {
+                    program: "sh".into(),
+                    source,
+                })?;
+            if dir.join(d.dir()).exists() && out.status.success() {
+                mounts.0.push(dir.join(d.dir()));
+            }
+            if !out.status.success() {
+                return Err(Error::BadScenario {
+                    scenario: scenario.name.clone(),
+                    why: format!(
+                        "{} (direct mode mounts a tmpfs on the host: run as root): {}{}",
+                        d.name,
+                        String::from_utf8_lossy(&out.stdout).trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
+        Ok(mounts)
+    }
+}
+
+impl Drop for FullDiskMounts {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = Command::new("umount").arg(m).status();
+        }
     }
 }

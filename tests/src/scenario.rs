@@ -52,6 +52,41 @@ pub struct Scenario {
     pub script_limit: Duration,
     /// Limit of the guest's boot, from VMM start to /init.
     pub boot_limit: Duration,
+    /// Disk files on a filesystem that is nearly full (see
+    /// [`Scenario::full_disk`]).
+    pub full_disks: Vec<FullDisk>,
+}
+
+/// A sparse disk file of `capacity` bytes alone on a tmpfs of `room` bytes,
+/// in its own directory of the scenario: writes past the room fail with
+/// ENOSPC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FullDisk {
+    /// `DIR/FILE`, relative to the scenario directory.
+    pub name: String,
+    pub capacity: u64,
+    pub room: u64,
+}
+
+impl FullDisk {
+    /// The directory the tmpfs is mounted on.
+    pub fn dir(&self) -> &str {
+        self.name.split('/').next().unwrap_or("")
+    }
+
+    /// Shell commands, run in the VMM's working directory, that mount the
+    /// tmpfs and create the file; on failure they print why and exit 1.
+    pub fn setup_script(&self) -> String {
+        format!(
+            "mkdir -p '{d}' && mount -t tmpfs -o size={room} tmpfs '{d}' \
+             && dd if=/dev/zero of='{n}' bs=1 count=0 seek={cap} 2>/dev/null \
+             || {{ echo \"cannot make the full disk {n} (tmpfs of {room} bytes)\"; exit 1; }}\n",
+            d = self.dir(),
+            n = self.name,
+            room = self.room,
+            cap = self.capacity,
+        )
+    }
 }
 
 /// Default limit of the guest's boot (VMM start to /init). Measured: 5 to
@@ -77,6 +112,7 @@ impl Scenario {
             steps: Vec::new(),
             script_limit: DEFAULT_SCRIPT_LIMIT,
             boot_limit: DEFAULT_BOOT_LIMIT,
+            full_disks: Vec::new(),
         }
     }
 
@@ -143,6 +179,21 @@ impl Scenario {
         self
     }
 
+    /// A disk file `name` (`DIR/FILE`) of `capacity` bytes, sparse, alone
+    /// on a tmpfs of `room` bytes mounted on `DIR` of the scenario, so that
+    /// the guest's writes past `room` bytes fail on the host with ENOSPC.
+    /// The runner mounts it in the outer VM (nested mode) or on the host
+    /// (direct mode, as root; unmounted after the run). The file is not
+    /// read back.
+    pub fn full_disk(mut self, name: &str, capacity: u64, room: u64) -> Self {
+        self.full_disks.push(FullDisk {
+            name: name.to_string(),
+            capacity,
+            room,
+        });
+        self
+    }
+
     /// A script the OUTER host VM runs (nested mode only) after loading KVM
     /// and before starting the VMM: for checking the runner itself.
     pub fn outer_script(mut self, script: &str) -> Self {
@@ -174,6 +225,28 @@ impl Scenario {
                     .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
             if !ok || name == GUEST_KERNEL || name == GUEST_INITRD {
                 return Err(bad(format!("bad file name {name:?}")));
+            }
+        }
+        for d in &self.full_disks {
+            let parts: Vec<&str> = d.name.split('/').collect();
+            let ok = parts.len() == 2
+                && parts.iter().all(|c| {
+                    !c.is_empty()
+                        && *c != "."
+                        && *c != ".."
+                        && c.chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+                });
+            let clash = self
+                .files
+                .iter()
+                .any(|(f, _)| f.split('/').next() == Some(d.dir()))
+                || self.full_disks.iter().filter(|o| o.dir() == d.dir()).count() > 1;
+            if !ok || clash || d.room == 0 || d.capacity == 0 {
+                return Err(bad(format!(
+                    "bad full disk {:?}: needs DIR/FILE with a DIR of its own, and sizes > 0",
+                    d.name
+                )));
             }
         }
         if ["--kernel", "--initramfs", "--cmdline"]

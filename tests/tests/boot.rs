@@ -240,6 +240,54 @@ cat /tmp/dd.err
     );
 }
 
+/// A backing file on a host filesystem that runs out of space: the guest's
+/// writes past the room fail with an I/O error (VIRTIO_BLK_S_IOERR, which
+/// Linux logs as "I/O error, dev vda"), reads still work, the other disk is
+/// untouched and works, and the VMM powers off normally.
+#[test]
+fn a_backing_file_out_of_space_gives_the_guest_io_errors_and_nothing_else() {
+    let other = pattern(5, MIB);
+    let out = boot(
+        Scenario::new("disk-enospc")
+            .full_disk("small/full.img", 8 * MIB as u64, 256 * 1024)
+            .args(["--disk", "path=small/full.img", "--disk", "path=other.img"])
+            .file("other.img", vec![0u8; 2 * MIB])
+            .guest_file("other.bin", other.clone())
+            .script(
+                r#"dd if=/dev/urandom of=/tmp/big bs=65536 count=32 2>/dev/null
+if dd if=/tmp/big of=/dev/vda bs=65536 conv=fsync 2>/tmp/dd.err; then
+  echo "@@T:FULL-WRITE=accepted@@"
+else
+  echo "@@T:FULL-WRITE=failed@@"
+fi
+cat /tmp/dd.err
+echo "@@T:IOERR-LOGGED=$(dmesg | grep -c 'I/O error, dev vda')@@"
+echo 3 > /proc/sys/vm/drop_caches
+if dd if=/dev/vda of=/dev/null bs=65536 count=128 2>/dev/null; then echo "@@T:FULL-READ=ok@@"; else echo "@@T:FULL-READ=failed@@"; fi
+dd if=/other.bin of=/dev/vdb bs=65536 conv=fsync 2>/dev/null
+echo "@@T:OTHER-WRITE=$?@@"
+"#,
+            ),
+    );
+    assert_eq!(
+        marker(&out, "FULL-WRITE"),
+        "failed",
+        "writing 2 MiB to a disk with 256 KiB of room succeeded\n{}",
+        out.summary()
+    );
+    let logged: u32 = marker(&out, "IOERR-LOGGED").parse().unwrap_or(0);
+    assert!(
+        logged > 0,
+        "the guest kernel logged no I/O error for vda\n{}",
+        out.summary()
+    );
+    assert_eq!(marker(&out, "FULL-READ"), "ok", "{}", out.summary());
+    assert_eq!(marker(&out, "OTHER-WRITE"), "0", "{}", out.summary());
+    assert_eq!(out.vmm_exit, 0, "{}", out.summary());
+    let after = out.read_file("other.img").unwrap();
+    assert!(after[..MIB] == other[..], "the other disk lost the write");
+}
+
 /// `dmesg | grep -i 'ACPI.*\(error\|bug\)'` must be empty, but for the line
 /// every x86 kernel prints ("PCI: Using host bridge windows from ACPI; if
 /// necessary, use "pci=nocrs" and report a bug"), which is not an error.
