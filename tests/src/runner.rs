@@ -844,6 +844,50 @@ fn read_lines(mut stream: Box<dyn Read + Send>, tx: mpsc::Sender<(Instant, Strin
     }
 }
 
+/// The tmpfs mounts of a scenario's full disks on the host (direct mode),
+/// unmounted when dropped.
+struct FullDiskMounts(Vec<PathBuf>);
+
+impl FullDiskMounts {
+    fn setup(scenario: &Scenario, dir: &Path) -> Result<FullDiskMounts> {
+        let mut mounts = FullDiskMounts(Vec::new());
+        for d in &scenario.full_disks {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(d.setup_script())
+                .current_dir(dir)
+                .output()
+                .map_err(|source| Error::Spawn {
+                    program: "sh".into(),
+                    source,
+                })?;
+            if dir.join(d.dir()).exists() && out.status.success() {
+                mounts.0.push(dir.join(d.dir()));
+            }
+            if !out.status.success() {
+                return Err(Error::BadScenario {
+                    scenario: scenario.name.clone(),
+                    why: format!(
+                        "{} (direct mode mounts a tmpfs on the host: run as root): {}{}",
+                        d.name,
+                        String::from_utf8_lossy(&out.stdout).trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                });
+            }
+        }
+        Ok(mounts)
+    }
+}
+
+impl Drop for FullDiskMounts {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = Command::new("umount").arg(m).status();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,49 +996,5 @@ i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"#;
         assert_eq!(t, ["@@CH-DUMP:BEGIN=2@@", "y"]);
         assert_eq!(rest.len(), 5);
         assert!(split_dump(&[l("z")]).0.is_empty());
-    }
-}
-
-/// The tmpfs mounts of a scenario's full disks on the host (direct mode),
-/// unmounted when dropped.
-struct FullDiskMounts(Vec<PathBuf>);
-
-impl FullDiskMounts {
-    fn setup(scenario: &Scenario, dir: &Path) -> Result<FullDiskMounts> {
-        let mut mounts = FullDiskMounts(Vec::new());
-        for d in &scenario.full_disks {
-            let out = Command::new("sh")
-                .arg("-c")
-                .arg(d.setup_script())
-                .current_dir(dir)
-                .output()
-                .map_err(|source| Error::Spawn {
-                    program: "sh".into(),
-                    source,
-                })?;
-            if dir.join(d.dir()).exists() && out.status.success() {
-                mounts.0.push(dir.join(d.dir()));
-            }
-            if !out.status.success() {
-                return Err(Error::BadScenario {
-                    scenario: scenario.name.clone(),
-                    why: format!(
-                        "{} (direct mode mounts a tmpfs on the host: run as root): {}{}",
-                        d.name,
-                        String::from_utf8_lossy(&out.stdout).trim(),
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ),
-                });
-            }
-        }
-        Ok(mounts)
-    }
-}
-
-impl Drop for FullDiskMounts {
-    fn drop(&mut self) {
-        for m in &self.0 {
-            let _ = Command::new("umount").arg(m).status();
-        }
     }
 }

@@ -241,7 +241,12 @@ impl Scenario {
                 .files
                 .iter()
                 .any(|(f, _)| f.split('/').next() == Some(d.dir()))
-                || self.full_disks.iter().filter(|o| o.dir() == d.dir()).count() > 1;
+                || self
+                    .full_disks
+                    .iter()
+                    .filter(|o| o.dir() == d.dir())
+                    .count()
+                    > 1;
             if !ok || clash || d.room == 0 || d.capacity == 0 {
                 return Err(bad(format!(
                     "bad full disk {:?}: needs DIR/FILE with a DIR of its own, and sizes > 0",

@@ -96,7 +96,7 @@ fn boot_once() -> Run {
     let secs = Duration::from_secs;
     let scenario = [
         ("PF bound, 2 VFs", "VPF-VFS ", 30),
-        ("admin checks", "VPF-BENCH ", 30),
+        ("admin checks", "VPF-BENCH ", 60),
         ("workload ready", "@@VPF:workload-ready=", 30),
         ("migrate under load", "VPF-MIGRATE ", 60),
         ("record coverage", "@@VPF:record-coverage=", 30),
@@ -105,6 +105,16 @@ fn boot_once() -> Run {
         ("migrate back", "@@VPF:migrate-back-workload=", 60),
         ("garbage", "VPF-GARBAGE ", 60),
         ("VFs after garbage", "@@VPF:vf1-works-after-garbage=", 30),
+        (
+            "owner deaths and recoveries",
+            "@@VPF:recovered-after-ctx_write-2=",
+            60,
+        ),
+        (
+            "VFs after owner deaths",
+            "@@VPF:vf2-works-after-owner-death=",
+            30,
+        ),
         ("result", "@@VPF:RESULT=", 15),
     ]
     .into_iter()
@@ -678,6 +688,41 @@ fn garbage_does_not_hurt_vmm_or_other_vfs() {
 }
 
 // The host-side parsers the checks above rely on (no guest).
+/// An owner that dies in the middle of a migration (after each phase,
+/// leaving members in Stop or Freeze, recording on, streams half done) is
+/// recovered by the next owner with discard, records stop and Active, and
+/// both VFs then work.
+#[test]
+fn an_owner_that_dies_mid_migration_is_recovered_by_the_next() {
+    let r = run();
+    let mut names = Vec::new();
+    for phase in [
+        "wr_start",
+        "precopy",
+        "stop",
+        "freeze",
+        "final_ctx_read",
+        "ctx_write",
+    ] {
+        names.push(format!("owner-dies-after-{phase}"));
+        names.push(format!("left-after-{phase}-1"));
+        names.push(format!("left-after-{phase}-2"));
+        names.push(format!("left-recording-after-{phase}"));
+        names.push(format!("recovered-after-{phase}-1"));
+        names.push(format!("recovered-after-{phase}-2"));
+    }
+    names.push("vf1-works-after-owner-death".into());
+    names.push("vf2-works-after-owner-death".into());
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    r.checks_ok(&refs);
+    let failed: Vec<(String, String)> = r
+        .all_checks()
+        .into_iter()
+        .filter(|(k, v)| k.starts_with("recover-after-") && v != "ok")
+        .collect();
+    assert!(failed.is_empty(), "recovery commands failed: {failed:?}");
+}
+
 #[test]
 fn host_side_parsers() {
     let mut arch = b"VPFFILE a.log 3\nx\nyVPFFILE b.json 2\n{}VPFEND\n".to_vec();

@@ -257,5 +257,36 @@ timeout 120 $V blk-workload --vf "$VF2" --log "$W/after.log" --requests 64 --sta
     && ok vf-works-after-garbage || fail vf-works-after-garbage "$(cat "$W/after.out")"
 timeout 120 $V blk-workload --vf "$VF1" --log "$W/after1.log" --requests 64 --start-sector 4096 --blocks 16 > "$W/after1.out" 2>&1 \
     && ok vf1-works-after-garbage || fail vf1-works-after-garbage "$(cat "$W/after1.out")"
+# An owner that dies in the middle of a migration: vpfctl leaves right
+# after the phase with nothing cleaned up (members in Stop or Freeze,
+# recording on, a context stream read or written), as a killed owner would,
+# but between two commands. A new vpfctl recovers both members (discard the
+# streams, stop recording, Active) and both VFs work.
+for phase in wr_start precopy stop freeze final_ctx_read ctx_write; do
+    out=$($V --json --timeout-ms 60000 migrate --from 1 --to 2 --range 0x1000000:16 --exit-after $phase 2>&1)
+    rc=$?
+    case "$rc $out" in
+    "6 "*"\"abandoned_after\":\"$phase\""*) ok "owner-dies-after-$phase" ;;
+    *) fail "owner-dies-after-$phase" "rc=$rc $out" ;;
+    esac
+    # What the dead owner left: member 1 Active until the Stop, then Stop,
+    # then Freeze; member 2 (the destination) in Freeze; recording on.
+    case $phase in wr_start | precopy) e1=active ;; stop) e1=stop ;; *) e1=freeze ;; esac
+    expect_mode "left-after-$phase-1" 1 $e1
+    expect_mode "left-after-$phase-2" 2 freeze
+    run "left-recording-after-$phase" $V wr-read --member 1 --addr 0x1000000 --len 65536
+    for m in 1 2; do
+        $V ctx-discard --member $m > /dev/null 2>&1
+        $V wr-stop --member $m > /dev/null 2>&1
+        r=$($V mode-set --member $m --mode active 2>&1) || fail "recover-after-$phase-$m" "$r"
+    done
+    expect_mode "recovered-after-$phase-1" 1 active
+    expect_mode "recovered-after-$phase-2" 2 active
+done
+timeout 120 $V blk-workload --vf "$VF1" --log "$W/dead1.log" --requests 64 --start-sector 6144 --blocks 16 > "$W/dead1.out" 2>&1 \
+    && ok vf1-works-after-owner-death || fail vf1-works-after-owner-death "$(cat "$W/dead1.out")"
+timeout 120 $V blk-workload --vf "$VF2" --log "$W/dead2.log" --requests 64 --start-sector 8192 --blocks 16 > "$W/dead2.out" 2>&1 \
+    && ok vf2-works-after-owner-death || fail vf2-works-after-owner-death "$(cat "$W/dead2.out")"
+
 if [ $FAILED = 0 ]; then echo "@@VPF:RESULT=ok@@"; else echo "@@VPF:RESULT=fail@@"; fi
 exit $FAILED

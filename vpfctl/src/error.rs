@@ -14,6 +14,8 @@ pub const EXIT_TIMEOUT: i32 = 4;
 /// Exit code: the workload found wrong data or a completion that broke the
 /// exactly-once rule, or migrate's consistency checks failed.
 pub const EXIT_VERIFY: i32 = 5;
+/// `migrate --exit-after`: the owner left after the named phase, on purpose.
+pub const EXIT_ABANDONED: i32 = 6;
 
 /// Everything that can go wrong.
 #[derive(Debug, thiserror::Error)]

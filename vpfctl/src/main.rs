@@ -261,6 +261,12 @@ enum Cmd {
         /// On failure after Stop, leave the source as it is.
         #[arg(long)]
         no_rollback: bool,
+        /// Exit right after this phase with nothing cleaned up, as an owner
+        /// that dies there would (exit status 6), to test recovery:
+        /// prepare, wr_start, precopy, stop, freeze, final_ctx_read,
+        /// final_drain, ctx_write, activate.
+        #[arg(long, value_name = "PHASE")]
+        exit_after: Option<String>,
     },
     /// Admin command round trip: send one command --count times and print
     /// min / median / p99 / max (submit to used entry, µs).
@@ -726,6 +732,7 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
             read_chunk,
             chunk,
             no_rollback,
+            exit_after,
         } => {
             let mut bytes: Vec<(u64, u64)> = ranges
                 .iter()
@@ -750,6 +757,7 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
                 write_chunk: *chunk,
                 workload_dir: workload_dir.clone(),
                 no_rollback: *no_rollback,
+                exit_after: exit_after.clone(),
             };
             migrate::migrate(a, pf, &o)
         }

@@ -39,7 +39,23 @@ pub struct MigrateOpts {
     pub workload_dir: Option<PathBuf>,
     /// Do not try to restore A on failure.
     pub no_rollback: bool,
+    /// Exit the process right after this phase, cleaning nothing up, as an
+    /// owner that dies there would (for testing recovery).
+    pub exit_after: Option<String>,
 }
+
+/// The phases of a migration, in order (`--exit-after` takes one).
+pub const PHASES: [&str; 9] = [
+    "prepare",
+    "wr_start",
+    "precopy",
+    "stop",
+    "freeze",
+    "final_ctx_read",
+    "final_drain",
+    "ctx_write",
+    "activate",
+];
 
 /// CLOCK_MONOTONIC in nanoseconds (the same clock the workload logs).
 pub fn mono_ns() -> u64 {
@@ -104,14 +120,32 @@ pub fn read_ranges_file(path: &Path) -> Result<Vec<(u64, u64)>> {
 
 struct Phases {
     list: Vec<(&'static str, Duration)>,
+    exit_after: Option<String>,
 }
 
 impl Phases {
     fn run<T>(&mut self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let t = Instant::now();
         let r = f();
-        self.list.push((name, t.elapsed()));
+        self.done(name, t.elapsed());
         r
+    }
+
+    /// Phase `name` ended; with `--exit-after name`, the process ends here
+    /// with nothing cleaned up (members left in their modes, recording on,
+    /// streams as they are).
+    fn done(&mut self, name: &'static str, took: Duration) {
+        self.list.push((name, took));
+        if self.exit_after.as_deref() == Some(name) {
+            println!(
+                "{}",
+                Json::obj()
+                    .with("command", "migrate")
+                    .with("abandoned_after", name)
+                    .to_string_compact()
+            );
+            std::process::exit(crate::error::EXIT_ABANDONED);
+        }
     }
 }
 
@@ -197,7 +231,18 @@ pub fn migrate(a: &mut AdminDev, pf: &str, o: &MigrateOpts) -> Result<Outcome> {
         ));
     }
     let total = Instant::now();
-    let mut ph = Phases { list: Vec::new() };
+    if let Some(p) = &o.exit_after {
+        if !PHASES.contains(&p.as_str()) {
+            return Err(Error::Usage(format!(
+                "--exit-after {p}: not a phase (one of {})",
+                PHASES.join(", ")
+            )));
+        }
+    }
+    let mut ph = Phases {
+        list: Vec::new(),
+        exit_after: o.exit_after.clone(),
+    };
     let mut j = Json::obj()
         .with("command", "migrate")
         .with("pf", pf)
@@ -280,7 +325,7 @@ pub fn migrate(a: &mut AdminDev, pf: &str, o: &MigrateOpts) -> Result<Outcome> {
                 .with("us", t.elapsed().as_micros() as u64),
         );
     }
-    ph.list.push(("precopy", precopy.elapsed()));
+    ph.done("precopy", precopy.elapsed());
 
     // Downtime starts here.
     let t_stop = mono_ns();

@@ -563,6 +563,7 @@ fn migrate_moves_a_member_under_load() {
         write_chunk: Some(50),
         workload_dir: None,
         no_rollback: false,
+        exit_after: None,
     };
     let out = migrate::migrate(&mut a, "pf", &o).unwrap();
     assert!(out.err.is_none(), "{:?}", out.err);
@@ -654,6 +655,7 @@ fn migrate_refuses_bad_requests_without_touching_the_source() {
         write_chunk: None,
         workload_dir: None,
         no_rollback: false,
+        exit_after: None,
     };
     let e = migrate::migrate(&mut a, "pf", &o).unwrap_err();
     assert_eq!(status_of(&e).1, qualifier::INVALID_MEMBER);
@@ -774,6 +776,7 @@ fn workload_follows_its_member_through_migrate() {
         write_chunk: None,
         workload_dir: None,
         no_rollback: false,
+        exit_after: None,
     };
     let out = migrate::migrate(&mut a, "pf", &o).unwrap();
     assert!(out.err.is_none(), "{:?}", out.err);
