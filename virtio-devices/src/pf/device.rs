@@ -66,7 +66,7 @@ pub const VF_BAR0_SIZE: u64 = BAR0_SIZE;
 /// Most admin commands run per turn of the admin queue (each may read or
 /// write up to the result size of context or records): past it the queue
 /// is served again after everything else.
-const ADMIN_BUDGET: usize = 16;
+pub(crate) const ADMIN_BUDGET: usize = 16;
 /// The [`pci::WorkEvent`] index of the PF's member progress event: a member
 /// finished the requests a deferred mode change waits for.
 pub const MEMBER_PROGRESS_EVENT: u16 = 0xfffe;
