@@ -565,7 +565,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_ioeventfd_still_leaves_the_doorbell_served_by_epoll() {
+    fn a_failed_ioeventfd_keeps_the_doorbell_in_epoll() {
         let dir = Dir::new("fail");
         let (dm, rec) = manager();
         // The first doorbell of the function at 00:02.0 will fail.
