@@ -319,6 +319,7 @@ exit 1
 #                         /scenario/NAME before the run and back after it
 #   /scenario.args        VMM arguments, one per line
 #   /vmm/cloud-hypervisor the VMM (libraries in /lib, /lib64)
+#   /vmm/ch-remote        with /scenario.during: run beside the VMM
 OUTER_INIT="$INIT_PROLOGUE"'
 fail() { echo "@@CH-TEST:OUTER-ERROR=$*@@"; sync; poweroff -f; sleep 5; exit 1; }
 echo "@@CH-TEST:OUTER-INIT@@"
@@ -352,6 +353,12 @@ if [ -x /vmm/cloud-hypervisor ]; then
     echo "@@CH-TEST:VMM-START@@"
     /vmm/cloud-hypervisor "$@" </dev/null &
     vmm=$!
+    # A script beside the VMM (the API tests): ch-remote on its PATH.
+    during=""
+    if [ -f /scenario.during ]; then
+        ( PATH=/vmm:$PATH sh /scenario.during </dev/null ) &
+        during=$!
+    fi
     # Requests from the test runner on the console: "dump" sends the VMM
     # SIGUSR1 (it prints its state dump). No echo, so a request does not
     # land in the middle of the guests output.
@@ -365,6 +372,11 @@ if [ -x /vmm/cloud-hypervisor ]; then
     wait $vmm
     rc=$?
     kill $reader 2>/dev/null
+    if [ -n "$during" ]; then
+        # Its last words, then it goes (as in direct mode: 2 s).
+        n=0; while kill -0 $during 2>/dev/null && [ $n -lt 20 ]; do sleep 0.1; n=$((n + 1)); done
+        kill $during 2>/dev/null
+    fi
     cd /
     echo
     echo "@@CH-TEST:VMM-EXIT=$rc@@"

@@ -235,6 +235,19 @@ pub fn vmm_binary() -> Result<PathBuf> {
         })
 }
 
+/// `ch-remote`, next to the VMM binary (`cargo build -p vmm --bins` puts
+/// both there), or `$CH_REMOTE`.
+pub fn ch_remote_binary(vmm: &Path) -> Result<PathBuf> {
+    let bin = std::env::var_os("CH_REMOTE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vmm.with_file_name("ch-remote"));
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(Error::MissingBinary(bin))
+    }
+}
+
 fn build_vmm() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("CH_BINARY") {
         let bin = PathBuf::from(bin);
@@ -252,14 +265,7 @@ fn build_vmm() -> Result<PathBuf> {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
         .env("CARGO_TARGET_DIR", &target)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vmm",
-            "--bin",
-            "cloud-hypervisor",
-        ]);
+        .args(["build", "--release", "-p", "vmm", "--bins"]);
     let (status, output) = run_captured(&mut cmd).map_err(|source| Error::Spawn {
         program: "cargo".into(),
         source,

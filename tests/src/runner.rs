@@ -264,9 +264,33 @@ impl Runner {
         let _mounts = FullDiskMounts::setup(scenario, dir)?;
         let mut cmd = Command::new(&self.vmm);
         cmd.args(scenario.full_args()).current_dir(dir);
+        let companion = match &scenario.during {
+            Some(script) => {
+                let remote = host::ch_remote_binary(&self.vmm)?;
+                let bin_dir = remote.parent().unwrap_or(Path::new(".")).to_path_buf();
+                let path = std::env::var_os("PATH").unwrap_or_default();
+                let mut paths = vec![bin_dir];
+                paths.extend(std::env::split_paths(&path));
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(script).current_dir(dir).env(
+                    "PATH",
+                    std::env::join_paths(paths).unwrap_or_else(|_| path.clone()),
+                );
+                Some(c)
+            }
+            None => None,
+        };
         let what = format!("VMM {} (scenario {})", self.vmm.display(), scenario.name);
         let log = dir.join(OUTPUT_LOG);
-        let cap = capture(cmd, &what, watch, DumpVia::Signal, Some(&log), self.echo)?;
+        let cap = capture_with(
+            cmd,
+            companion,
+            &what,
+            watch,
+            DumpVia::Signal,
+            Some(&log),
+            self.echo,
+        )?;
         Ok(RunOutput {
             mode: Mode::Direct,
             dir: dir.to_path_buf(),
@@ -279,12 +303,12 @@ impl Runner {
     }
 
     fn run_reference(&self, scenario: &Scenario, dir: &Path, watch: Watch) -> Result<RunOutput> {
-        if !scenario.full_disks.is_empty() {
-            // QEMU stops the guest on ENOSPC by default (werror=enospc):
-            // not what the scenario checks.
+        if !scenario.full_disks.is_empty() || scenario.during.is_some() {
+            // QEMU stops the guest on ENOSPC by default (werror=enospc),
+            // and has no Cloud Hypervisor API: not what the scenario checks.
             return Err(Error::BadScenario {
                 scenario: scenario.name.clone(),
-                why: "full disks are not supported in qemu-reference mode".into(),
+                why: "full disks and scripts beside the VMM (API) are not supported in qemu-reference mode".into(),
             });
         }
         let args = reference_qemu_args(scenario)?;
@@ -346,6 +370,15 @@ impl Runner {
         }
         if !selfcheck.is_empty() {
             cpio.file("scenario.selfcheck", 0o755, selfcheck.as_bytes());
+        }
+        if let Some(during) = &scenario.during {
+            let remote = host::ch_remote_binary(&self.vmm)?;
+            cpio.file("vmm/ch-remote", 0o755, &vmm_bytes(&remote, &xfer)?);
+            for lib in host::shared_libraries(&remote) {
+                let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+                cpio.file(&rel, 0o755, &read(&lib)?);
+            }
+            cpio.file("scenario.during", 0o755, during.as_bytes());
         }
 
         // One outer disk per scenario file.
@@ -669,8 +702,25 @@ fn request_dump(child: &mut Child, via: DumpVia) -> &'static str {
 /// waits for it, kills the process and returns [`Error::Stalled`]; past the
 /// overall limit it kills the process and returns [`Error::Timeout`].
 /// Writes the lines to `log`, and echoes them if `echo`.
+/// How long a companion process may take to end after the main one.
+const COMPANION_GRACE: Duration = Duration::from_secs(2);
+
 fn capture(
+    cmd: Command,
+    what: &str,
+    watch: Watch,
+    via: DumpVia,
+    log: Option<&Path>,
+    echo: bool,
+) -> Result<Captured> {
+    capture_with(cmd, None, what, watch, via, log, echo)
+}
+
+/// [`capture`], with a `companion` process started right after `cmd`
+/// whose output joins `cmd`'s; it is killed when `cmd` has ended.
+fn capture_with(
     mut cmd: Command,
+    companion: Option<Command>,
     what: &str,
     mut watch: Watch,
     via: DumpVia,
@@ -718,6 +768,45 @@ fn capture(
         let tx = tx.clone();
         readers.push(std::thread::spawn(move || read_lines(stream, tx)));
     }
+    let mut companion = match companion {
+        Some(mut c) => {
+            c.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            match c.spawn() {
+                Ok(mut p) => {
+                    let out = p.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+                    let err = p.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>);
+                    for stream in [out, err].into_iter().flatten() {
+                        let tx = tx.clone();
+                        readers.push(std::thread::spawn(move || read_lines(stream, tx)));
+                    }
+                    Some(p)
+                }
+                Err(source) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Spawn {
+                        program: format!("{:?}", c.get_program()),
+                        source,
+                    });
+                }
+            }
+        }
+        None => None,
+    };
+    // The companion gets a moment to finish on its own (its last lines
+    // often report what the VMM's end looked like), then is killed.
+    let mut end_companion = move || {
+        if let Some(p) = companion.as_mut() {
+            let t = Instant::now();
+            while t.elapsed() < COMPANION_GRACE && matches!(p.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    };
     drop(tx);
 
     let deadline = start + watch.limit;
@@ -726,6 +815,7 @@ fn capture(
     let mut kill_and_collect = |child: &mut Child, lines: &mut Vec<Line>, steps: &StepTracker| {
         let _ = child.kill();
         let _ = child.wait();
+        end_companion();
         for r in readers.drain(..) {
             let _ = r.join();
         }
@@ -796,6 +886,7 @@ fn capture(
         std::thread::sleep(Duration::from_millis(5));
     };
     let exited_at = start.elapsed();
+    end_companion();
     for r in readers {
         let _ = r.join();
     }

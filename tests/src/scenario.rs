@@ -55,6 +55,8 @@ pub struct Scenario {
     /// Disk files on a filesystem that is nearly full (see
     /// [`Scenario::full_disk`]).
     pub full_disks: Vec<FullDisk>,
+    /// A script run beside the VMM (see [`Scenario::during`]).
+    pub during: Option<String>,
 }
 
 /// A sparse disk file of `capacity` bytes alone on a tmpfs of `room` bytes,
@@ -113,6 +115,7 @@ impl Scenario {
             script_limit: DEFAULT_SCRIPT_LIMIT,
             boot_limit: DEFAULT_BOOT_LIMIT,
             full_disks: Vec::new(),
+            during: None,
         }
     }
 
@@ -191,6 +194,15 @@ impl Scenario {
             capacity,
             room,
         });
+        self
+    }
+
+    /// A shell script run beside the VMM while it runs, in its working
+    /// directory, with `ch-remote` on PATH: in the outer VM (nested mode)
+    /// or on the host (direct mode). Its output joins the run's output
+    /// (print `@@T:KEY=VALUE@@` markers to report).
+    pub fn during(mut self, script: &str) -> Self {
+        self.during = Some(script.to_string());
         self
     }
 

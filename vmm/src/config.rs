@@ -233,6 +233,47 @@ impl DiskConfig {
     }
 }
 
+/// `--api-socket path=<file>|fd=<n>` (a bare value is a path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiSocketConfig {
+    Path(PathBuf),
+    /// A listening Unix socket the VMM inherited.
+    Fd(i32),
+}
+
+impl ApiSocketConfig {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--api-socket", s, &["path", "fd"], Some("path"))?;
+        match (p.get("path"), p.get("fd")) {
+            (Some(path), None) if !path.is_empty() => {
+                Ok(ApiSocketConfig::Path(PathBuf::from(path)))
+            }
+            (None, Some(_)) => {
+                let fd = p.number("fd", 0)?;
+                if fd > i32::MAX as u64 {
+                    return Err(ConfigError::InvalidValue {
+                        option: "--api-socket",
+                        key: "fd",
+                        value: fd.to_string(),
+                        reason: "not a file descriptor".into(),
+                    });
+                }
+                Ok(ApiSocketConfig::Fd(fd as i32))
+            }
+            (Some(_), Some(_)) => Err(ConfigError::InvalidValue {
+                option: "--api-socket",
+                key: "path",
+                value: s.to_string(),
+                reason: "give path or fd, not both".into(),
+            }),
+            _ => Err(ConfigError::MissingKey {
+                option: "--api-socket",
+                key: "path",
+            }),
+        }
+    }
+}
+
 /// Where the serial port (or console) goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OutputConfig {
@@ -428,5 +469,29 @@ mod device_tests {
         assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,member=net").is_err());
         assert!(DeviceConfig::parse("vfio,path=/x").is_err());
         assert!(DeviceConfig::parse("virtio-pf,vf_disk=b").is_err());
+    }
+}
+
+#[cfg(test)]
+mod api_socket_tests {
+    use super::*;
+
+    #[test]
+    fn api_socket_takes_a_path_or_an_fd() {
+        assert_eq!(
+            ApiSocketConfig::parse("/run/ch.sock").unwrap(),
+            ApiSocketConfig::Path("/run/ch.sock".into())
+        );
+        assert_eq!(
+            ApiSocketConfig::parse("path=/run/ch.sock").unwrap(),
+            ApiSocketConfig::Path("/run/ch.sock".into())
+        );
+        assert_eq!(
+            ApiSocketConfig::parse("fd=3").unwrap(),
+            ApiSocketConfig::Fd(3)
+        );
+        for bad in ["", "fd=x", "path=/a,fd=3", "fd=99999999999", "port=1"] {
+            assert!(ApiSocketConfig::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! on top of it, and its benchmarks and tests drive the same device wiring
 //! and threads the binary runs.
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod device_manager;
@@ -9,6 +10,7 @@ pub mod devices;
 pub mod dump;
 pub mod firmware;
 pub mod interrupts;
+pub mod pause;
 pub mod platform;
 pub mod stdin;
 pub mod vcpu;

@@ -8,7 +8,9 @@ use clap::Parser;
 
 use vmm::{vm, wiring};
 
-use vmm::config::{ConfigError, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
+use vmm::config::{
+    ApiSocketConfig, ConfigError, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig,
+};
 
 /// Command line, in Cloud Hypervisor's syntax.
 #[derive(Parser, Debug)]
@@ -58,6 +60,11 @@ struct Cli {
     /// virtio-console: only "off" is supported.
     #[arg(long, value_name = "off", default_value = "off")]
     console: String,
+
+    /// HTTP API on a Unix socket: "path=<socket>" (or just the path), or
+    /// "fd=<n>" for a listening socket the VMM inherits. See docs/api.md.
+    #[arg(long, value_name = "path=SOCKET|fd=N")]
+    api_socket: Option<String>,
 
     /// More logging to standard error (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
@@ -138,6 +145,11 @@ fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
         disks,
         devices,
         serial: OutputConfig::parse("--serial", &cli.serial)?,
+        api_socket: cli
+            .api_socket
+            .as_deref()
+            .map(ApiSocketConfig::parse)
+            .transpose()?,
     })
 }
 

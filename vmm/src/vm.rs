@@ -17,8 +17,11 @@ use vm_migration::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use crate::api::{self, AfterResponse, ApiError, ApiReply, ApiRequest, ApiResult, ControlChannel};
 use crate::arch::{acpi, boot, layout};
-use crate::config::{CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig};
+use crate::config::{
+    ApiSocketConfig, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig,
+};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::serial::{BufferedOutput, SerialPort};
 use crate::dump::{self, DumpSources, SignalFd, VcpuThread};
@@ -38,6 +41,49 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub devices: Vec<DeviceConfig>,
     pub serial: OutputConfig,
+    pub api_socket: Option<ApiSocketConfig>,
+}
+
+impl VmConfig {
+    /// The configuration as `vm.info` reports it (the shape of Cloud
+    /// Hypervisor's `VmConfig` for the parts this VMM has).
+    pub fn to_json(&self) -> serde_json::Value {
+        let devices: Vec<serde_json::Value> = self
+            .devices
+            .iter()
+            .map(|DeviceConfig::VirtioPf(p)| {
+                serde_json::json!({
+                    "type": "virtio-pf",
+                    "id": p.id,
+                    "member": "blk",
+                    "total_vfs": p.total_vfs,
+                    "disk": p.disk,
+                    "vf_disk": p.vf_disk,
+                    "readonly": p.readonly,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "cpus": {"boot_vcpus": self.cpus.boot, "max_vcpus": self.cpus.boot},
+            "memory": {"size": self.memory.size},
+            "payload": {
+                "kernel": self.kernel,
+                "initramfs": self.initramfs,
+                "cmdline": self.cmdline,
+            },
+            "disks": self.disks.iter().map(|d| serde_json::json!({
+                "path": d.path,
+                "readonly": d.readonly,
+                "id": d.id,
+            })).collect::<Vec<_>>(),
+            "devices": devices,
+            "serial": {"mode": match &self.serial {
+                OutputConfig::Off => "Off",
+                OutputConfig::Tty => "Tty",
+                OutputConfig::File(_) => "File",
+            }},
+        })
+    }
 }
 
 #[derive(Debug, Error)]
@@ -86,6 +132,11 @@ pub enum VmError {
     Spawn(std::io::Error),
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("--api-socket {what}: {source}")]
+    ApiSocket {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("vCPU threads {0:?} did not stop within {limit} s (blocked in an exit handler; see the state dump above)", limit = STOP_LIMIT.as_secs())]
     StuckVcpus(Vec<usize>),
 }
@@ -300,6 +351,10 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         threads.push(VcpuThread { handle, report });
     }
     crate::stdin::spawn_serial_input(platform.clone(), &cfg.serial);
+    let api = match &cfg.api_socket {
+        Some(sock) => Some(start_api(sock)?),
+        None => None,
+    };
 
     let sources = DumpSources {
         vcpus: &threads,
@@ -309,9 +364,20 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     };
     // Wait for the guest to stop; dump the state on SIGUSR1.
     let mut dumps = 0u64;
+    let mut fds = vec![exit_wait.as_raw_fd(), signals.as_raw_fd()];
+    if let Some(a) = &api {
+        fds.push(a.wake.as_raw_fd());
+    }
     loop {
-        match wait_readable(&[exit_wait.as_raw_fd(), signals.as_raw_fd()]) {
+        match wait_readable(&fds) {
             Ok(ready) => {
+                if let Some(a) = api.as_ref().filter(|_| ready.get(2) == Some(&true)) {
+                    let _ = a.wake.read();
+                    while let Ok(m) = a.requests.try_recv() {
+                        let answer = control(&m.request, cfg, &platform);
+                        let _ = m.reply.send(answer);
+                    }
+                }
                 if ready[1] {
                     while let Some(sig) = signals.read() {
                         if sig == libc::SIGUSR1 {
@@ -348,10 +414,99 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         }
     }
     drop(mem);
+    if let Some(ApiSocketConfig::Path(p)) = &cfg.api_socket {
+        let _ = std::fs::remove_file(p);
+    }
     match platform.exit_reason() {
         Some(ExitReason::Error(e)) => Err(VmError::Guest(e)),
         Some(r) => Ok(r),
         None => Ok(ExitReason::PowerOff),
+    }
+}
+
+/// The API server's end in the main thread.
+struct ApiEnd {
+    requests: std::sync::mpsc::Receiver<api::ControlMessage>,
+    wake: EventFd,
+}
+
+/// Binds (or takes) the API socket and starts the API thread.
+fn start_api(sock: &ApiSocketConfig) -> Result<ApiEnd, VmError> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixListener;
+    let listener = match sock {
+        ApiSocketConfig::Path(p) => UnixListener::bind(p).map_err(|source| VmError::ApiSocket {
+            what: format!("cannot listen on {}", p.display()),
+            source,
+        })?,
+        ApiSocketConfig::Fd(fd) => {
+            // SAFETY: the user passed this descriptor to the VMM for the
+            // API socket; nothing else in the process owns it.
+            let l = unsafe { UnixListener::from_raw_fd(*fd) };
+            l.local_addr().map_err(|source| VmError::ApiSocket {
+                what: format!("fd={fd} is not a listening Unix socket"),
+                source,
+            })?;
+            l
+        }
+    };
+    let (channel, requests, wake) = ControlChannel::new().map_err(VmError::EventFd)?;
+    api::spawn(listener, Arc::new(channel)).map_err(VmError::Spawn)?;
+    Ok(ApiEnd { requests, wake })
+}
+
+/// Carries out one API request on the running VM.
+fn control(
+    req: &ApiRequest,
+    cfg: &VmConfig,
+    platform: &Arc<Platform>,
+) -> (ApiResult, AfterResponse) {
+    let exit_after = |reason: ExitReason| -> AfterResponse {
+        let p = platform.clone();
+        Some(Box::new(move || p.request_exit(reason)))
+    };
+    let not_yet = |why: &str| -> (ApiResult, AfterResponse) {
+        (
+            Err(ApiError::new(
+                500,
+                format!("{} is not supported yet: {why}", req.endpoint()),
+            )),
+            None,
+        )
+    };
+    match req {
+        ApiRequest::VmmPing => (
+            Ok(ApiReply::Json(serde_json::json!({
+                "build_version": env!("CARGO_PKG_VERSION"),
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "features": [],
+            }))),
+            None,
+        ),
+        ApiRequest::VmInfo => (
+            Ok(ApiReply::Json(serde_json::json!({
+                "config": cfg.to_json(),
+                "state": "Running",
+                "memory_actual_size": cfg.memory.size,
+            }))),
+            None,
+        ),
+        ApiRequest::VmmShutdown | ApiRequest::VmShutdown => {
+            (Ok(ApiReply::Done), exit_after(ExitReason::PowerOff))
+        }
+        ApiRequest::VmReboot => (Ok(ApiReply::Done), exit_after(ExitReason::Reset)),
+        ApiRequest::VmCounters => not_yet("no device keeps counters yet"),
+        ApiRequest::VmPause | ApiRequest::VmResume => not_yet("the VM cannot be quiesced yet"),
+        ApiRequest::VmPowerButton => {
+            not_yet("the VM has no ACPI power button device (hardware-reduced ACPI without a GED)")
+        }
+        ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => {
+            not_yet("the VMM cannot save its state yet")
+        }
+        ApiRequest::VmSendMigration(_) | ApiRequest::VmReceiveMigration(_) => {
+            not_yet("the VMM cannot migrate yet")
+        }
     }
 }
 

@@ -1,0 +1,90 @@
+//! The API socket of a running VMM, driven by `ch-remote` beside it (in the
+//! outer VM in nested mode) while a real guest runs.
+
+use std::time::Duration;
+
+use tests::checks::{marker, shared_runner};
+use tests::Scenario;
+
+const MIB: usize = 1024 * 1024;
+
+/// The guest says it is up on its disk (which the script beside the VMM
+/// reads), then beats until the VMM ends it.
+const GUEST: &str = r#"printf 'GUEST-UP\n' > /tmp/up
+dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
+i=0
+while :; do echo "@@T:BEAT=$i@@"; i=$((i + 1)); sleep 0.5; done
+"#;
+
+/// Beside the VMM: wait for the API, then for the guest; ping, info, a
+/// request the VMM cannot do yet, a bad subcommand, then shutdown.
+const DURING: &str = r#"S=api.sock
+n=0
+until ch-remote --api-socket $S ping > ping.json 2> ping.err; do
+  n=$((n + 1)); [ $n -gt 300 ] && { echo "@@T:API-UP=no $(cat ping.err)@@"; exit 1; }; sleep 0.1
+done
+echo "@@T:API-UP=yes@@"
+echo "@@T:PING=$(cat ping.json)@@"
+n=0
+until grep -q GUEST-UP up.img 2> /dev/null; do
+  n=$((n + 1)); [ $n -gt 600 ] && { echo "@@T:GUEST-SEEN=no@@"; exit 1; }; sleep 0.1
+done
+echo "@@T:GUEST-SEEN=yes@@"
+sleep 1
+echo "@@T:INFO=$(ch-remote --api-socket $S info)@@"
+ch-remote --api-socket $S snapshot file:///tmp/snap 2> snap.err
+echo "@@T:SNAPSHOT=$? $(cat snap.err)@@"
+ch-remote --api-socket $S no-such-command 2> /dev/null
+echo "@@T:BAD-SUBCOMMAND=$?@@"
+ch-remote --api-socket $S shutdown
+echo "@@T:SHUTDOWN=$?@@"
+"#;
+
+#[test]
+fn ch_remote_pings_reads_info_and_shuts_down_a_running_vm() {
+    let scenario = Scenario::new("api-ch-remote")
+        .args(["--disk", "path=up.img", "--api-socket", "path=api.sock"])
+        .file("up.img", vec![0u8; MIB])
+        .script(GUEST)
+        .during(DURING)
+        // The guest never ends its script: the API shutdown ends the run.
+        .step("guest beats", "@@T:BEAT=0@@", Duration::from_secs(30))
+        .step("API shutdown", "@@T:SHUTDOWN=", Duration::from_secs(60));
+    let out = tests::run(shared_runner(), &scenario);
+    let sum = out.summary();
+    assert_eq!(marker(&out, "API-UP"), "yes", "{sum}");
+    assert_eq!(marker(&out, "GUEST-SEEN"), "yes", "{sum}");
+
+    let ping: serde_json::Value =
+        serde_json::from_str(&marker(&out, "PING")).unwrap_or_else(|e| panic!("ping: {e}\n{sum}"));
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"), "{ping}");
+    assert!(ping["pid"].as_u64().is_some_and(|p| p > 1), "{ping}");
+
+    let info: serde_json::Value =
+        serde_json::from_str(&marker(&out, "INFO")).unwrap_or_else(|e| panic!("info: {e}\n{sum}"));
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(info["config"]["memory"]["size"], 512 * MIB as u64, "{info}");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1, "{info}");
+    assert_eq!(info["config"]["disks"][0]["path"], "up.img", "{info}");
+    assert_eq!(info["memory_actual_size"], 512 * MIB as u64, "{info}");
+
+    let snap = marker(&out, "SNAPSHOT");
+    assert!(
+        snap.starts_with("1 Error running command: Server responded with an error: 500"),
+        "{snap}"
+    );
+    assert!(snap.contains("not supported yet"), "{snap}");
+    assert_eq!(marker(&out, "BAD-SUBCOMMAND"), "2", "{sum}");
+
+    assert_eq!(marker(&out, "SHUTDOWN"), "0", "{sum}");
+    assert!(
+        !out.markers("T:BEAT").is_empty(),
+        "the guest was not running\n{sum}"
+    );
+    assert_eq!(
+        out.scenario_exit(),
+        None,
+        "the guest script cannot end\n{sum}"
+    );
+    assert_eq!(out.vmm_exit, 0, "vm.shutdown ends the VMM with 0\n{sum}");
+}
