@@ -88,3 +88,90 @@ fn ch_remote_pings_reads_info_and_shuts_down_a_running_vm() {
     );
     assert_eq!(out.vmm_exit, 0, "vm.shutdown ends the VMM with 0\n{sum}");
 }
+
+/// Pause and resume through the API while the guest beats: while paused
+/// the guest prints nothing and `info` says Paused; a second pause and a
+/// resume of a running VM are refused (405); after resume the guest's own
+/// counter carries on with no beat lost or repeated.
+const PAUSE_DURING: &str = r#"S=api.sock
+n=0
+until grep -q GUEST-UP up.img 2> /dev/null; do
+  n=$((n + 1)); [ $n -gt 600 ] && { echo "@@T:GUEST-SEEN=no@@"; exit 1; }; sleep 0.1
+done
+sleep 1
+ch-remote --api-socket $S resume 2> r.err; echo "@@T:RESUME-RUNNING=$? $(cat r.err)@@"
+ch-remote --api-socket $S pause; echo "@@T:PAUSED=$?@@"
+ch-remote --api-socket $S pause 2> p.err; echo "@@T:PAUSE-AGAIN=$? $(cat p.err)@@"
+echo "@@T:PAUSED-INFO=$(ch-remote --api-socket $S info)@@"
+sleep 3
+echo "@@T:RESUMING@@"
+ch-remote --api-socket $S resume; echo "@@T:RESUMED=$?@@"
+sleep 2
+ch-remote --api-socket $S shutdown; echo "@@T:SHUTDOWN=$?@@"
+"#;
+
+#[test]
+fn pause_stops_the_guest_and_resume_carries_on_where_it_was() {
+    let scenario = Scenario::new("api-pause")
+        .args([
+            "--cpus",
+            "boot=2",
+            "--disk",
+            "path=up.img",
+            "--api-socket",
+            "path=api.sock",
+        ])
+        .file("up.img", vec![0u8; MIB])
+        .script(GUEST)
+        .during(PAUSE_DURING)
+        .step("guest beats", "@@T:BEAT=0@@", Duration::from_secs(30))
+        .step("paused", "@@T:PAUSED=", Duration::from_secs(30))
+        .step("resumed", "@@T:RESUMED=", Duration::from_secs(30))
+        .step("API shutdown", "@@T:SHUTDOWN=", Duration::from_secs(30));
+    let out = tests::run(shared_runner(), &scenario);
+    let sum = out.summary();
+    let refused = marker(&out, "RESUME-RUNNING");
+    assert!(
+        refused.starts_with("1 ") && refused.contains("405"),
+        "{refused}"
+    );
+    assert_eq!(marker(&out, "PAUSED"), "0", "{sum}");
+    let again = marker(&out, "PAUSE-AGAIN");
+    assert!(again.starts_with("1 ") && again.contains("405"), "{again}");
+    let info: serde_json::Value = serde_json::from_str(&marker(&out, "PAUSED-INFO"))
+        .unwrap_or_else(|e| panic!("info: {e}\n{sum}"));
+    assert_eq!(info["state"], "Paused", "{info}");
+    assert_eq!(marker(&out, "RESUMED"), "0", "{sum}");
+    assert_eq!(marker(&out, "SHUTDOWN"), "0", "{sum}");
+    assert_eq!(out.vmm_exit, 0, "{sum}");
+
+    // No beat while paused (one may still be on its way through the
+    // serial output right after the pause).
+    let at = |text: &str| {
+        out.time_of(text)
+            .unwrap_or_else(|| panic!("no line {text}\n{sum}"))
+    };
+    let (paused, resuming) = (at("@@T:PAUSED=0@@"), at("@@T:RESUMING@@"));
+    assert!(resuming > paused + Duration::from_secs(2), "{sum}");
+    let beats: Vec<(Duration, u64)> = out
+        .lines
+        .iter()
+        .filter_map(|l| {
+            let v = tests::scenario::marker_in(&l.text, "T:BEAT")?;
+            Some((l.at, v.parse().ok()?))
+        })
+        .collect();
+    let during: Vec<_> = beats
+        .iter()
+        .filter(|(t, _)| *t > paused + Duration::from_millis(500) && *t < resuming)
+        .collect();
+    assert!(during.is_empty(), "beats while paused: {during:?}\n{sum}");
+    assert!(
+        beats.iter().any(|(t, _)| *t > resuming),
+        "no beat after resume\n{sum}"
+    );
+    // The guest's own counter: every number once, in order.
+    let numbers: Vec<u64> = beats.iter().map(|b| b.1).collect();
+    let want: Vec<u64> = (0..numbers.len() as u64).collect();
+    assert_eq!(numbers, want, "beats lost or repeated\n{sum}");
+}

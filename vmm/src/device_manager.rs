@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::firmware::{self, BarAllocator};
+use crate::pause::PauseGate;
 
 #[derive(Debug, Error)]
 pub enum DeviceManagerError {
@@ -82,6 +83,9 @@ pub struct DeviceManager {
     stop_evt: EventFd,
     allocator: Mutex<BarAllocator>,
     activity: ThreadActivity,
+    /// Pausing: the device thread finishes what is in flight and parks.
+    pause_evt: EventFd,
+    gate: PauseGate,
 }
 
 /// What the device thread is doing, for the state dump.
@@ -136,6 +140,8 @@ const DUMP_LOCK_WAIT: Duration = Duration::from_millis(300);
 
 /// epoll token of the stop event.
 const STOP_TOKEN: u64 = u64::MAX;
+/// epoll token of the pause event.
+const PAUSE_TOKEN: u64 = u64::MAX - 1;
 
 impl DeviceManager {
     pub fn new(vm: Arc<dyn IoEvents>, allocator: BarAllocator) -> Result<Self, DeviceManagerError> {
@@ -148,6 +154,14 @@ impl DeviceManager {
                 EpollEvent::new(EventSet::IN, STOP_TOKEN),
             )
             .map_err(DeviceManagerError::Epoll)?;
+        let pause_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(&pause_evt),
+                EpollEvent::new(EventSet::IN, PAUSE_TOKEN),
+            )
+            .map_err(DeviceManagerError::Epoll)?;
         Ok(DeviceManager {
             vm,
             bus: PciBus::new(),
@@ -156,6 +170,8 @@ impl DeviceManager {
             stop_evt,
             allocator: Mutex::new(allocator),
             activity: ThreadActivity::new(),
+            pause_evt,
+            gate: PauseGate::new(),
         })
     }
 
@@ -342,6 +358,39 @@ impl DeviceManager {
         let _ = self.stop_evt.write(1);
     }
 
+    /// Pauses the devices (the vCPUs are paused already): the device
+    /// thread completes every request in flight (used rings written,
+    /// interrupts sent, deferred admin commands finished), then parks and
+    /// serves nothing until [`DeviceManager::resume`]. Doorbells and
+    /// completion events arriving meanwhile wait in their eventfds. Returns
+    /// false if the thread did not park within `limit` (it is then resumed).
+    pub fn pause(&self, limit: Duration) -> bool {
+        self.gate.close();
+        let _ = self.pause_evt.write(1);
+        if self.gate.wait_parked(1, limit, || {}) {
+            return true;
+        }
+        self.gate.open();
+        false
+    }
+
+    /// Lets the device thread go on; it serves what arrived while paused.
+    pub fn resume(&self) {
+        self.gate.open();
+    }
+
+    /// Completes what every function has in flight: twice over the bus,
+    /// so that a PF sees the progress its VFs made in the first pass.
+    fn drain_all(&self) {
+        for _ in 0..2 {
+            for (bdf, dev) in self.bus.functions() {
+                self.activity.set(Some((bdf, u16::MAX)));
+                lock(&dev).drain();
+            }
+        }
+        self.activity.set(None);
+    }
+
     fn run(&self, stop: &AtomicBool) {
         let mut events = vec![EpollEvent::default(); 64];
         while !stop.load(Ordering::Acquire) {
@@ -357,6 +406,14 @@ impl DeviceManager {
                 let token = ev.data();
                 if token == STOP_TOKEN {
                     return;
+                }
+                if token == PAUSE_TOKEN {
+                    let _ = self.pause_evt.read();
+                    if self.gate.is_closed() {
+                        self.drain_all();
+                        self.gate.park(stop, || {});
+                    }
+                    continue;
                 }
                 let target = {
                     let db = lock(&self.doorbells);
@@ -584,11 +641,12 @@ mod tests {
         assert_eq!(lock(&dm.doorbells).by_token.len(), n + 1 + 1);
     }
 
-    /// A function with one doorbell that counts its calls.
+    /// A function with one doorbell that counts its calls (and drains).
     struct Counter {
         event: Arc<EventFd>,
         calls: Arc<AtomicU64>,
         hold: Arc<Mutex<()>>,
+        drains: Arc<AtomicU64>,
     }
 
     impl PciDevice for Counter {
@@ -618,6 +676,9 @@ mod tests {
             let _g = lock(&self.hold);
             self.calls.fetch_add(1, Ordering::AcqRel);
         }
+        fn drain(&mut self) {
+            self.drains.fetch_add(1, Ordering::AcqRel);
+        }
         fn debug_state(&self) -> String {
             format!("calls={}", self.calls.load(Ordering::Acquire))
         }
@@ -641,6 +702,7 @@ mod tests {
             event: event.clone(),
             calls: calls.clone(),
             hold: hold.clone(),
+            drains: Arc::new(AtomicU64::new(0)),
         }));
         let bdf = Bdf::new(0, 3, 0);
         dm.add_function(bdf, f).unwrap();
@@ -670,5 +732,48 @@ mod tests {
         let t0 = Instant::now();
         t.join().unwrap();
         assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Pause: the thread drains every function, parks, and serves no
+    /// doorbell until resume; then it serves what arrived meanwhile. Stop
+    /// ends a paused thread.
+    #[test]
+    fn a_paused_device_thread_drains_parks_and_serves_nothing_until_resumed() {
+        let (dm, _) = manager();
+        let event = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let calls = Arc::new(AtomicU64::new(0));
+        let drains = Arc::new(AtomicU64::new(0));
+        let f: SharedPciDevice = Arc::new(Mutex::new(Counter {
+            event: event.clone(),
+            calls: calls.clone(),
+            hold: Arc::new(Mutex::new(())),
+            drains: drains.clone(),
+        }));
+        dm.add_function(Bdf::new(0, 3, 0), f).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = dm.start_thread(stop.clone()).unwrap();
+        for round in 1..=3u64 {
+            assert!(dm.pause(Duration::from_secs(10)), "round {round}");
+            assert!(
+                drains.load(Ordering::Acquire) >= 2 * round,
+                "drained before parking"
+            );
+            event.write(1).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(
+                calls.load(Ordering::Acquire),
+                round - 1,
+                "a doorbell was served while paused"
+            );
+            dm.resume();
+            wait_for("the doorbell after resume", || {
+                calls.load(Ordering::Acquire) == round
+            });
+        }
+        // Stopped while paused.
+        assert!(dm.pause(Duration::from_secs(10)));
+        stop.store(true, Ordering::Release);
+        dm.stop_thread();
+        t.join().unwrap();
     }
 }

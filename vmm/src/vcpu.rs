@@ -10,6 +10,7 @@ use thiserror::Error;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::arch::{boot, cpuid};
+use crate::pause::PauseGate;
 use crate::platform::Platform;
 use crate::watchdog::{ExitKind, ExitWatch};
 
@@ -157,16 +158,19 @@ impl Vcpu {
 
     /// Runs the vCPU on its own thread until `stop` is set (the thread is
     /// kicked with [`kick_signal`]) or the guest powers off, resets or fails.
+    /// While `gate` is closed (the VM paused) the thread parks before it
+    /// enters KVM_RUN again.
     pub fn spawn(
         self,
         platform: Arc<Platform>,
         watch: Arc<ExitWatch>,
         report: Arc<VcpuReport>,
         stop: Arc<AtomicBool>,
+        gate: Arc<PauseGate>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run(&platform, &watch, &report, &stop))
+            .spawn(move || self.run(&platform, &watch, &report, &stop, &gate))
             .map_err(VcpuError::Spawn)
     }
 
@@ -176,14 +180,23 @@ impl Vcpu {
         watch: &ExitWatch,
         report: &VcpuReport,
         stop: &AtomicBool,
+        gate: &PauseGate,
     ) {
         let id = self.id as usize;
         let mut answered = 0u64;
         while !stop.load(Ordering::Acquire) {
-            let wanted = report.requested.load(Ordering::Acquire);
-            if wanted != answered {
-                report.answer(wanted, describe_vcpu(&self.fd));
-                answered = wanted;
+            let fd = &self.fd;
+            let mut answer = || {
+                let wanted = report.requested.load(Ordering::Acquire);
+                if wanted != answered {
+                    report.answer(wanted, describe_vcpu(fd));
+                    answered = wanted;
+                }
+            };
+            answer();
+            // Paused: parked here (still answering dumps) until resumed.
+            if gate.park(stop, &mut answer) && stop.load(Ordering::Acquire) {
+                break;
             }
             watch.run_enter(id);
             let exit = self.fd.run();

@@ -27,6 +27,7 @@ use crate::devices::serial::{BufferedOutput, SerialPort};
 use crate::dump::{self, DumpSources, SignalFd, VcpuThread};
 use crate::firmware::{BarAllocator, FirmwareError};
 use crate::interrupts::{InterruptError, KvmInterruptManager, MsiManager};
+use crate::pause::PauseGate;
 use crate::platform::{ExitReason, Platform};
 use crate::vcpu::{self, Vcpu, VcpuError};
 
@@ -340,6 +341,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     let watch = crate::watchdog::ExitWatch::new(vcpus.len());
     watch.spawn(stop.clone());
     let mut threads = Vec::new();
+    let vcpu_gate = Arc::new(PauseGate::new());
     for v in vcpus {
         let report = Arc::new(vcpu::VcpuReport::default());
         let handle = v.spawn(
@@ -347,6 +349,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
             watch.clone(),
             report.clone(),
             stop.clone(),
+            vcpu_gate.clone(),
         )?;
         threads.push(VcpuThread { handle, report });
     }
@@ -363,6 +366,14 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         started,
     };
     // Wait for the guest to stop; dump the state on SIGUSR1.
+    let mut state = Control {
+        cfg,
+        platform: &platform,
+        vcpus: &threads,
+        vcpu_gate: &vcpu_gate,
+        devices: &dev_mgr,
+        paused: false,
+    };
     let mut dumps = 0u64;
     let mut fds = vec![exit_wait.as_raw_fd(), signals.as_raw_fd()];
     if let Some(a) = &api {
@@ -374,7 +385,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
                 if let Some(a) = api.as_ref().filter(|_| ready.get(2) == Some(&true)) {
                     let _ = a.wake.read();
                     while let Ok(m) = a.requests.try_recv() {
-                        let answer = control(&m.request, cfg, &platform);
+                        let answer = state.handle(&m.request);
                         let _ = m.reply.send(answer);
                     }
                 }
@@ -397,6 +408,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         }
     }
     stop.store(true, Ordering::Release);
+    // A paused VM's threads see the stop flag where they are parked.
     let handles: Vec<&JoinHandle<()>> = threads.iter().map(|t| &t.handle).collect();
     let stuck = stop_threads(&handles, STOP_LIMIT);
     if !stuck.is_empty() {
@@ -455,58 +467,122 @@ fn start_api(sock: &ApiSocketConfig) -> Result<ApiEnd, VmError> {
     Ok(ApiEnd { requests, wake })
 }
 
-/// Carries out one API request on the running VM.
-fn control(
-    req: &ApiRequest,
-    cfg: &VmConfig,
-    platform: &Arc<Platform>,
-) -> (ApiResult, AfterResponse) {
-    let exit_after = |reason: ExitReason| -> AfterResponse {
-        let p = platform.clone();
-        Some(Box::new(move || p.request_exit(reason)))
-    };
-    let not_yet = |why: &str| -> (ApiResult, AfterResponse) {
-        (
-            Err(ApiError::new(
+/// What API requests act on: the running VM's parts.
+struct Control<'a> {
+    cfg: &'a VmConfig,
+    platform: &'a Arc<Platform>,
+    vcpus: &'a [VcpuThread],
+    vcpu_gate: &'a Arc<PauseGate>,
+    devices: &'a Arc<DeviceManager>,
+    paused: bool,
+}
+
+impl Control<'_> {
+    /// Carries out one API request.
+    fn handle(&mut self, req: &ApiRequest) -> (ApiResult, AfterResponse) {
+        let exit_after = |reason: ExitReason| -> AfterResponse {
+            let p = self.platform.clone();
+            Some(Box::new(move || p.request_exit(reason)))
+        };
+        let not_yet = |why: &str| -> (ApiResult, AfterResponse) {
+            (
+                Err(ApiError::new(
+                    500,
+                    format!("{} is not supported yet: {why}", req.endpoint()),
+                )),
+                None,
+            )
+        };
+        match req {
+            ApiRequest::VmmPing => (
+                Ok(ApiReply::Json(serde_json::json!({
+                    "build_version": env!("CARGO_PKG_VERSION"),
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                    "features": [],
+                }))),
+                None,
+            ),
+            ApiRequest::VmInfo => (
+                Ok(ApiReply::Json(serde_json::json!({
+                    "config": self.cfg.to_json(),
+                    "state": if self.paused { "Paused" } else { "Running" },
+                    "memory_actual_size": self.cfg.memory.size,
+                }))),
+                None,
+            ),
+            ApiRequest::VmmShutdown | ApiRequest::VmShutdown => {
+                (Ok(ApiReply::Done), exit_after(ExitReason::PowerOff))
+            }
+            ApiRequest::VmReboot => (Ok(ApiReply::Done), exit_after(ExitReason::Reset)),
+            ApiRequest::VmPause => (self.pause(), None),
+            ApiRequest::VmResume => (self.resume(), None),
+            ApiRequest::VmCounters => not_yet("no device keeps counters yet"),
+            ApiRequest::VmPowerButton => not_yet(
+                "the VM has no ACPI power button device (hardware-reduced ACPI without a GED)",
+            ),
+            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => {
+                not_yet("the VMM cannot save its state yet")
+            }
+            ApiRequest::VmSendMigration(_) | ApiRequest::VmReceiveMigration(_) => {
+                not_yet("the VMM cannot migrate yet")
+            }
+        }
+    }
+
+    /// vCPUs out of KVM_RUN and parked, then the devices: requests in
+    /// flight completed, the device thread parked. From then on nothing
+    /// writes guest memory or sends an interrupt until resume.
+    fn pause(&mut self) -> ApiResult {
+        if self.paused {
+            return Err(ApiError::new(405, "the VM is already paused"));
+        }
+        self.vcpu_gate.close();
+        let handles: Vec<&JoinHandle<()>> = self.vcpus.iter().map(|t| &t.handle).collect();
+        let parked = self
+            .vcpu_gate
+            .wait_parked(self.vcpus.len(), STOP_LIMIT, || {
+                for h in &handles {
+                    let _ = h.kill(vcpu::kick_signal());
+                }
+            });
+        if !parked {
+            self.vcpu_gate.open();
+            return Err(ApiError::new(
                 500,
-                format!("{} is not supported yet: {why}", req.endpoint()),
-            )),
-            None,
-        )
-    };
-    match req {
-        ApiRequest::VmmPing => (
-            Ok(ApiReply::Json(serde_json::json!({
-                "build_version": env!("CARGO_PKG_VERSION"),
-                "version": env!("CARGO_PKG_VERSION"),
-                "pid": std::process::id(),
-                "features": [],
-            }))),
-            None,
-        ),
-        ApiRequest::VmInfo => (
-            Ok(ApiReply::Json(serde_json::json!({
-                "config": cfg.to_json(),
-                "state": "Running",
-                "memory_actual_size": cfg.memory.size,
-            }))),
-            None,
-        ),
-        ApiRequest::VmmShutdown | ApiRequest::VmShutdown => {
-            (Ok(ApiReply::Done), exit_after(ExitReason::PowerOff))
+                format!(
+                    "{} of {} vCPUs parked within {} s (one is blocked in an exit handler: see SIGUSR1's dump); the VM goes on",
+                    self.vcpu_gate.parked(),
+                    self.vcpus.len(),
+                    STOP_LIMIT.as_secs()
+                ),
+            ));
         }
-        ApiRequest::VmReboot => (Ok(ApiReply::Done), exit_after(ExitReason::Reset)),
-        ApiRequest::VmCounters => not_yet("no device keeps counters yet"),
-        ApiRequest::VmPause | ApiRequest::VmResume => not_yet("the VM cannot be quiesced yet"),
-        ApiRequest::VmPowerButton => {
-            not_yet("the VM has no ACPI power button device (hardware-reduced ACPI without a GED)")
+        if !self.devices.pause(STOP_LIMIT) {
+            self.vcpu_gate.open();
+            return Err(ApiError::new(
+                500,
+                format!(
+                    "the device thread did not finish its requests within {} s; the VM goes on",
+                    STOP_LIMIT.as_secs()
+                ),
+            ));
         }
-        ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => {
-            not_yet("the VMM cannot save its state yet")
+        self.paused = true;
+        log::info!("VM paused");
+        Ok(ApiReply::Done)
+    }
+
+    /// Devices first (they serve what waited), then the vCPUs.
+    fn resume(&mut self) -> ApiResult {
+        if !self.paused {
+            return Err(ApiError::new(405, "the VM is not paused"));
         }
-        ApiRequest::VmSendMigration(_) | ApiRequest::VmReceiveMigration(_) => {
-            not_yet("the VMM cannot migrate yet")
-        }
+        self.devices.resume();
+        self.vcpu_gate.open();
+        self.paused = false;
+        log::info!("VM resumed");
+        Ok(ApiReply::Done)
     }
 }
 
