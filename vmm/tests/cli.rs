@@ -73,6 +73,52 @@ fn bad_command_lines_give_one_clear_line() {
     );
     fails_with(&["--kernel", k, "--disk", "path=a,colour=red"], "colour");
     fails_with(&["--kernel", k, "--serial", "pty"], "--serial");
+    fails_with(&["--kernel", k, "--api-socket", "fd=x"], "--api-socket");
+    fails_with(
+        &["--kernel", k, "--api-socket", "path=/a,fd=3"],
+        "--api-socket",
+    );
+    fails_with(&["--kernel", k, "--api-socket", "port=80"], "--api-socket");
+}
+
+/// `ch-remote`: a socket nobody listens on, and a bad subcommand, fail
+/// with one line and their status.
+#[test]
+fn ch_remote_fails_clearly_without_a_vmm() {
+    let d = scratch("remote");
+    let sock = d.join("none.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+        .args(["--api-socket", sock.to_str().unwrap(), "ping"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("Error running command: cannot connect to"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+        .args(["--api-socket", sock.to_str().unwrap(), "frobnicate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let help = Command::new(env!("CARGO_BIN_EXE_ch-remote"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    for sub in [
+        "ping",
+        "info",
+        "pause",
+        "resume",
+        "shutdown",
+        "shutdown-vmm",
+        "snapshot",
+    ] {
+        assert!(text.contains(sub), "--help lacks {sub}: {text}");
+    }
 }
 
 #[test]
