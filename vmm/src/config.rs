@@ -274,6 +274,45 @@ impl ApiSocketConfig {
     }
 }
 
+/// `--event-monitor path=<file>|fd=<n>` (a bare value is a path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventMonitorConfig {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+impl EventMonitorConfig {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse("--event-monitor", s, &["path", "fd"], Some("path"))?;
+        match (p.get("path"), p.get("fd")) {
+            (Some(path), None) if !path.is_empty() => {
+                Ok(EventMonitorConfig::Path(PathBuf::from(path)))
+            }
+            (None, Some(_)) => {
+                let fd = p.number("fd", 0)?;
+                i32::try_from(fd).map(EventMonitorConfig::Fd).map_err(|_| {
+                    ConfigError::InvalidValue {
+                        option: "--event-monitor",
+                        key: "fd",
+                        value: fd.to_string(),
+                        reason: "not a file descriptor".into(),
+                    }
+                })
+            }
+            (Some(_), Some(_)) => Err(ConfigError::InvalidValue {
+                option: "--event-monitor",
+                key: "path",
+                value: s.to_string(),
+                reason: "give path or fd, not both".into(),
+            }),
+            _ => Err(ConfigError::MissingKey {
+                option: "--event-monitor",
+                key: "path",
+            }),
+        }
+    }
+}
+
 /// Where the serial port (or console) goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OutputConfig {
@@ -492,6 +531,15 @@ mod api_socket_tests {
         );
         for bad in ["", "fd=x", "path=/a,fd=3", "fd=99999999999", "port=1"] {
             assert!(ApiSocketConfig::parse(bad).is_err(), "{bad:?}");
+            assert!(EventMonitorConfig::parse(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            EventMonitorConfig::parse("path=/tmp/ev").unwrap(),
+            EventMonitorConfig::Path("/tmp/ev".into())
+        );
+        assert_eq!(
+            EventMonitorConfig::parse("fd=4").unwrap(),
+            EventMonitorConfig::Fd(4)
+        );
     }
 }

@@ -9,7 +9,8 @@ use clap::Parser;
 use vmm::{vm, wiring};
 
 use vmm::config::{
-    ApiSocketConfig, ConfigError, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig,
+    ApiSocketConfig, ConfigError, CpusConfig, DeviceConfig, DiskConfig, EventMonitorConfig,
+    MemoryConfig, OutputConfig,
 };
 
 /// Command line, in Cloud Hypervisor's syntax.
@@ -66,6 +67,17 @@ struct Cli {
     #[arg(long, value_name = "path=SOCKET|fd=N")]
     api_socket: Option<String>,
 
+    /// Events (VM booted, paused, resumed, shut down; devices activated
+    /// and reset; virtio-pf VF Enable, member modes, context and write
+    /// recording commands, FLR), one JSON object per line:
+    /// "path=<file>" (or just the path) or "fd=<n>".
+    #[arg(long, value_name = "path=FILE|fd=N")]
+    event_monitor: Option<String>,
+
+    /// Write the log to this file instead of standard error.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+
     /// More logging to standard error (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
@@ -83,6 +95,16 @@ enum MainError {
     Bus(String),
     #[error("{option}: {path}: no such file")]
     NoFile { option: &'static str, path: String },
+    #[error("--event-monitor {what}: {source}")]
+    EventMonitor {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("--log-file {path}: {source}")]
+    LogFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("--console: only 'off' is supported (got '{0}')")]
     Console(String),
     #[error(transparent)]
@@ -153,6 +175,39 @@ fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
     })
 }
 
+/// Opens the event monitor's file or takes its descriptor.
+fn start_event_monitor(cfg: &EventMonitorConfig) -> Result<(), MainError> {
+    let sink: Box<dyn std::io::Write + Send> = match cfg {
+        EventMonitorConfig::Path(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(p)
+                .map_err(|source| MainError::EventMonitor {
+                    what: format!("cannot open {}", p.display()),
+                    source,
+                })?,
+        ),
+        EventMonitorConfig::Fd(fd) => {
+            use std::os::fd::FromRawFd;
+            // SAFETY: checked open just below; the user handed this
+            // descriptor to the VMM for its events and nothing else owns it.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(MainError::EventMonitor {
+                    what: format!("fd={fd}"),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: `fd` is open (checked above) and owned by nobody else.
+            Box::new(unsafe { std::fs::File::from_raw_fd(*fd) })
+        }
+    };
+    event_monitor::set_monitor(sink);
+    event_monitor::event("vmm", "starting", &[]);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -175,11 +230,40 @@ fn main() -> ExitCode {
         2 => "debug",
         _ => "trace",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp_millis()
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    logger.format_timestamp_millis();
+    if let Some(path) = &cli.log_file {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => {
+                logger.target(env_logger::Target::Pipe(Box::new(f)));
+            }
+            Err(source) => {
+                eprintln!(
+                    "Error: {}",
+                    MainError::LogFile {
+                        path: path.display().to_string(),
+                        source
+                    }
+                );
+                return ExitCode::from(1);
+            }
+        }
+    }
+    logger.init();
 
-    let result = build_config(&cli).and_then(|cfg| Ok(vm::run(&cfg)?));
+    let result = build_config(&cli)
+        .and_then(|cfg| {
+            if let Some(m) = &cli.event_monitor {
+                start_event_monitor(&EventMonitorConfig::parse(m)?)?;
+            }
+            Ok(cfg)
+        })
+        .and_then(|cfg| Ok(vm::run(&cfg)?));
     match result {
         Ok(reason) => {
             log::info!("VM stopped: {reason:?}");

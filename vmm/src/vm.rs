@@ -354,6 +354,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         threads.push(VcpuThread { handle, report });
     }
     crate::stdin::spawn_serial_input(platform.clone(), &cfg.serial);
+    event_monitor::event("vm", "booted", &[]);
     let api = match &cfg.api_socket {
         Some(sock) => Some(start_api(sock)?),
         None => None,
@@ -428,6 +429,13 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     drop(mem);
     if let Some(ApiSocketConfig::Path(p)) = &cfg.api_socket {
         let _ = std::fs::remove_file(p);
+    }
+    match platform.exit_reason() {
+        Some(ExitReason::Reset) => event_monitor::event("vm", "reboot", &[]),
+        Some(ExitReason::Error(ref e)) => {
+            event_monitor::event("vm", "error", &[("reason", e.clone())])
+        }
+        _ => event_monitor::event("vm", "shutdown", &[]),
     }
     match platform.exit_reason() {
         Some(ExitReason::Error(e)) => Err(VmError::Guest(e)),
@@ -569,6 +577,7 @@ impl Control<'_> {
             ));
         }
         self.paused = true;
+        event_monitor::event("vm", "paused", &[]);
         log::info!("VM paused");
         Ok(ApiReply::Done)
     }
@@ -581,6 +590,7 @@ impl Control<'_> {
         self.devices.resume();
         self.vcpu_gate.open();
         self.paused = false;
+        event_monitor::event("vm", "resumed", &[]);
         log::info!("VM resumed");
         Ok(ApiReply::Done)
     }

@@ -40,8 +40,9 @@ pub fn add_disks(
         let irq = msi
             .create_group(bdf, required_msix_vectors(&block))
             .map_err(|e| disk_err(format!("interrupts: {e}")))?;
-        let dev = VirtioPciDevice::new(block, mem.clone(), irq, VirtioPciOptions::default())
+        let mut dev = VirtioPciDevice::new(block, mem.clone(), irq, VirtioPciOptions::default())
             .map_err(|e| disk_err(e.to_string()))?;
+        dev.set_label(bdf.to_string());
         devices.add_function(bdf, Arc::new(Mutex::new(dev)))?;
         slot += 1;
     }

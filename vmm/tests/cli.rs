@@ -79,6 +79,22 @@ fn bad_command_lines_give_one_clear_line() {
         "--api-socket",
     );
     fails_with(&["--kernel", k, "--api-socket", "port=80"], "--api-socket");
+    fails_with(
+        &["--kernel", k, "--event-monitor", "fd=x"],
+        "--event-monitor",
+    );
+    fails_with(
+        &["--kernel", k, "--event-monitor", "fd=1000"],
+        "--event-monitor",
+    );
+    fails_with(
+        &["--kernel", k, "--event-monitor", "path=/nonexistent/dir/ev"],
+        "--event-monitor",
+    );
+    fails_with(
+        &["--kernel", k, "--log-file", "/nonexistent/dir/log"],
+        "--log-file",
+    );
 }
 
 /// `ch-remote`: a socket nobody listens on, and a bad subcommand, fail

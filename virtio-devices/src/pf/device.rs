@@ -39,7 +39,9 @@ use vm_migration::dirty::{WriteRecorder, DEFAULT_SUPPORTED_RANGES};
 use vm_migration::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::admin::{qualifier, status, AdminCommand, AdminCompletion, DeferredChain, Execution};
+use super::admin::{
+    opcode, qualifier, status, AdminCommand, AdminCompletion, DeferredChain, Execution,
+};
 use super::migration::{AdminState, Member, MemberTable, MigrationError, MigrationSnapshot, Mode};
 use super::vf::{
     restore_function, snapshot_function, FunctionSnapshot, RestoreError, SharedVf, VfFunction,
@@ -302,10 +304,40 @@ pub struct PfDevice {
     /// Members whose deferred mode change outlived a reset of the admin
     /// queue: polled until it finishes, the completion discarded.
     orphans: Vec<u16>,
+    /// The PF's BDF, as events name it.
+    label: String,
+}
+
+/// Reports a member command that succeeded to the event monitor (the
+/// migration flow a host operator follows).
+fn report_admin(pf: &str, cmd: &AdminCommand<'_>, table: &VfTable, result_len: usize) {
+    if !event_monitor::enabled() {
+        return;
+    }
+    let member = cmd.member_id.to_string();
+    let mode_of = |m: u64| {
+        u16::try_from(m)
+            .ok()
+            .and_then(|n| table.member(n))
+            .map(|m| format!("{:?}", m.mode()))
+            .unwrap_or_default()
+    };
+    let (event, extra): (&str, Option<(&str, String)>) = match cmd.opcode {
+        opcode::DEV_MODE_SET => ("member-mode", Some(("mode", mode_of(cmd.member_id)))),
+        opcode::DEV_CTX_READ => ("context-read", Some(("bytes", result_len.to_string()))),
+        opcode::DEV_CTX_WRITE => ("context-write", Some(("bytes", cmd.data.len().to_string()))),
+        opcode::DEV_CTX_DISCARD => ("context-discard", None),
+        opcode::DEV_WRITE_RECORDS_START => ("write-records-start", None),
+        opcode::DEV_WRITE_RECORDS_STOP => ("write-records-stop", None),
+        _ => return,
+    };
+    let mut props = vec![("pf", pf.to_string()), ("member", member)];
+    props.extend(extra);
+    event_monitor::event("virtio-pf", event, &props);
 }
 
 impl PfDevice {
-    fn new(block: Block, admin_queue_size: u16) -> Self {
+    fn new(block: Block, admin_queue_size: u16, label: String) -> Self {
         PfDevice {
             block,
             admin_sizes: [admin_queue_size],
@@ -314,6 +346,7 @@ impl PfDevice {
             bufs: AdminBuffers::new(),
             deferred: Vec::new(),
             orphans: Vec::new(),
+            label,
         }
     }
 
@@ -495,8 +528,13 @@ impl VirtioDevice for PfDevice {
                 }
                 let admin = &mut self.admin;
                 let table = &mut self.table;
+                let label = &self.label;
                 let outcome = process_chain(chain, &mut self.bufs, |cmd, result, cap| {
-                    admin.execute(table, cmd, result, cap)
+                    let e = admin.execute(table, cmd, result, cap);
+                    if matches!(&e, Execution::Done(c) if c.status == status::OK) {
+                        report_admin(label, cmd, table, result.len());
+                    }
+                    e
                 });
                 match outcome {
                     ChainOutcome::Complete {
@@ -610,7 +648,7 @@ impl VirtioPf {
         bcfg.read_only = cfg.readonly;
         bcfg.queue_size = cfg.queue_size;
         let block = Block::new(&bcfg).map_err(PfError::PfDisk)?;
-        let pfdev = PfDevice::new(block, cfg.admin_queue_size);
+        let pfdev = PfDevice::new(block, cfg.admin_queue_size, cfg.bdf.to_string());
         let irq = interrupts
             .create_group(cfg.bdf, required_msix_vectors(&pfdev))
             .map_err(|source| PfError::Interrupts {
@@ -628,6 +666,7 @@ impl VirtioPf {
                 pci_cfg_cap: true,
             },
         )?;
+        dev.set_label(cfg.bdf.to_string());
         let sriov = SriovCapability::add_to(
             dev.pci_config_mut(),
             SriovParams {
@@ -849,6 +888,18 @@ impl VirtioPf {
             };
             match completion {
                 Some(c) => {
+                    if c.status == status::OK {
+                        let mode = pf.table.member(id).map(|m| format!("{:?}", m.mode()));
+                        event_monitor::event(
+                            "virtio-pf",
+                            "member-mode",
+                            &[
+                                ("pf", pf.label.clone()),
+                                ("member", id.to_string()),
+                                ("mode", mode.unwrap_or_default()),
+                            ],
+                        );
+                    }
                     let d = pf.deferred.swap_remove(i);
                     let len = d.complete(&*mem, &c, &[]);
                     ready.push((d.head_index, len));
@@ -936,8 +987,14 @@ impl VirtioPf {
 
     fn apply_sriov(&mut self, effect: SriovWriteEffect) -> Option<FunctionChange> {
         let mut change = FunctionChange::default();
+        let pf = self.bdf().to_string();
         match effect.vf_enable {
             Some(VfEnableChange::Enabled { num_vfs }) => {
+                event_monitor::event(
+                    "virtio-pf",
+                    "vf-enable",
+                    &[("pf", pf.clone()), ("num_vfs", num_vfs.to_string())],
+                );
                 let src = self.mem.memory();
                 let mut members = Vec::with_capacity(usize::from(num_vfs));
                 for n in 1..=num_vfs {
@@ -953,6 +1010,7 @@ impl VirtioPf {
                 self.dev.device_mut().table.members = members;
             }
             Some(VfEnableChange::Disabled { .. }) => {
+                event_monitor::event("virtio-pf", "vf-disable", &[("pf", pf.clone())]);
                 let members = std::mem::take(&mut self.dev.device_mut().table.members);
                 for m in members.into_iter().flatten() {
                     let vf = m.device.lock();

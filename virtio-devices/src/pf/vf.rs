@@ -83,7 +83,9 @@ impl<D: VirtioDevice> VfFunction<D> {
             ring_reset: true,
             pci_cfg_cap: true,
         };
-        let dev = VirtioPciDevice::new(device, GuestMemoryAtomic::new(view), interrupts, options)?;
+        let mut dev =
+            VirtioPciDevice::new(device, GuestMemoryAtomic::new(view), interrupts, options)?;
+        dev.set_label(bdf.to_string());
         let nq = usize::from(dev.num_device_queues());
         Ok(VfFunction {
             number,
@@ -362,6 +364,14 @@ impl<D: VirtioDevice> PciDevice for VfFunction<D> {
         if self.dev.pcie_capability().flr_requested(offset, data) {
             // FLR resets the virtio state (the transport keeps the mode);
             // what was adopted belongs to the old driver (R-MODE-7).
+            event_monitor::event(
+                "virtio-pf",
+                "flr",
+                &[
+                    ("vf", self.bdf.to_string()),
+                    ("member", self.number.to_string()),
+                ],
+            );
             self.forget_adopted();
         }
         self.dev.config_write(offset, data)

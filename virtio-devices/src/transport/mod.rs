@@ -237,6 +237,8 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     holding: bool,
     /// Reused buffer of completions.
     completions: Vec<crate::device::Completion>,
+    /// How the event monitor names this function (its BDF once wired).
+    label: String,
 }
 
 /// The [`pci::WorkEvent`] index of a device's completion eventfd.
@@ -366,6 +368,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             held_config_irq: false,
             holding: false,
             completions: Vec::new(),
+            label: String::new(),
         })
     }
 
@@ -904,6 +907,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// reset value. `config_generation`, the MSI-X table and the mode are
     /// kept.
     pub fn reset(&mut self) {
+        if self.activated {
+            event_monitor::event("virtio-device", "reset", &[("id", self.label.clone())]);
+        }
         self.device.reset();
         self.activated = false;
         let generation = self.st.config_generation;
@@ -914,6 +920,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
         self.held_queue_irqs.fill(false);
         self.held_config_irq = false;
+    }
+
+    /// Names the function in events (its BDF).
+    pub fn set_label(&mut self, label: impl Into<String>) {
+        self.label = label.into();
     }
 
     /// Function Level Reset: virtio reset, MSI-X reset and configuration
@@ -931,7 +942,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             q.set_event_idx(event_idx);
         }
         match self.device.activate(features) {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                event_monitor::event("virtio-device", "activated", &[("id", self.label.clone())]);
+            }
             Err(e) => {
                 warn!("virtio-pci: activation failed: {e}");
                 self.set_needs_reset();
