@@ -301,6 +301,15 @@ pub struct IoWorker {
     bounce: Vec<u8>,
 }
 
+/// Run first by every I/O worker thread (the VMM installs its seccomp
+/// filter there); set once.
+static WORKER_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what every I/O worker thread runs first (see [`WORKER_START`]).
+pub fn on_worker_start(f: fn()) {
+    let _ = WORKER_START.set(f);
+}
+
 impl IoWorker {
     /// Starts the worker thread for `ctx`.
     pub fn spawn(ctx: Arc<RequestContext>) -> std::io::Result<Self> {
@@ -315,6 +324,9 @@ impl IoWorker {
         let thread = std::thread::Builder::new()
             .name("blk-io".into())
             .spawn(move || {
+                if let Some(start) = WORKER_START.get() {
+                    start();
+                }
                 let mut bounce = vec![0u8; BOUNCE_LEN];
                 for job in rx {
                     let len = c.execute(&job.bufs, &job.mem, &mut bounce);

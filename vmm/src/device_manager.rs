@@ -349,7 +349,10 @@ impl DeviceManager {
         let me = self.clone();
         std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || me.run(&stop))
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Devices);
+                me.run(&stop)
+            })
             .map_err(DeviceManagerError::Spawn)
     }
 

@@ -12,6 +12,7 @@ pub mod firmware;
 pub mod interrupts;
 pub mod pause;
 pub mod platform;
+pub mod seccomp;
 pub mod stdin;
 pub mod vcpu;
 pub mod vm;

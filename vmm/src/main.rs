@@ -74,6 +74,12 @@ struct Cli {
     #[arg(long, value_name = "path=FILE|fd=N")]
     event_monitor: Option<String>,
 
+    /// Seccomp filters on every thread: "true" (a forbidden system call
+    /// ends the VMM naming it), "false", or "log" (allowed and logged by
+    /// the kernel).
+    #[arg(long, value_name = "true|false|log", default_value = "true")]
+    seccomp: String,
+
     /// Write the log to this file instead of standard error.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -105,6 +111,8 @@ enum MainError {
         path: String,
         source: std::io::Error,
     },
+    #[error("--seccomp: '{0}' is not one of true, false, log")]
+    Seccomp(String),
     #[error("--console: only 'off' is supported (got '{0}')")]
     Console(String),
     #[error(transparent)]
@@ -258,6 +266,14 @@ fn main() -> ExitCode {
 
     let result = build_config(&cli)
         .and_then(|cfg| {
+            let mode = vmm::seccomp::SeccompMode::parse(&cli.seccomp)
+                .ok_or_else(|| MainError::Seccomp(cli.seccomp.clone()))?;
+            vmm::seccomp::set_mode(mode);
+            if mode != vmm::seccomp::SeccompMode::Off {
+                virtio_devices::block_io::on_worker_start(|| {
+                    vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::BlkIo)
+                });
+            }
             if let Some(m) = &cli.event_monitor {
                 start_event_monitor(&EventMonitorConfig::parse(m)?)?;
             }

@@ -18,6 +18,7 @@ pub fn spawn_serial_input(platform: Arc<Platform>, serial: &OutputConfig) {
     let _ = std::thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::SerialInput);
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin();
             loop {

@@ -170,7 +170,10 @@ impl Vcpu {
     ) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run(&platform, &watch, &report, &stop, &gate))
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
+                self.run(&platform, &watch, &report, &stop, &gate)
+            })
             .map_err(VcpuError::Spawn)
     }
 

@@ -133,6 +133,8 @@ pub enum VmError {
     Spawn(std::io::Error),
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("--api-socket {what}: {source}")]
     ApiSocket {
         what: String,
@@ -367,6 +369,9 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
         started,
     };
     // Wait for the guest to stop; dump the state on SIGUSR1.
+    // From here the main thread only serves the control loop and stops
+    // the VM.
+    crate::seccomp::apply(crate::seccomp::ThreadKind::Main).map_err(VmError::Seccomp)?;
     let mut state = Control {
         cfg,
         platform: &platform,

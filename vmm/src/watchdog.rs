@@ -208,6 +208,7 @@ impl ExitWatch {
         let _ = std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Watchdog);
                 let mut reported: Vec<(usize, u64)> = Vec::new();
                 while !stop.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_secs(1));

@@ -215,6 +215,7 @@ pub fn spawn(listener: UnixListener, control: Arc<dyn Control>) -> io::Result<Jo
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
             let active = Arc::new(AtomicUsize::new(0));
             for stream in listener.incoming() {
                 let mut stream = match stream {
@@ -239,6 +240,7 @@ pub fn spawn(listener: UnixListener, control: Arc<dyn Control>) -> io::Result<Jo
                     std::thread::Builder::new()
                         .name("api-client".into())
                         .spawn(move || {
+                            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::ApiClient);
                             serve_client(stream, &*c);
                             a.fetch_sub(1, Ordering::AcqRel);
                         });

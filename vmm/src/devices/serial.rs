@@ -100,7 +100,9 @@ impl BufferedOutput {
         let s = shared.clone();
         let handle = std::thread::Builder::new()
             .name("serial-output".into())
-            .spawn(move || loop {
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::SerialOutput);
+                loop {
                 let (chunk, dropped, closed) = {
                     let mut q = lock_queue(&s);
                     while q.bytes.is_empty() && q.dropped == 0 && !q.closed {
@@ -124,6 +126,7 @@ impl BufferedOutput {
                     if closed || q.closed {
                         return;
                     }
+                }
                 }
             })?;
         Ok((
