@@ -779,4 +779,95 @@ mod tests {
         dm.stop_thread();
         t.join().unwrap();
     }
+
+    /// A function as a vCPU reaches it: ECAM and MMIO through the manager
+    /// (doorbells become eventfd signals, served by the device thread).
+    struct Via<'a>(&'a DeviceManager, Bdf);
+
+    impl PciDevice for Via<'_> {
+        fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+            self.0.ecam_read(ecam_offset(self.1, offset), data)
+        }
+        fn config_write(&mut self, offset: u16, data: &[u8]) -> Option<FunctionChange> {
+            self.0.ecam_write(ecam_offset(self.1, offset), data);
+            None
+        }
+        fn decoded_bars(&self) -> Vec<BarRange> {
+            vec![]
+        }
+        fn bar_read(&mut self, _: u8, offset: u64, data: &mut [u8]) {
+            let base = bar0(self.0, self.1);
+            if !self.0.mmio_read(base + offset, data) {
+                data.fill(0xff);
+            }
+        }
+        fn bar_write(&mut self, _: u8, offset: u64, data: &[u8]) {
+            let base = bar0(self.0, self.1);
+            self.0.mmio_write(base + offset, data);
+        }
+    }
+
+    /// While paused, a device writes no byte of guest memory (the dirty
+    /// bitmap stays clean) even when the driver rings its doorbell; on
+    /// resume the waiting requests complete.
+    #[test]
+    fn a_paused_device_writes_no_guest_memory() {
+        use virtio_devices::test_driver::{Layout, Seg, TestDriver};
+        let dir = Dir::new("pause-dirty");
+        let (dm, _) = manager();
+        let mut t = TestDriver::new(16 << 20);
+        let block = Block::new(&BlockConfig::new(dir.file("d.img", 1 << 20))).unwrap();
+        let dev = VirtioPciDevice::new(
+            block,
+            t.mem_atomic(),
+            Arc::new(NoIrq),
+            VirtioPciOptions::default(),
+        )
+        .unwrap();
+        let bdf = Bdf::new(0, 2, 0);
+        dm.add_function(bdf, Arc::new(Mutex::new(dev))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = dm.start_thread(stop.clone()).unwrap();
+        t.probe_placed(&mut Via(&dm, bdf), bar0(&dm, bdf)).unwrap();
+        t.bring_up(&mut Via(&dm, bdf), u64::MAX, 1).unwrap();
+        let read = |t: &mut TestDriver, sector: u64| {
+            let mut h = 0u32.to_le_bytes().to_vec();
+            h.extend_from_slice(&[0; 4]);
+            h.extend_from_slice(&sector.to_le_bytes());
+            t.submit(
+                0,
+                &[Seg::Readable(h), Seg::Writable(4096), Seg::Writable(1)],
+                Layout::Direct,
+            )
+            .unwrap();
+        };
+        let used = |t: &TestDriver| t.used_idx(0).unwrap();
+        read(&mut t, 0);
+        t.kick(&mut Via(&dm, bdf), 0).unwrap();
+        wait_for("the first request", || used(&t) == 1);
+
+        assert!(dm.pause(Duration::from_secs(10)));
+        for k in 1..=4 {
+            read(&mut t, 8 * k);
+        }
+        t.kick(&mut Via(&dm, bdf), 0).unwrap();
+        // The driver's own writes (requests, used_event) are behind us.
+        t.clear_dirty();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(used(&t), 1, "a request completed while paused");
+        assert!(
+            t.dirty_pages().is_empty(),
+            "guest memory written while paused: {:x?}",
+            t.dirty_pages()
+        );
+        dm.resume();
+        wait_for("the requests after resume", || used(&t) == 5);
+        assert!(
+            !t.dirty_pages().is_empty(),
+            "the device wrote nothing at all"
+        );
+        stop.store(true, Ordering::Release);
+        dm.stop_thread();
+        thread.join().unwrap();
+    }
 }

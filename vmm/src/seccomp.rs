@@ -204,14 +204,9 @@ pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         BASE.iter().map(|&nr| (nr, Vec::new())).collect();
     // Every thread may log, and the logger asks whether stderr is a
     // terminal (ioctl TCGETS); the threads that need more of ioctl list it.
-    let tcgets = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::TCGETS,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|source| SeccompError::Build { kind, source })?;
+    let tcgets = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::TCGETS)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|source| SeccompError::Build { kind, source })?;
     rules.insert(libc::SYS_ioctl, vec![tcgets]);
     for nr in extra(kind) {
         rules.insert(nr, Vec::new());
