@@ -126,6 +126,12 @@ pub trait PciDevice: Send {
     fn debug_state(&self) -> String {
         String::new()
     }
+
+    /// Counters for the VMM's `vm.counters` (`(name, value)`); none by
+    /// default.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Creates interrupt routes for functions, including ones that appear at

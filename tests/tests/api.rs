@@ -32,6 +32,7 @@ done
 echo "@@T:GUEST-SEEN=yes@@"
 sleep 1
 echo "@@T:INFO=$(ch-remote --api-socket $S info)@@"
+echo "@@T:COUNTERS=$(ch-remote --api-socket $S counters)@@"
 ch-remote --api-socket $S snapshot file:///tmp/snap 2> snap.err
 echo "@@T:SNAPSHOT=$? $(cat snap.err)@@"
 ch-remote --api-socket $S no-such-command 2> /dev/null
@@ -67,6 +68,20 @@ fn ch_remote_pings_reads_info_and_shuts_down_a_running_vm() {
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1, "{info}");
     assert_eq!(info["config"]["disks"][0]["path"], "up.img", "{info}");
     assert_eq!(info["memory_actual_size"], 512 * MIB as u64, "{info}");
+
+    // The guest wrote its GUEST-UP block to the disk at 00:02.0.
+    let counters: serde_json::Value = serde_json::from_str(&marker(&out, "COUNTERS"))
+        .unwrap_or_else(|e| panic!("counters: {e}\n{sum}"));
+    let disk = &counters["00:02.0"];
+    assert!(
+        disk["write_ops"].as_u64().is_some_and(|n| n >= 1),
+        "{counters}"
+    );
+    assert!(
+        disk["write_bytes"].as_u64().is_some_and(|n| n >= 512),
+        "{counters}"
+    );
+    assert!(disk["read_ops"].as_u64().is_some(), "{counters}");
 
     let snap = marker(&out, "SNAPSHOT");
     assert!(

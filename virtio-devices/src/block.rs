@@ -172,6 +172,7 @@ impl Block {
             read_only,
             capacity_sectors,
             serial: id,
+            counters: Default::default(),
         });
         let worker = IoWorker::spawn(ctx.clone()).map_err(BlockError::Worker)?;
         Ok(Block {
@@ -296,6 +297,10 @@ impl VirtioDevice for Block {
 
     fn in_flight(&self) -> usize {
         self.worker.in_flight()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.ctx.counters.snapshot()
     }
 
     fn wait_idle(&mut self) {

@@ -79,6 +79,30 @@ pub struct RequestContext {
     pub read_only: bool,
     pub capacity_sectors: u64,
     pub serial: [u8; SERIAL_LEN],
+    pub counters: BlockCounters,
+}
+
+/// What a block device has done (`vm.counters`): requests that completed
+/// with VIRTIO_BLK_S_OK and their bytes.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub read_ops: std::sync::atomic::AtomicU64,
+    pub read_bytes: std::sync::atomic::AtomicU64,
+    pub write_ops: std::sync::atomic::AtomicU64,
+    pub write_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl BlockCounters {
+    /// `(name, value)` pairs, Cloud Hypervisor's names.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        vec![
+            ("read_bytes", self.read_bytes.load(Relaxed)),
+            ("read_ops", self.read_ops.load(Relaxed)),
+            ("write_bytes", self.write_bytes.load(Relaxed)),
+            ("write_ops", self.write_ops.load(Relaxed)),
+        ]
+    }
 }
 
 impl RequestContext {
@@ -135,9 +159,25 @@ impl RequestContext {
         sector_bytes.copy_from_slice(&hdr[8..16]);
         let sector = u64::from_le_bytes(sector_bytes);
 
+        use std::sync::atomic::Ordering::Relaxed;
         match req_type {
-            VIRTIO_BLK_T_IN => self.read_request(bufs, mem, sector, data_cap, bounce),
-            VIRTIO_BLK_T_OUT => (self.write_request(bufs, mem, sector, bounce), 0),
+            VIRTIO_BLK_T_IN => {
+                let (st, n) = self.read_request(bufs, mem, sector, data_cap, bounce);
+                if st == VIRTIO_BLK_S_OK {
+                    self.counters.read_ops.fetch_add(1, Relaxed);
+                    self.counters.read_bytes.fetch_add(n, Relaxed);
+                }
+                (st, n)
+            }
+            VIRTIO_BLK_T_OUT => {
+                let st = self.write_request(bufs, mem, sector, bounce);
+                if st == VIRTIO_BLK_S_OK {
+                    let n = bufs.readable_len().saturating_sub(HEADER_LEN);
+                    self.counters.write_ops.fetch_add(1, Relaxed);
+                    self.counters.write_bytes.fetch_add(n, Relaxed);
+                }
+                (st, 0)
+            }
             VIRTIO_BLK_T_FLUSH => {
                 if self.read_only {
                     return (VIRTIO_BLK_S_OK, 0);

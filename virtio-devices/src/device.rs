@@ -196,6 +196,11 @@ pub trait VirtioDevice: Send {
     /// stay to be taken). `reset` and `queue_reset` do this themselves
     /// and drop the completions of what they reset.
     fn wait_idle(&mut self) {}
+
+    /// Counters for `vm.counters` (`(name, value)`); none by default.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
@@ -256,6 +261,9 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
     }
     fn wait_idle(&mut self) {
         (**self).wait_idle()
+    }
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        (**self).counters()
     }
 }
 

@@ -300,6 +300,32 @@ impl DeviceManager {
         self.bus.mmio_write(addr, data)
     }
 
+    /// Every function's counters, by bus:device.function (functions that
+    /// keep none are left out). A function whose lock stays taken for
+    /// [`DUMP_LOCK_WAIT`] is left out too.
+    pub fn counters(&self) -> std::collections::BTreeMap<String, Vec<(&'static str, u64)>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (bdf, dev) in self.bus.functions() {
+            let deadline = Instant::now() + DUMP_LOCK_WAIT;
+            let c = loop {
+                match dev.try_lock() {
+                    Ok(d) => break Some(d.counters()),
+                    Err(std::sync::TryLockError::Poisoned(p)) => {
+                        break Some(p.into_inner().counters())
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => break None,
+                }
+            };
+            if let Some(c) = c.filter(|c| !c.is_empty()) {
+                out.insert(bdf.to_string(), c);
+            }
+        }
+        out
+    }
+
     /// The device thread's activity and every function's run-time state,
     /// for the state dump. A function whose lock stays taken for
     /// [`DUMP_LOCK_WAIT`] is reported as busy rather than waited for.

@@ -530,7 +530,21 @@ impl Control<'_> {
             ApiRequest::VmReboot => (Ok(ApiReply::Done), exit_after(ExitReason::Reset)),
             ApiRequest::VmPause => (self.pause(), None),
             ApiRequest::VmResume => (self.resume(), None),
-            ApiRequest::VmCounters => not_yet("no device keeps counters yet"),
+            ApiRequest::VmCounters => {
+                let map: serde_json::Map<String, serde_json::Value> = self
+                    .devices
+                    .counters()
+                    .into_iter()
+                    .map(|(bdf, c)| {
+                        let inner: serde_json::Map<String, serde_json::Value> = c
+                            .into_iter()
+                            .map(|(k, v)| (k.to_string(), v.into()))
+                            .collect();
+                        (bdf, serde_json::Value::Object(inner))
+                    })
+                    .collect();
+                (Ok(ApiReply::Json(serde_json::Value::Object(map))), None)
+            }
             ApiRequest::VmPowerButton => not_yet(
                 "the VM has no ACPI power button device (hardware-reduced ACPI without a GED)",
             ),

@@ -478,6 +478,10 @@ impl VirtioDevice for PfDevice {
         self.block.take_completions(out)
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.block.counters()
+    }
+
     fn in_flight(&self) -> usize {
         self.block.in_flight()
     }
@@ -1093,6 +1097,10 @@ impl PciDevice for VirtioPf {
     fn drain(&mut self) {
         self.dev.drain();
         self.poll_admin();
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.dev.device().counters()
     }
 
     fn debug_state(&self) -> String {

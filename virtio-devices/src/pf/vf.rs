@@ -411,6 +411,10 @@ impl<D: VirtioDevice> PciDevice for VfFunction<D> {
         self.report_progress();
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.dev.counters()
+    }
+
     fn debug_state(&self) -> String {
         let adopted: usize = self.adopted.iter().map(Vec::len).sum();
         let mut s = format!("VF {}: ", self.number);

@@ -1209,6 +1209,10 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
         VirtioPciDevice::drain(self)
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.device.counters()
+    }
+
     fn debug_state(&self) -> String {
         VirtioPciDevice::debug_state(self)
     }
