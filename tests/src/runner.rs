@@ -268,8 +268,14 @@ impl Runner {
             Some(script) => {
                 let remote = host::ch_remote_binary(&self.vmm)?;
                 let bin_dir = remote.parent().unwrap_or(Path::new(".")).to_path_buf();
+                let tools = dir.join(".tools");
+                std::fs::create_dir_all(&tools).map_err(|e| Error::io("creating", &tools, e))?;
+                for (name, bin) in &scenario.tools {
+                    let to = tools.join(name);
+                    std::fs::copy(bin, &to).map_err(|e| Error::io("copying tool", &to, e))?;
+                }
                 let path = std::env::var_os("PATH").unwrap_or_default();
-                let mut paths = vec![bin_dir];
+                let mut paths = vec![bin_dir, tools];
                 paths.extend(std::env::split_paths(&path));
                 let mut c = Command::new("sh");
                 c.arg("-c").arg(script).current_dir(dir).env(
@@ -379,6 +385,13 @@ impl Runner {
                 cpio.file(&rel, 0o755, &read(&lib)?);
             }
             cpio.file("scenario.during", 0o755, during.as_bytes());
+            for (name, bin) in &scenario.tools {
+                cpio.file(&format!("vmm/{name}"), 0o755, &vmm_bytes(bin, &xfer)?);
+                for lib in host::shared_libraries(bin) {
+                    let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+                    cpio.file(&rel, 0o755, &read(&lib)?);
+                }
+            }
         }
 
         // One outer disk per scenario file.

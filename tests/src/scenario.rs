@@ -57,6 +57,8 @@ pub struct Scenario {
     pub full_disks: Vec<FullDisk>,
     /// A script run beside the VMM (see [`Scenario::during`]).
     pub during: Option<String>,
+    /// Host programs on that script's PATH: (name, binary).
+    pub tools: Vec<(String, PathBuf)>,
 }
 
 /// A sparse disk file of `capacity` bytes alone on a tmpfs of `room` bytes,
@@ -116,6 +118,7 @@ impl Scenario {
             boot_limit: DEFAULT_BOOT_LIMIT,
             full_disks: Vec::new(),
             during: None,
+            tools: Vec::new(),
         }
     }
 
@@ -206,6 +209,13 @@ impl Scenario {
         self
     }
 
+    /// A host program, under `name`, on the PATH of the script beside the
+    /// VMM ([`Scenario::during`]), with the shared libraries it needs.
+    pub fn tool(mut self, name: &str, binary: impl Into<PathBuf>) -> Self {
+        self.tools.push((name.to_string(), binary.into()));
+        self
+    }
+
     /// A script the OUTER host VM runs (nested mode only) after loading KVM
     /// and before starting the VMM: for checking the runner itself.
     pub fn outer_script(mut self, script: &str) -> Self {
@@ -238,6 +248,11 @@ impl Scenario {
             if !ok || name == GUEST_KERNEL || name == GUEST_INITRD {
                 return Err(bad(format!("bad file name {name:?}")));
             }
+        }
+        if !self.tools.is_empty() && self.during.is_none() {
+            return Err(bad(
+                "tools are for the script beside the VMM (Scenario::during)".into(),
+            ));
         }
         for d in &self.full_disks {
             let parts: Vec<&str> = d.name.split('/').collect();

@@ -33,6 +33,7 @@ echo "@@T:GUEST-SEEN=yes@@"
 sleep 1
 echo "@@T:INFO=$(ch-remote --api-socket $S info)@@"
 echo "@@T:COUNTERS=$(ch-remote --api-socket $S counters)@@"
+api-probe $S
 ch-remote --api-socket $S snapshot file:///tmp/snap 2> snap.err
 echo "@@T:SNAPSHOT=$? $(cat snap.err)@@"
 ch-remote --api-socket $S no-such-command 2> /dev/null
@@ -48,6 +49,7 @@ fn ch_remote_pings_reads_info_and_shuts_down_a_running_vm() {
         .file("up.img", vec![0u8; MIB])
         .script(GUEST)
         .during(DURING)
+        .tool("api-probe", env!("CARGO_BIN_EXE_api-probe"))
         // The guest never ends its script: the API shutdown ends the run.
         .step("guest beats", "@@T:BEAT=0@@", Duration::from_secs(30))
         .step("API shutdown", "@@T:SHUTDOWN=", Duration::from_secs(60));
@@ -82,6 +84,48 @@ fn ch_remote_pings_reads_info_and_shuts_down_a_running_vm() {
         "{counters}"
     );
     assert!(disk["read_ops"].as_u64().is_some(), "{counters}");
+
+    // What a careless or hostile client gets (tests/src/bin/api-probe.rs).
+    assert_eq!(marker(&out, "PROBE-DONE"), "yes", "{sum}");
+    for e in ["vmm.ping", "vm.info", "vm.counters"] {
+        assert_eq!(marker(&out, &format!("PROBE-GET-{e}")), "200", "{e}");
+    }
+    for e in [
+        "vmm.shutdown",
+        "vm.pause",
+        "vm.resume",
+        "vm.shutdown",
+        "vm.reboot",
+        "vm.power-button",
+        "vm.snapshot",
+        "vm.restore",
+        "vm.send-migration",
+        "vm.receive-migration",
+    ] {
+        assert_eq!(
+            marker(&out, &format!("PROBE-WRONG-METHOD-{e}")),
+            "405",
+            "{e}"
+        );
+    }
+    for (case, status) in [
+        ("UNKNOWN", "404"),
+        ("OUTSIDE", "404"),
+        ("MALFORMED", "400"),
+        ("NOT-AN-OBJECT", "400"),
+        ("HUGE-BODY", "413"),
+        ("HUGE-HEAD", "431"),
+        ("CHUNKED", "400"),
+        ("CONCURRENT", "200,200,200,200,200,200,200,200"),
+        ("CONCURRENT-FAST", "true"),
+        ("KEEP-ALIVE", "3"),
+    ] {
+        assert_eq!(
+            marker(&out, &format!("PROBE-{case}")),
+            status,
+            "{case}\n{sum}"
+        );
+    }
 
     let snap = marker(&out, "SNAPSHOT");
     assert!(

@@ -208,6 +208,18 @@ pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         .and_then(|c| SeccompRule::new(vec![c]))
         .map_err(|source| SeccompError::Build { kind, source })?;
     rules.insert(libc::SYS_ioctl, vec![tcgets]);
+    // glibc opens files of its own now and then (the CPU count when a
+    // thread's first allocation creates a malloc arena, for one): every
+    // thread may open files read-only.
+    let read_only = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::O_ACCMODE as u64),
+        libc::O_RDONLY as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|source| SeccompError::Build { kind, source })?;
+    rules.insert(libc::SYS_openat, vec![read_only]);
     for nr in extra(kind) {
         rules.insert(nr, Vec::new());
     }
@@ -227,6 +239,12 @@ pub fn set_mode(mode: SeccompMode) {
     let _ = MODE.set(mode);
     if mode == SeccompMode::On {
         install_sigsys_handler();
+    }
+    if mode != SeccompMode::Off {
+        // With a fixed arena limit glibc does not count the CPUs (opening
+        // /sys/devices/system/cpu/online) when a thread first allocates.
+        // SAFETY: mallopt only sets an allocator parameter.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
     }
 }
 
@@ -326,9 +344,15 @@ mod tests {
                 // SAFETY: exiting the child.
                 unsafe { libc::_exit(3) };
             }
-            // Allowed: a write to stderr.
+            // Allowed: a write to stderr, a read-only open.
             // SAFETY: a plain write of a static buffer.
             unsafe { libc::write(2, b"".as_ptr().cast(), 0) };
+            // SAFETY: a NUL-terminated path, read-only.
+            let fd = unsafe { libc::open(c"/proc/self/stat".as_ptr(), libc::O_RDONLY) };
+            if fd < 0 {
+                // SAFETY: exiting the child.
+                unsafe { libc::_exit(4) };
+            }
             // SAFETY: socket(2) with plain arguments; the filter stops it.
             unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             // SAFETY: exiting the child (not reached if the filter works).
