@@ -13,7 +13,7 @@ const MIB: usize = 1024 * 1024;
 const GUEST: &str = r#"printf 'GUEST-UP\n' > /tmp/up
 dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
 i=0
-while :; do echo "@@T:BEAT=$i@@"; i=$((i + 1)); sleep 0.5; done
+while :; do echo "@@T:BEAT=$i $(cut -d' ' -f1 /proc/uptime)@@"; i=$((i + 1)); sleep 0.5; done
 "#;
 
 /// Beside the VMM: wait for the API, then for the guest; ping, info, a
@@ -51,7 +51,7 @@ fn ch_remote_pings_reads_info_and_shuts_down_a_running_vm() {
         .during(DURING)
         .tool("api-probe", env!("CARGO_BIN_EXE_api-probe"))
         // The guest never ends its script: the API shutdown ends the run.
-        .step("guest beats", "@@T:BEAT=0@@", Duration::from_secs(30))
+        .step("guest beats", "@@T:BEAT=0 ", Duration::from_secs(30))
         .step("API shutdown", "@@T:SHUTDOWN=", Duration::from_secs(60));
     let out = tests::run(shared_runner(), &scenario);
     let sum = out.summary();
@@ -183,7 +183,7 @@ fn pause_stops_the_guest_and_resume_carries_on_where_it_was() {
         .file("up.img", vec![0u8; MIB])
         .script(GUEST)
         .during(PAUSE_DURING)
-        .step("guest beats", "@@T:BEAT=0@@", Duration::from_secs(30))
+        .step("guest beats", "@@T:BEAT=0 ", Duration::from_secs(30))
         .step("paused", "@@T:PAUSED=", Duration::from_secs(30))
         .step("resumed", "@@T:RESUMED=", Duration::from_secs(30))
         .step("API shutdown", "@@T:SHUTDOWN=", Duration::from_secs(30));
@@ -212,22 +212,34 @@ fn pause_stops_the_guest_and_resume_carries_on_where_it_was() {
     };
     let (paused, resuming) = (at("@@T:PAUSED=0@@"), at("@@T:RESUMING@@"));
     assert!(resuming > paused + Duration::from_secs(2), "{sum}");
-    let beats: Vec<(Duration, u64)> = out
+    // (when seen, the guest's number, the guest's uptime)
+    let beats: Vec<(Duration, u64, f64)> = out
         .lines
         .iter()
         .filter_map(|l| {
             let v = tests::scenario::marker_in(&l.text, "T:BEAT")?;
-            Some((l.at, v.parse().ok()?))
+            let (n, up) = v.split_once(' ')?;
+            Some((l.at, n.parse().ok()?, up.parse().ok()?))
         })
         .collect();
     let during: Vec<_> = beats
         .iter()
-        .filter(|(t, _)| *t > paused + Duration::from_millis(500) && *t < resuming)
+        .filter(|(t, _, _)| *t > paused + Duration::from_millis(500) && *t < resuming)
         .collect();
     assert!(during.is_empty(), "beats while paused: {during:?}\n{sum}");
     assert!(
-        beats.iter().any(|(t, _)| *t > resuming),
+        beats.iter().any(|(t, _, _)| *t > resuming),
         "no beat after resume\n{sum}"
+    );
+    // The guest's clock held: across the pause (over 2 s) its uptime
+    // moved by about one beat's sleep, not by the pause.
+    let before = beats.iter().rfind(|b| b.0 < paused).expect("a beat before");
+    let after = beats.iter().find(|b| b.0 > resuming).expect("a beat after");
+    let guest_gap = after.2 - before.2;
+    assert!(
+        guest_gap < 1.5,
+        "the guest's clock moved {guest_gap:.2} s across a pause of {:.1} s\n{sum}",
+        (resuming - paused).as_secs_f64()
     );
     // The guest's own counter: every number once, in order.
     let numbers: Vec<u64> = beats.iter().map(|b| b.1).collect();

@@ -373,6 +373,8 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     // the VM.
     crate::seccomp::apply(crate::seccomp::ThreadKind::Main).map_err(VmError::Seccomp)?;
     let mut state = Control {
+        vm: &vm,
+        clock: None,
         cfg,
         platform: &platform,
         vcpus: &threads,
@@ -482,6 +484,10 @@ fn start_api(sock: &ApiSocketConfig) -> Result<ApiEnd, VmError> {
 
 /// What API requests act on: the running VM's parts.
 struct Control<'a> {
+    vm: &'a VmFd,
+    /// The guest's kvmclock when it was paused, given back on resume so
+    /// that the guest's clock does not count the pause.
+    clock: Option<kvm_bindings::kvm_clock_data>,
     cfg: &'a VmConfig,
     platform: &'a Arc<Platform>,
     vcpus: &'a [VcpuThread],
@@ -595,6 +601,13 @@ impl Control<'_> {
                 ),
             ));
         }
+        self.clock = match self.vm.get_clock() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log::warn!("pause: cannot read the guest clock: {e}");
+                None
+            }
+        };
         self.paused = true;
         event_monitor::event("vm", "paused", &[]);
         log::info!("VM paused");
@@ -605,6 +618,13 @@ impl Control<'_> {
     fn resume(&mut self) -> ApiResult {
         if !self.paused {
             return Err(ApiError::new(405, "the VM is not paused"));
+        }
+        if let Some(mut c) = self.clock.take() {
+            // Only the clock value: KVM refuses flags it did not set.
+            c.flags = 0;
+            if let Err(e) = self.vm.set_clock(&c) {
+                log::warn!("resume: cannot restore the guest clock: {e}");
+            }
         }
         self.devices.resume();
         self.vcpu_gate.open();
