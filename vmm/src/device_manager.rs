@@ -896,4 +896,64 @@ mod tests {
         dm.stop_thread();
         thread.join().unwrap();
     }
+
+    /// Member modes the guest set (Stop, Freeze) are the guest's: a pause
+    /// and resume of the VM leave them as they were.
+    #[test]
+    fn pause_and_resume_leave_member_modes_alone() {
+        use virtio_devices::pf::admin::{opcode, GROUP_TYPE_SRIOV, SUPPORTED_OPCODES};
+        use virtio_devices::pf::migration::Mode;
+        use virtio_devices::pf::{AdminCommand, Execution};
+        let dir = Dir::new("pause-modes");
+        let (dm, _) = manager();
+        let bdf = Bdf::new(0, 4, 0);
+        let d = dir.0.clone();
+        let cfg = PfConfig::new(
+            dir.file("pf.img", 4096),
+            Box::new(move |n| {
+                let p = d.join(format!("vf{n}.img"));
+                let _ = std::fs::write(&p, vec![0u8; 4096]);
+                p
+            }),
+            3,
+            bdf,
+            false,
+        )
+        .unwrap();
+        let pf = VirtioPf::new(cfg, mem(), Arc::new(NoIrq)).unwrap();
+        dm.add_function(bdf, pf.clone()).unwrap();
+        cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x10, &3u16.to_le_bytes());
+        cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x08, &0x9u16.to_le_bytes());
+        let admin = |op: u16, member: u64, data: &[u8]| {
+            let mut b = op.to_le_bytes().to_vec();
+            b.extend_from_slice(&GROUP_TYPE_SRIOV.to_le_bytes());
+            b.extend_from_slice(&[0; 12]);
+            b.extend_from_slice(&member.to_le_bytes());
+            b.extend_from_slice(data);
+            let cmd = AdminCommand::parse(&b).unwrap();
+            let mut out = Vec::new();
+            match lock(&pf).execute_admin(&cmd, &mut out, 64) {
+                Execution::Done(c) => assert_eq!(c.status, 0, "opcode {op:#x}"),
+                Execution::Deferred { .. } => panic!("deferred"),
+            }
+        };
+        admin(opcode::LIST_USE, 0, &SUPPORTED_OPCODES.to_le_bytes());
+        admin(opcode::DEV_MODE_SET, 1, &[Mode::Stop as u8]);
+        admin(opcode::DEV_MODE_SET, 2, &[Mode::Stop as u8]);
+        admin(opcode::DEV_MODE_SET, 2, &[Mode::Freeze as u8]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = dm.start_thread(stop.clone()).unwrap();
+        for _ in 0..2 {
+            assert!(dm.pause(Duration::from_secs(10)));
+            dm.resume();
+        }
+        let p = lock(&pf);
+        assert_eq!(p.member_mode(1), Some(Mode::Stop));
+        assert_eq!(p.member_mode(2), Some(Mode::Freeze));
+        assert_eq!(p.member_mode(3), Some(Mode::Active));
+        drop(p);
+        stop.store(true, Ordering::Release);
+        dm.stop_thread();
+        t.join().unwrap();
+    }
 }

@@ -33,13 +33,15 @@ impl BarAllocator {
         })
     }
 
-    fn allocate(&mut self, size: u64, is64: bool) -> Result<u64, FirmwareError> {
+    /// `size` bytes aligned to `align` (a BAR's own size: a power of two;
+    /// a VF BAR block is `count` of them, aligned to one).
+    fn allocate(&mut self, size: u64, align: u64, is64: bool) -> Result<u64, FirmwareError> {
         let (a, window) = if is64 {
             (&mut self.mmio64, "64-bit")
         } else {
             (&mut self.mmio32, "32-bit")
         };
-        a.allocate(size, size.max(4096), AllocPolicy::FirstMatch)
+        a.allocate(size, align.max(4096), AllocPolicy::FirstMatch)
             .map(|r| r.start())
             .map_err(|_| FirmwareError::NoSpace { size, window })
     }
@@ -91,7 +93,7 @@ fn place_bar_block(
             continue;
         }
         let size = (!mask).wrapping_add(1);
-        let addr = alloc.allocate(size * count, is64)?;
+        let addr = alloc.allocate(size * count, size, is64)?;
         write32(d, off, (addr as u32) | (orig & 0xf));
         if is64 {
             write32(d, off + 4, (addr >> 32) as u32);
@@ -142,4 +144,66 @@ pub fn assign_bars(d: &mut dyn PciDevice, alloc: &mut BarAllocator) -> Result<()
         let _ = d.config_write(0x04, &cmd.to_le_bytes());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pci::{Bdf, InterruptManager, InterruptSourceGroup, MsiMessage};
+    use virtio_devices::pf::device::{PfConfig, VirtioPf, SRIOV_CAP_OFFSET, VF_BAR0_SIZE};
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+    use vm_migration::GuestMemoryMmap;
+
+    use super::*;
+
+    struct NoIrq;
+    impl InterruptSourceGroup for NoIrq {
+        fn trigger(&self, _: u16) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn update(&self, _: u16, _: MsiMessage, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl InterruptManager for NoIrq {
+        fn create_group(&self, _: Bdf, _: u16) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
+            Ok(Arc::new(NoIrq))
+        }
+    }
+
+    /// A PF whose VF count is not a power of two gets its VF BAR block
+    /// (count x per-VF size) aligned to the per-VF size: every VF's BAR0
+    /// is then aligned to its own size, as SR-IOV requires.
+    #[test]
+    fn vf_bar_blocks_of_any_vf_count_are_placed_aligned() {
+        let dir = std::env::temp_dir().join(format!("ch-fw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pf.img"), vec![0u8; 4096]).unwrap();
+        std::fs::write(dir.join("vf.img"), vec![0u8; 4096]).unwrap();
+        let mut alloc = BarAllocator::new((0xc000_0000, 0x1000_0000), (1 << 36, 1 << 36)).unwrap();
+        for total in [1u16, 3, 5, 7, 9, 33, 64] {
+            let d = dir.clone();
+            let cfg = PfConfig::new(
+                dir.join("pf.img"),
+                Box::new(move |_| d.join("vf.img")),
+                total,
+                Bdf::new(0, 4, 0),
+                false,
+            )
+            .unwrap();
+            let mem = GuestMemoryAtomic::new(
+                GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+            );
+            let pf = VirtioPf::new(cfg, mem, Arc::new(NoIrq)).unwrap();
+            let mut p = pf.lock().unwrap();
+            assign_bars(&mut *p, &mut alloc).unwrap_or_else(|e| panic!("total_vfs={total}: {e}"));
+            let lo = read32(&mut *p, SRIOV_CAP_OFFSET + 0x24) & !0xf;
+            let hi = read32(&mut *p, SRIOV_CAP_OFFSET + 0x28);
+            let base = u64::from(lo) | (u64::from(hi) << 32);
+            assert_ne!(base, 0, "total_vfs={total}: VF BAR0 not placed");
+            assert_eq!(base % VF_BAR0_SIZE, 0, "total_vfs={total}: {base:#x}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
