@@ -250,204 +250,311 @@ fn output(cfg: &OutputConfig) -> Result<Option<Box<dyn Write + Send>>, VmError> 
     })
 }
 
-/// Builds the VM described by `cfg`, runs it until the guest powers off,
-/// resets or fails, and returns why it stopped.
-pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
-    let started = Instant::now();
-    // Before any thread exists, so that every thread blocks SIGUSR1.
-    let signals = SignalFd::new(&[libc::SIGUSR1]).map_err(VmError::Signals)?;
-    let kvm = Kvm::new().map_err(VmError::Kvm)?;
-    let version = kvm.get_api_version();
-    if version != 12 {
-        return Err(VmError::KvmVersion(version));
-    }
-    let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
-    let setup = |what: &'static str| move |source| VmError::KvmSetup { what, source };
-    vm.set_tss_address(0xfffb_d000)
-        .map_err(setup("TSS address"))?;
-    vm.set_identity_map_address(0xfffb_c000)
-        .map_err(setup("identity map address"))?;
-    vm.create_irq_chip().map_err(setup("in-kernel irqchip"))?;
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Built: memory, devices, boot payload and vCPUs exist; nothing runs.
+    Created,
+    Running,
+    Paused,
+    /// Stopped: every thread ended.
+    Shutdown,
+}
 
-    let mem_size = cfg.memory.size;
-    let mem = create_memory(&vm, mem_size)?;
-    let mem_atomic = vm_memory::GuestMemoryAtomic::new(mem.clone());
-    let mmio64 = layout::pci_mmio64_window(mem_size);
-
-    let max_gsi = kvm.get_nr_memslots().max(1024) as u32;
-    let irq = KvmInterruptManager::new(vm.clone(), max_gsi.min(4096))?;
-    let msi = Arc::new(MsiManager(irq.clone()));
-
-    // Serial port on GSI 4.
-    let mut serial_thread = None;
-    let serial = match output(&cfg.serial)? {
-        Some(out) => {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-            vm.register_irqfd(&evt, layout::SERIAL_IRQ)
-                .map_err(VmError::SerialIrq)?;
-            let (buffered, thread) = BufferedOutput::spawn(out).map_err(VmError::Spawn)?;
-            serial_thread = Some(thread);
-            Some(SerialPort::new(evt, Box::new(buffered)))
+impl VmState {
+    /// The name `vm.info` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Created => "Created",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Shutdown => "Shutdown",
         }
-        None => None,
-    };
-
-    let allocator = BarAllocator::new(
-        (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-        (mmio64.0, mmio64.1 - mmio64.0),
-    )?;
-    let devices = DeviceManager::new(vm.clone(), allocator)?;
-    let next = crate::wiring::add_disks(&devices, &mem_atomic, &msi, &cfg.disks)?;
-    let pfs: Vec<_> = cfg
-        .devices
-        .iter()
-        .map(|d| match d {
-            DeviceConfig::VirtioPf(p) => p.clone(),
-        })
-        .collect();
-    crate::wiring::add_virtio_pfs(&devices, &mem_atomic, &msi, &pfs, next)?;
-
-    acpi::create_acpi_tables(
-        &mem,
-        &acpi::AcpiConfig {
-            cpus: cfg.cpus.boot,
-            mmio64,
-        },
-    )?;
-    let entry = boot::load_linux(
-        &mem,
-        mem_size,
-        &cfg.kernel,
-        cfg.initramfs.as_deref(),
-        &cfg.cmdline,
-    )?;
-
-    let exit_evt = EventFd::new(0).map_err(VmError::EventFd)?;
-    let exit_wait = exit_evt.try_clone().map_err(VmError::EventFd)?;
-    let platform = Arc::new(Platform::new(serial, devices, exit_evt));
-
-    vcpu::install_kick_handler()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut vcpus = Vec::new();
-    for id in 0..cfg.cpus.boot {
-        vcpus.push(Vcpu::new(
-            &kvm,
-            &vm,
-            id,
-            cfg.cpus.boot,
-            (id == 0).then_some(entry),
-        )?);
     }
-    let dev_mgr = platform.devices_arc();
-    let dev_thread = dev_mgr.start_thread(stop.clone())?;
-    let watch = crate::watchdog::ExitWatch::new(vcpus.len());
-    watch.spawn(stop.clone());
-    let mut threads = Vec::new();
-    let vcpu_gate = Arc::new(PauseGate::new());
-    for v in vcpus {
-        let report = Arc::new(vcpu::VcpuReport::default());
-        let handle = v.spawn(
-            platform.clone(),
-            watch.clone(),
-            report.clone(),
-            stop.clone(),
-            vcpu_gate.clone(),
+}
+
+/// One VM for the life of the VMM: built by [`Vm::new`], started by
+/// [`Vm::boot`], then driven by [`Vm::run`] on the main thread (the control
+/// loop: API requests, the state dump, the guest's exit) until it stops.
+pub struct Vm {
+    cfg: VmConfig,
+    started: Instant,
+    state: VmState,
+    signals: SignalFd,
+    _kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: Option<GuestMemoryMmap>,
+    platform: Arc<Platform>,
+    devices: Arc<DeviceManager>,
+    exit_wait: EventFd,
+    serial_thread: Option<crate::devices::serial::OutputThread>,
+    /// Created, not yet started (until [`Vm::boot`]).
+    vcpus: Vec<Vcpu>,
+    threads: Vec<VcpuThread>,
+    dev_thread: Option<JoinHandle<()>>,
+    watch: Arc<crate::watchdog::ExitWatch>,
+    stop: Arc<AtomicBool>,
+    vcpu_gate: Arc<PauseGate>,
+    api: Option<ApiEnd>,
+    /// The guest's kvmclock when it was paused, given back on resume so
+    /// that the guest's clock does not count the pause.
+    clock: Option<kvm_bindings::kvm_clock_data>,
+    dumps: u64,
+}
+
+/// Builds the VM described by `cfg`, runs it until the guest powers off,
+/// resets or fails (or the API ends it), and returns why it stopped.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
+    let mut vm = Vm::new(cfg)?;
+    vm.boot()?;
+    vm.run()
+}
+
+impl Vm {
+    /// Builds the VM: KVM, guest memory, devices, ACPI tables, the kernel
+    /// and the vCPUs. Nothing runs yet.
+    pub fn new(cfg: &VmConfig) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        // Before any thread exists, so that every thread blocks SIGUSR1.
+        let signals = SignalFd::new(&[libc::SIGUSR1]).map_err(VmError::Signals)?;
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::KvmVersion(version));
+        }
+        let vm = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
+        let setup = |what: &'static str| move |source| VmError::KvmSetup { what, source };
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(setup("TSS address"))?;
+        vm.set_identity_map_address(0xfffb_c000)
+            .map_err(setup("identity map address"))?;
+        vm.create_irq_chip().map_err(setup("in-kernel irqchip"))?;
+
+        let mem_size = cfg.memory.size;
+        let mem = create_memory(&vm, mem_size)?;
+        let mem_atomic = vm_memory::GuestMemoryAtomic::new(mem.clone());
+        let mmio64 = layout::pci_mmio64_window(mem_size);
+
+        let max_gsi = kvm.get_nr_memslots().max(1024) as u32;
+        let irq = KvmInterruptManager::new(vm.clone(), max_gsi.min(4096))?;
+        let msi = Arc::new(MsiManager(irq.clone()));
+
+        // Serial port on GSI 4.
+        let mut serial_thread = None;
+        let serial = match output(&cfg.serial)? {
+            Some(out) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+                vm.register_irqfd(&evt, layout::SERIAL_IRQ)
+                    .map_err(VmError::SerialIrq)?;
+                let (buffered, thread) = BufferedOutput::spawn(out).map_err(VmError::Spawn)?;
+                serial_thread = Some(thread);
+                Some(SerialPort::new(evt, Box::new(buffered)))
+            }
+            None => None,
+        };
+
+        let allocator = BarAllocator::new(
+            (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+            (mmio64.0, mmio64.1 - mmio64.0),
         )?;
-        threads.push(VcpuThread { handle, report });
-    }
-    crate::stdin::spawn_serial_input(platform.clone(), &cfg.serial);
-    event_monitor::event("vm", "booted", &[]);
-    let api = match &cfg.api_socket {
-        Some(sock) => Some(start_api(sock)?),
-        None => None,
-    };
+        let devices = DeviceManager::new(vm.clone(), allocator)?;
+        let next = crate::wiring::add_disks(&devices, &mem_atomic, &msi, &cfg.disks)?;
+        let pfs: Vec<_> = cfg
+            .devices
+            .iter()
+            .map(|d| match d {
+                DeviceConfig::VirtioPf(p) => p.clone(),
+            })
+            .collect();
+        crate::wiring::add_virtio_pfs(&devices, &mem_atomic, &msi, &pfs, next)?;
 
-    let sources = DumpSources {
-        vcpus: &threads,
-        watch: &watch,
-        devices: &dev_mgr,
-        started,
-    };
-    // Wait for the guest to stop; dump the state on SIGUSR1.
-    // From here the main thread only serves the control loop and stops
-    // the VM.
-    crate::seccomp::apply(crate::seccomp::ThreadKind::Main).map_err(VmError::Seccomp)?;
-    let mut state = Control {
-        vm: &vm,
-        clock: None,
-        cfg,
-        platform: &platform,
-        vcpus: &threads,
-        vcpu_gate: &vcpu_gate,
-        devices: &dev_mgr,
-        paused: false,
-    };
-    let mut dumps = 0u64;
-    let mut fds = vec![exit_wait.as_raw_fd(), signals.as_raw_fd()];
-    if let Some(a) = &api {
-        fds.push(a.wake.as_raw_fd());
+        acpi::create_acpi_tables(
+            &mem,
+            &acpi::AcpiConfig {
+                cpus: cfg.cpus.boot,
+                mmio64,
+            },
+        )?;
+        let entry = boot::load_linux(
+            &mem,
+            mem_size,
+            &cfg.kernel,
+            cfg.initramfs.as_deref(),
+            &cfg.cmdline,
+        )?;
+
+        let exit_evt = EventFd::new(0).map_err(VmError::EventFd)?;
+        let exit_wait = exit_evt.try_clone().map_err(VmError::EventFd)?;
+        let platform = Arc::new(Platform::new(serial, devices, exit_evt));
+
+        vcpu::install_kick_handler()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.cpus.boot {
+            vcpus.push(Vcpu::new(
+                &kvm,
+                &vm,
+                id,
+                cfg.cpus.boot,
+                (id == 0).then_some(entry),
+            )?);
+        }
+        let watch = crate::watchdog::ExitWatch::new(vcpus.len());
+        let devices_arc = platform.devices_arc();
+        Ok(Vm {
+            cfg: cfg.clone(),
+            started,
+            state: VmState::Created,
+            signals,
+            _kvm: kvm,
+            vm,
+            mem: Some(mem),
+            platform,
+            devices: devices_arc,
+            exit_wait,
+            serial_thread,
+            vcpus,
+            threads: Vec::new(),
+            dev_thread: None,
+            watch,
+            stop,
+            vcpu_gate: Arc::new(PauseGate::new()),
+            api: None,
+            clock: None,
+            dumps: 0,
+        })
     }
-    loop {
-        match wait_readable(&fds) {
-            Ok(ready) => {
-                if let Some(a) = api.as_ref().filter(|_| ready.get(2) == Some(&true)) {
-                    let _ = a.wake.read();
-                    while let Ok(m) = a.requests.try_recv() {
-                        let answer = state.handle(&m.request);
-                        let _ = m.reply.send(answer);
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Starts the device thread, the watchdog, the vCPUs, the serial input
+    /// and the API server: the VM runs.
+    pub fn boot(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Created {
+            return Ok(());
+        }
+        self.dev_thread = Some(self.devices.start_thread(self.stop.clone())?);
+        self.watch.spawn(self.stop.clone());
+        for v in std::mem::take(&mut self.vcpus) {
+            let report = Arc::new(vcpu::VcpuReport::default());
+            let handle = v.spawn(
+                self.platform.clone(),
+                self.watch.clone(),
+                report.clone(),
+                self.stop.clone(),
+                self.vcpu_gate.clone(),
+            )?;
+            self.threads.push(VcpuThread { handle, report });
+        }
+        crate::stdin::spawn_serial_input(self.platform.clone(), &self.cfg.serial);
+        self.state = VmState::Running;
+        event_monitor::event("vm", "booted", &[]);
+        if let Some(sock) = &self.cfg.api_socket {
+            self.api = Some(start_api(sock)?);
+        }
+        Ok(())
+    }
+
+    fn dump(&mut self) {
+        self.dumps += 1;
+        let sources = DumpSources {
+            vcpus: &self.threads,
+            watch: &self.watch,
+            devices: &self.devices,
+            started: self.started,
+        };
+        eprint!("{}", dump::collect(self.dumps, &sources));
+    }
+
+    /// The control loop, on the main thread: API requests, the state dump
+    /// on SIGUSR1, until the guest (or a request) stops the VM; then stops
+    /// every thread and returns why the VM stopped.
+    pub fn run(&mut self) -> Result<ExitReason, VmError> {
+        // From here the main thread only serves the control loop and stops
+        // the VM.
+        crate::seccomp::apply(crate::seccomp::ThreadKind::Main).map_err(VmError::Seccomp)?;
+        let mut fds = vec![self.exit_wait.as_raw_fd(), self.signals.as_raw_fd()];
+        if let Some(a) = &self.api {
+            fds.push(a.wake.as_raw_fd());
+        }
+        loop {
+            match wait_readable(&fds) {
+                Ok(ready) => {
+                    if ready.get(2) == Some(&true) {
+                        self.serve_api();
                     }
-                }
-                if ready[1] {
-                    while let Some(sig) = signals.read() {
-                        if sig == libc::SIGUSR1 {
-                            dumps += 1;
-                            eprint!("{}", dump::collect(dumps, &sources));
+                    if ready[1] {
+                        while let Some(sig) = self.signals.read() {
+                            if sig == libc::SIGUSR1 {
+                                self.dump();
+                            }
                         }
                     }
+                    if ready[0] {
+                        break;
+                    }
                 }
-                if ready[0] {
+                Err(e) => {
+                    log::error!("waiting for the VM to stop: {e}");
                     break;
                 }
             }
-            Err(e) => {
-                log::error!("waiting for the VM to stop: {e}");
-                break;
+        }
+        self.shutdown()
+    }
+
+    fn serve_api(&mut self) {
+        let Some(api) = self.api.take() else { return };
+        let _ = api.wake.read();
+        while let Ok(m) = api.requests.try_recv() {
+            let answer = self.handle(&m.request);
+            let _ = m.reply.send(answer);
+        }
+        self.api = Some(api);
+    }
+
+    /// Stops every thread (a paused VM's threads see the stop flag where
+    /// they are parked) and returns why the VM stopped.
+    fn shutdown(&mut self) -> Result<ExitReason, VmError> {
+        self.stop.store(true, Ordering::Release);
+        let handles: Vec<&JoinHandle<()>> = self.threads.iter().map(|t| &t.handle).collect();
+        let stuck = stop_threads(&handles, STOP_LIMIT);
+        if !stuck.is_empty() {
+            self.dump();
+            return Err(VmError::StuckVcpus(stuck));
+        }
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.handle.join();
+        }
+        self.devices.stop_thread();
+        if let Some(t) = self.dev_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.serial_thread.take() {
+            if !t.finish(SERIAL_FLUSH_LIMIT) {
+                log::warn!("the serial output did not take the last console output");
             }
         }
-    }
-    stop.store(true, Ordering::Release);
-    // A paused VM's threads see the stop flag where they are parked.
-    let handles: Vec<&JoinHandle<()>> = threads.iter().map(|t| &t.handle).collect();
-    let stuck = stop_threads(&handles, STOP_LIMIT);
-    if !stuck.is_empty() {
-        eprint!("{}", dump::collect(dumps + 1, &sources));
-        return Err(VmError::StuckVcpus(stuck));
-    }
-    for t in threads {
-        let _ = t.handle.join();
-    }
-    dev_mgr.stop_thread();
-    let _ = dev_thread.join();
-    if let Some(t) = serial_thread.take() {
-        if !t.finish(SERIAL_FLUSH_LIMIT) {
-            log::warn!("the serial output did not take the last console output");
+        self.mem = None;
+        if let Some(ApiSocketConfig::Path(p)) = &self.cfg.api_socket {
+            let _ = std::fs::remove_file(p);
         }
-    }
-    drop(mem);
-    if let Some(ApiSocketConfig::Path(p)) = &cfg.api_socket {
-        let _ = std::fs::remove_file(p);
-    }
-    match platform.exit_reason() {
-        Some(ExitReason::Reset) => event_monitor::event("vm", "reboot", &[]),
-        Some(ExitReason::Error(ref e)) => {
-            event_monitor::event("vm", "error", &[("reason", e.clone())])
+        self.state = VmState::Shutdown;
+        let reason = self.platform.exit_reason();
+        match &reason {
+            Some(ExitReason::Reset) => event_monitor::event("vm", "reboot", &[]),
+            Some(ExitReason::Error(e)) => {
+                event_monitor::event("vm", "error", &[("reason", e.clone())])
+            }
+            _ => event_monitor::event("vm", "shutdown", &[]),
         }
-        _ => event_monitor::event("vm", "shutdown", &[]),
-    }
-    match platform.exit_reason() {
-        Some(ExitReason::Error(e)) => Err(VmError::Guest(e)),
-        Some(r) => Ok(r),
-        None => Ok(ExitReason::PowerOff),
+        match reason {
+            Some(ExitReason::Error(e)) => Err(VmError::Guest(e)),
+            Some(r) => Ok(r),
+            None => Ok(ExitReason::PowerOff),
+        }
     }
 }
 
@@ -482,21 +589,7 @@ fn start_api(sock: &ApiSocketConfig) -> Result<ApiEnd, VmError> {
     Ok(ApiEnd { requests, wake })
 }
 
-/// What API requests act on: the running VM's parts.
-struct Control<'a> {
-    vm: &'a VmFd,
-    /// The guest's kvmclock when it was paused, given back on resume so
-    /// that the guest's clock does not count the pause.
-    clock: Option<kvm_bindings::kvm_clock_data>,
-    cfg: &'a VmConfig,
-    platform: &'a Arc<Platform>,
-    vcpus: &'a [VcpuThread],
-    vcpu_gate: &'a Arc<PauseGate>,
-    devices: &'a Arc<DeviceManager>,
-    paused: bool,
-}
-
-impl Control<'_> {
+impl Vm {
     /// Carries out one API request.
     fn handle(&mut self, req: &ApiRequest) -> (ApiResult, AfterResponse) {
         let exit_after = |reason: ExitReason| -> AfterResponse {
@@ -525,7 +618,7 @@ impl Control<'_> {
             ApiRequest::VmInfo => (
                 Ok(ApiReply::Json(serde_json::json!({
                     "config": self.cfg.to_json(),
-                    "state": if self.paused { "Paused" } else { "Running" },
+                    "state": self.state.name(),
                     "memory_actual_size": self.cfg.memory.size,
                 }))),
                 None,
@@ -567,14 +660,17 @@ impl Control<'_> {
     /// flight completed, the device thread parked. From then on nothing
     /// writes guest memory or sends an interrupt until resume.
     fn pause(&mut self) -> ApiResult {
-        if self.paused {
-            return Err(ApiError::new(405, "the VM is already paused"));
+        if self.state != VmState::Running {
+            return Err(ApiError::new(
+                405,
+                format!("the VM is {}, not running", self.state.name()),
+            ));
         }
         self.vcpu_gate.close();
-        let handles: Vec<&JoinHandle<()>> = self.vcpus.iter().map(|t| &t.handle).collect();
+        let handles: Vec<&JoinHandle<()>> = self.threads.iter().map(|t| &t.handle).collect();
         let parked = self
             .vcpu_gate
-            .wait_parked(self.vcpus.len(), STOP_LIMIT, || {
+            .wait_parked(self.threads.len(), STOP_LIMIT, || {
                 for h in &handles {
                     let _ = h.kill(vcpu::kick_signal());
                 }
@@ -586,7 +682,7 @@ impl Control<'_> {
                 format!(
                     "{} of {} vCPUs parked within {} s (one is blocked in an exit handler: see SIGUSR1's dump); the VM goes on",
                     self.vcpu_gate.parked(),
-                    self.vcpus.len(),
+                    self.threads.len(),
                     STOP_LIMIT.as_secs()
                 ),
             ));
@@ -608,7 +704,7 @@ impl Control<'_> {
                 None
             }
         };
-        self.paused = true;
+        self.state = VmState::Paused;
         event_monitor::event("vm", "paused", &[]);
         log::info!("VM paused");
         Ok(ApiReply::Done)
@@ -616,8 +712,11 @@ impl Control<'_> {
 
     /// Devices first (they serve what waited), then the vCPUs.
     fn resume(&mut self) -> ApiResult {
-        if !self.paused {
-            return Err(ApiError::new(405, "the VM is not paused"));
+        if self.state != VmState::Paused {
+            return Err(ApiError::new(
+                405,
+                format!("the VM is {}, not paused", self.state.name()),
+            ));
         }
         if let Some(mut c) = self.clock.take() {
             // Only the clock value: KVM refuses flags it did not set.
@@ -628,7 +727,7 @@ impl Control<'_> {
         }
         self.devices.resume();
         self.vcpu_gate.open();
-        self.paused = false;
+        self.state = VmState::Running;
         event_monitor::event("vm", "resumed", &[]);
         log::info!("VM resumed");
         Ok(ApiReply::Done)
