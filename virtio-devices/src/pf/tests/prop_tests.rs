@@ -234,7 +234,9 @@ impl Model {
                 }
                 let (bytes, done) = match m.wstream.take() {
                     Some(w) => w,
-                    None if data.starts_with(&[0xff; 4]) => return err(s::EINVAL, q::INVALID_FIELD),
+                    None if data.starts_with(&[0xff; 4]) => {
+                        return err(s::EINVAL, q::INVALID_FIELD)
+                    }
                     None => (stream_for(arg), 0),
                 };
                 let done = done + data.len();
