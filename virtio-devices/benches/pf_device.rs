@@ -16,39 +16,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use pci::bus::ecam_offset;
-use pci::{
-    BarRange, Bdf, FunctionChange, InterruptManager, InterruptSourceGroup, PciBus, PciDevice,
-};
+use pci::{BarRange, Bdf, FunctionChange, PciBus, PciDevice};
 use virtio_devices::pf::admin::{opcode, GROUP_TYPE_SRIOV, SUPPORTED_OPCODES};
 use virtio_devices::pf::device::{PfConfig, VirtioPf, VF_BAR0_SIZE};
 use virtio_devices::pf::{AdminCommand, Execution, MemberDevice};
-use virtio_devices::test_driver::{Layout, Seg, TestDriver};
+use virtio_devices::test_driver::{Layout, NoInterrupts, Seg, TestDriver};
 
 const PF_BDF: Bdf = Bdf::new(0, 4, 0);
 const PF_BAR0: u64 = 0xe000_0000;
 const VF_BAR0: u64 = 0xe100_0000;
 const MEM_LEN: usize = 64 << 20;
 const DISK_LEN: usize = 16 << 20;
-
-struct Irqs;
-
-impl InterruptManager for Irqs {
-    fn create_group(&self, _: Bdf, _: u16) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
-        Ok(Arc::new(NoInterrupts))
-    }
-}
-
-/// Interrupts that go nowhere (a recorder would grow without bound).
-struct NoInterrupts;
-
-impl InterruptSourceGroup for NoInterrupts {
-    fn trigger(&self, _: u16) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn update(&self, _: u16, _: pci::MsiMessage, _: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 struct OnBus<'a>(&'a PciBus, Bdf);
 
@@ -122,7 +100,7 @@ fn setup(vfs: u16) -> Setup {
         false,
     )
     .unwrap();
-    let pf = VirtioPf::new(cfg, t.mem_atomic(), Arc::new(Irqs)).unwrap();
+    let pf = VirtioPf::new(cfg, t.mem_atomic(), Arc::new(NoInterrupts)).unwrap();
     let bus = PciBus::new();
     bus.add_function(PF_BDF, pf.clone()).unwrap();
     let mut p = OnBus(&bus, PF_BDF);

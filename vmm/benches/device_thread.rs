@@ -21,12 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pci::bus::ecam_offset;
-use pci::{
-    BarRange, Bdf, FunctionChange, InterruptManager, InterruptSourceGroup, MsiMessage, PciDevice,
-};
+use pci::{BarRange, Bdf, FunctionChange, PciDevice};
 use virtio_devices::pf::admin::{opcode, GROUP_TYPE_SRIOV, SUPPORTED_OPCODES};
 use virtio_devices::pf::device::{PfConfig, VirtioPf, SRIOV_CAP_OFFSET};
-use virtio_devices::test_driver::{Layout, Seg, TestDriver};
+use virtio_devices::test_driver::{Layout, NoInterrupts, Seg, TestDriver};
 use vmm::device_manager::{DeviceManager, IoEvents};
 use vmm::firmware::BarAllocator;
 use vmm_sys_util::eventfd::EventFd;
@@ -46,21 +44,6 @@ impl IoEvents for NoIoEvents {
     }
     fn unregister(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-struct NoIrq;
-impl InterruptSourceGroup for NoIrq {
-    fn trigger(&self, _: u16) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn update(&self, _: u16, _: MsiMessage, _: bool) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-impl InterruptManager for NoIrq {
-    fn create_group(&self, _: Bdf, _: u16) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
-        Ok(Arc::new(NoIrq))
     }
 }
 
@@ -264,7 +247,7 @@ fn machine() -> (Machine, PfDriver, VfDriver, VfDriver) {
         false,
     )
     .unwrap();
-    let pf = VirtioPf::new(cfg, root.mem_atomic(), Arc::new(NoIrq)).unwrap();
+    let pf = VirtioPf::new(cfg, root.mem_atomic(), Arc::new(NoInterrupts)).unwrap();
     let alloc = BarAllocator::new((0xc000_0000, 0x1000_0000), (1 << 40, 1 << 36)).unwrap();
     let dm = Arc::new(DeviceManager::new(Arc::new(NoIoEvents), alloc).unwrap());
     dm.add_function(PF_BDF, pf).unwrap();

@@ -233,80 +233,44 @@ impl DiskConfig {
     }
 }
 
-/// `--api-socket path=<file>|fd=<n>` (a bare value is a path).
+/// An option naming a file or a descriptor the VMM inherits:
+/// `path=<file>` (or just the path) or `fd=<n>` (`--api-socket`,
+/// `--event-monitor`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApiSocketConfig {
+pub enum PathOrFd {
     Path(PathBuf),
-    /// A listening Unix socket the VMM inherited.
     Fd(i32),
 }
 
-impl ApiSocketConfig {
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--api-socket", s, &["path", "fd"], Some("path"))?;
+/// `--api-socket`: a socket path, or a listening Unix socket inherited.
+pub type ApiSocketConfig = PathOrFd;
+/// `--event-monitor`: a file, or a descriptor inherited.
+pub type EventMonitorConfig = PathOrFd;
+
+impl PathOrFd {
+    pub fn parse(option: &'static str, s: &str) -> Result<Self, ConfigError> {
+        let p = OptionParser::parse(option, s, &["path", "fd"], Some("path"))?;
         match (p.get("path"), p.get("fd")) {
-            (Some(path), None) if !path.is_empty() => {
-                Ok(ApiSocketConfig::Path(PathBuf::from(path)))
-            }
+            (Some(path), None) if !path.is_empty() => Ok(PathOrFd::Path(PathBuf::from(path))),
             (None, Some(_)) => {
                 let fd = p.number("fd", 0)?;
-                if fd > i32::MAX as u64 {
-                    return Err(ConfigError::InvalidValue {
-                        option: "--api-socket",
+                i32::try_from(fd)
+                    .map(PathOrFd::Fd)
+                    .map_err(|_| ConfigError::InvalidValue {
+                        option,
                         key: "fd",
                         value: fd.to_string(),
                         reason: "not a file descriptor".into(),
-                    });
-                }
-                Ok(ApiSocketConfig::Fd(fd as i32))
+                    })
             }
             (Some(_), Some(_)) => Err(ConfigError::InvalidValue {
-                option: "--api-socket",
+                option,
                 key: "path",
                 value: s.to_string(),
                 reason: "give path or fd, not both".into(),
             }),
             _ => Err(ConfigError::MissingKey {
-                option: "--api-socket",
-                key: "path",
-            }),
-        }
-    }
-}
-
-/// `--event-monitor path=<file>|fd=<n>` (a bare value is a path).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EventMonitorConfig {
-    Path(PathBuf),
-    Fd(i32),
-}
-
-impl EventMonitorConfig {
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--event-monitor", s, &["path", "fd"], Some("path"))?;
-        match (p.get("path"), p.get("fd")) {
-            (Some(path), None) if !path.is_empty() => {
-                Ok(EventMonitorConfig::Path(PathBuf::from(path)))
-            }
-            (None, Some(_)) => {
-                let fd = p.number("fd", 0)?;
-                i32::try_from(fd).map(EventMonitorConfig::Fd).map_err(|_| {
-                    ConfigError::InvalidValue {
-                        option: "--event-monitor",
-                        key: "fd",
-                        value: fd.to_string(),
-                        reason: "not a file descriptor".into(),
-                    }
-                })
-            }
-            (Some(_), Some(_)) => Err(ConfigError::InvalidValue {
-                option: "--event-monitor",
-                key: "path",
-                value: s.to_string(),
-                reason: "give path or fd, not both".into(),
-            }),
-            _ => Err(ConfigError::MissingKey {
-                option: "--event-monitor",
+                option,
                 key: "path",
             }),
         }
@@ -518,28 +482,27 @@ mod api_socket_tests {
     #[test]
     fn api_socket_takes_a_path_or_an_fd() {
         assert_eq!(
-            ApiSocketConfig::parse("/run/ch.sock").unwrap(),
-            ApiSocketConfig::Path("/run/ch.sock".into())
+            PathOrFd::parse("--api-socket", "/run/ch.sock").unwrap(),
+            PathOrFd::Path("/run/ch.sock".into())
         );
         assert_eq!(
-            ApiSocketConfig::parse("path=/run/ch.sock").unwrap(),
-            ApiSocketConfig::Path("/run/ch.sock".into())
+            PathOrFd::parse("--api-socket", "path=/run/ch.sock").unwrap(),
+            PathOrFd::Path("/run/ch.sock".into())
         );
         assert_eq!(
-            ApiSocketConfig::parse("fd=3").unwrap(),
-            ApiSocketConfig::Fd(3)
+            PathOrFd::parse("--api-socket", "fd=3").unwrap(),
+            PathOrFd::Fd(3)
         );
         for bad in ["", "fd=x", "path=/a,fd=3", "fd=99999999999", "port=1"] {
-            assert!(ApiSocketConfig::parse(bad).is_err(), "{bad:?}");
-            assert!(EventMonitorConfig::parse(bad).is_err(), "{bad:?}");
+            assert!(PathOrFd::parse("--api-socket", bad).is_err(), "{bad:?}");
         }
         assert_eq!(
-            EventMonitorConfig::parse("path=/tmp/ev").unwrap(),
-            EventMonitorConfig::Path("/tmp/ev".into())
+            PathOrFd::parse("--event-monitor", "path=/tmp/ev").unwrap(),
+            PathOrFd::Path("/tmp/ev".into())
         );
         assert_eq!(
-            EventMonitorConfig::parse("fd=4").unwrap(),
-            EventMonitorConfig::Fd(4)
+            PathOrFd::parse("--event-monitor", "fd=4").unwrap(),
+            PathOrFd::Fd(4)
         );
     }
 }

@@ -138,6 +138,23 @@ impl ThreadActivity {
 /// function as busy.
 const DUMP_LOCK_WAIT: Duration = Duration::from_millis(300);
 
+/// `f` on the function, unless its lock stays taken for [`DUMP_LOCK_WAIT`]
+/// (the dump and `vm.counters` must not wait on a function stuck in a
+/// handler).
+fn with_lock_or_busy<R>(dev: &SharedPciDevice, f: impl Fn(&dyn pci::PciDevice) -> R) -> Option<R> {
+    let deadline = Instant::now() + DUMP_LOCK_WAIT;
+    loop {
+        match dev.try_lock() {
+            Ok(d) => return Some(f(&*d)),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(f(&*p.into_inner())),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
 /// epoll token of the stop event.
 const STOP_TOKEN: u64 = u64::MAX;
 /// epoll token of the pause event.
@@ -306,19 +323,7 @@ impl DeviceManager {
     pub fn counters(&self) -> std::collections::BTreeMap<String, Vec<(&'static str, u64)>> {
         let mut out = std::collections::BTreeMap::new();
         for (bdf, dev) in self.bus.functions() {
-            let deadline = Instant::now() + DUMP_LOCK_WAIT;
-            let c = loop {
-                match dev.try_lock() {
-                    Ok(d) => break Some(d.counters()),
-                    Err(std::sync::TryLockError::Poisoned(p)) => {
-                        break Some(p.into_inner().counters())
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => break None,
-                }
-            };
+            let c = with_lock_or_busy(&dev, |d| d.counters());
             if let Some(c) = c.filter(|c| !c.is_empty()) {
                 out.insert(bdf.to_string(), c);
             }
@@ -334,24 +339,12 @@ impl DeviceManager {
         let registered = lock(&self.doorbells).by_token.len();
         out.push_str(&format!("\ndoorbells registered: {registered}"));
         for (bdf, dev) in self.bus.functions() {
-            let deadline = Instant::now() + DUMP_LOCK_WAIT;
-            let text = loop {
-                match dev.try_lock() {
-                    Ok(d) => break d.debug_state(),
-                    Err(std::sync::TryLockError::Poisoned(p)) => {
-                        break p.into_inner().debug_state()
-                    }
-                    Err(std::sync::TryLockError::WouldBlock) => {
-                        if Instant::now() >= deadline {
-                            break format!(
-                                "BUSY: its lock has been held for over {} ms",
-                                DUMP_LOCK_WAIT.as_millis()
-                            );
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
-            };
+            let text = with_lock_or_busy(&dev, |d| d.debug_state()).unwrap_or_else(|| {
+                format!(
+                    "BUSY: its lock has been held for over {} ms",
+                    DUMP_LOCK_WAIT.as_millis()
+                )
+            });
             for (i, line) in text.lines().enumerate() {
                 if i == 0 {
                     out.push_str(&format!("\n{bdf}: {line}"));
@@ -467,10 +460,10 @@ mod tests {
     use std::path::PathBuf;
 
     use pci::bus::ecam_offset;
-    use pci::{BarRange, Doorbell, FunctionChange, InterruptManager, InterruptSourceGroup};
-    use pci::{MsiMessage, PciDevice};
+    use pci::{BarRange, Doorbell, FunctionChange, PciDevice};
     use virtio_devices::block::{Block, BlockConfig};
     use virtio_devices::pf::device::{PfConfig, VirtioPf, SRIOV_CAP_OFFSET};
+    use virtio_devices::test_driver::NoInterrupts;
     use virtio_devices::transport::{VirtioPciDevice, VirtioPciOptions};
     use vm_memory::{GuestAddress, GuestMemoryAtomic};
     use vm_migration::GuestMemoryMmap;
@@ -509,21 +502,6 @@ mod tests {
         }
     }
 
-    struct NoIrq;
-    impl InterruptSourceGroup for NoIrq {
-        fn trigger(&self, _: u16) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn update(&self, _: u16, _: MsiMessage, _: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl InterruptManager for NoIrq {
-        fn create_group(&self, _: Bdf, _: u16) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
-            Ok(Arc::new(NoIrq))
-        }
-    }
-
     struct Dir(PathBuf);
     impl Dir {
         fn new(name: &str) -> Dir {
@@ -559,8 +537,13 @@ mod tests {
 
     fn block_fn(dir: &Dir, name: &str) -> SharedPciDevice {
         let block = Block::new(&BlockConfig::new(dir.file(name, 1 << 16))).unwrap();
-        let dev = VirtioPciDevice::new(block, mem(), Arc::new(NoIrq), VirtioPciOptions::default())
-            .unwrap();
+        let dev = VirtioPciDevice::new(
+            block,
+            mem(),
+            Arc::new(NoInterrupts),
+            VirtioPciOptions::default(),
+        )
+        .unwrap();
         Arc::new(Mutex::new(dev))
     }
 
@@ -626,7 +609,7 @@ mod tests {
             false,
         )
         .unwrap();
-        let pf = VirtioPf::new(cfg, mem(), Arc::new(NoIrq)).unwrap();
+        let pf = VirtioPf::new(cfg, mem(), Arc::new(NoInterrupts)).unwrap();
         dm.add_function(bdf, pf).unwrap();
         let pf_only = rec.addresses().len();
         let entries_pf = lock(&dm.doorbells).by_token.len();
@@ -846,7 +829,7 @@ mod tests {
         let dev = VirtioPciDevice::new(
             block,
             t.mem_atomic(),
-            Arc::new(NoIrq),
+            Arc::new(NoInterrupts),
             VirtioPciOptions::default(),
         )
         .unwrap();
@@ -920,7 +903,7 @@ mod tests {
             false,
         )
         .unwrap();
-        let pf = VirtioPf::new(cfg, mem(), Arc::new(NoIrq)).unwrap();
+        let pf = VirtioPf::new(cfg, mem(), Arc::new(NoInterrupts)).unwrap();
         dm.add_function(bdf, pf.clone()).unwrap();
         cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x10, &3u16.to_le_bytes());
         cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x08, &0x9u16.to_le_bytes());

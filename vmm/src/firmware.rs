@@ -150,27 +150,13 @@ pub fn assign_bars(d: &mut dyn PciDevice, alloc: &mut BarAllocator) -> Result<()
 mod tests {
     use std::sync::Arc;
 
-    use pci::{Bdf, InterruptManager, InterruptSourceGroup, MsiMessage};
+    use pci::Bdf;
     use virtio_devices::pf::device::{PfConfig, VirtioPf, SRIOV_CAP_OFFSET, VF_BAR0_SIZE};
+    use virtio_devices::test_driver::NoInterrupts;
     use vm_memory::{GuestAddress, GuestMemoryAtomic};
     use vm_migration::GuestMemoryMmap;
 
     use super::*;
-
-    struct NoIrq;
-    impl InterruptSourceGroup for NoIrq {
-        fn trigger(&self, _: u16) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn update(&self, _: u16, _: MsiMessage, _: bool) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl InterruptManager for NoIrq {
-        fn create_group(&self, _: Bdf, _: u16) -> std::io::Result<Arc<dyn InterruptSourceGroup>> {
-            Ok(Arc::new(NoIrq))
-        }
-    }
 
     /// A PF whose VF count is not a power of two gets its VF BAR block
     /// (count x per-VF size) aligned to the per-VF size: every VF's BAR0
@@ -195,7 +181,7 @@ mod tests {
             let mem = GuestMemoryAtomic::new(
                 GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
             );
-            let pf = VirtioPf::new(cfg, mem, Arc::new(NoIrq)).unwrap();
+            let pf = VirtioPf::new(cfg, mem, Arc::new(NoInterrupts)).unwrap();
             let mut p = pf.lock().unwrap();
             assign_bars(&mut *p, &mut alloc).unwrap_or_else(|e| panic!("total_vfs={total}: {e}"));
             let lo = read32(&mut *p, SRIOV_CAP_OFFSET + 0x24) & !0xf;

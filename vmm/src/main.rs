@@ -9,8 +9,8 @@ use clap::Parser;
 use vmm::{vm, wiring};
 
 use vmm::config::{
-    ApiSocketConfig, ConfigError, CpusConfig, DeviceConfig, DiskConfig, EventMonitorConfig,
-    MemoryConfig, OutputConfig,
+    ConfigError, CpusConfig, DeviceConfig, DiskConfig, EventMonitorConfig, MemoryConfig,
+    OutputConfig, PathOrFd,
 };
 
 /// Command line, in Cloud Hypervisor's syntax.
@@ -178,7 +178,7 @@ fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
         api_socket: cli
             .api_socket
             .as_deref()
-            .map(ApiSocketConfig::parse)
+            .map(|s| PathOrFd::parse("--api-socket", s))
             .transpose()?,
     })
 }
@@ -275,7 +275,7 @@ fn main() -> ExitCode {
                 });
             }
             if let Some(m) = &cli.event_monitor {
-                start_event_monitor(&EventMonitorConfig::parse(m)?)?;
+                start_event_monitor(&PathOrFd::parse("--event-monitor", m)?)?;
             }
             Ok(cfg)
         })

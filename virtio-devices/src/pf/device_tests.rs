@@ -474,6 +474,15 @@ impl Rig {
         Self::build(name, total, Files::PerVf, Some(f))
     }
 
+    /// [`Rig::with_disks`], PF probed and up, every VF enabled.
+    pub(crate) fn up_with_disks(name: &str, disks: &[Arc<TestDisk>]) -> Rig {
+        let mut r = Self::with_disks(name, disks);
+        r.probe_pf();
+        r.bring_up_pf();
+        r.enable_vfs(u16::try_from(disks.len()).unwrap_or(u16::MAX));
+        r
+    }
+
     fn build(name: &str, total: u16, files: Files, backend: Option<VfBackendFn>) -> Rig {
         let dir = TempDir::new(name);
         std::fs::write(dir.0.join("pf.img"), vec![0u8; DISK_LEN]).unwrap();
@@ -660,6 +669,11 @@ impl Rig {
     pub(crate) fn file(&self, n: u16, files: Files) -> Vec<u8> {
         std::fs::read(vf_file(&self.dir.0, files, n)).unwrap()
     }
+}
+
+/// `n` test disks of [`DISK_LEN`] bytes, for [`Rig::with_disks`].
+pub(crate) fn test_disks(n: usize) -> Vec<Arc<TestDisk>> {
+    (0..n).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect()
 }
 
 pub(crate) fn records_start(page_size: u64, ranges: &[(u64, u64)]) -> Vec<u8> {
@@ -2049,11 +2063,8 @@ pub(crate) fn ring(r: &Rig, bdf: Bdf, index: u16) {
 /// progress event completes the Stop.
 #[test]
 fn r_mode_3_stop_waits_for_a_real_vf_request_on_its_disk() {
-    let disks: Vec<Arc<TestDisk>> = (0..2).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
-    let mut r = Rig::with_disks("stop-waits", &disks);
-    r.probe_pf();
-    r.bring_up_pf();
-    r.enable_vfs(2);
+    let disks = test_disks(2);
+    let mut r = Rig::up_with_disks("stop-waits", &disks);
     r.bring_up_vf(1);
     let vf1 = r.vf_bdf(1);
     disks[0].set_open(false);
@@ -2129,11 +2140,8 @@ fn r_mode_3_stop_waits_for_a_real_vf_request_on_its_disk() {
 /// every request of VF 1 completes exactly once.
 #[test]
 fn a_vf_stuck_on_its_disk_holds_up_nobody_else() {
-    let disks: Vec<Arc<TestDisk>> = (0..2).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
-    let mut r = Rig::with_disks("flood", &disks);
-    r.probe_pf();
-    r.bring_up_pf();
-    r.enable_vfs(2);
+    let disks = test_disks(2);
+    let mut r = Rig::up_with_disks("flood", &disks);
     r.bring_up_vf(1);
     let vf1 = r.vf_bdf(1);
     disks[0].set_open(false);
@@ -2220,11 +2228,8 @@ pub(crate) fn f_drain(r: &Rig, bdf: Bdf) {
 /// only.
 #[test]
 fn disk_errors_reach_the_guest_as_ioerr_and_nothing_else_breaks() {
-    let disks: Vec<Arc<TestDisk>> = (0..2).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
-    let mut r = Rig::with_disks("faults", &disks);
-    r.probe_pf();
-    r.bring_up_pf();
-    r.enable_vfs(2);
+    let disks = test_disks(2);
+    let mut r = Rig::up_with_disks("faults", &disks);
     r.bring_up_vf(1);
     let data = pattern(1, 512);
     let (_, u) = r.request(1, &write_req(0, &data));
@@ -2265,11 +2270,8 @@ fn disk_errors_reach_the_guest_as_ioerr_and_nothing_else_breaks() {
 /// them, and the queue starts clean.
 #[test]
 fn reset_with_requests_in_flight_waits_and_drops_their_completions() {
-    let disks: Vec<Arc<TestDisk>> = (0..1).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect();
-    let mut r = Rig::with_disks("reset-inflight", &disks);
-    r.probe_pf();
-    r.bring_up_pf();
-    r.enable_vfs(1);
+    let disks = test_disks(1);
+    let mut r = Rig::up_with_disks("reset-inflight", &disks);
     r.bring_up_vf(1);
     let vf1 = r.vf_bdf(1);
     disks[0].set_open(false);

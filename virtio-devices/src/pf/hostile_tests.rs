@@ -15,7 +15,6 @@ use super::device::{MEMBER_PROGRESS_EVENT, VF_BAR0_SIZE};
 use super::device_tests::*;
 use super::migration::Mode;
 use crate::block::VIRTIO_BLK_S_OK;
-use crate::test_disk::TestDisk;
 use crate::test_driver::{Layout, TestDriver};
 use crate::transport::COMPLETION_EVENT;
 
@@ -36,10 +35,6 @@ fn admin_done(r: &mut Rig) -> Vec<u16> {
         v.push(h);
     }
     v
-}
-
-fn disks(n: usize) -> Vec<Arc<TestDisk>> {
-    (0..n).map(|_| Arc::new(TestDisk::new(DISK_LEN))).collect()
 }
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -114,11 +109,8 @@ fn clearing_vf_enable_with_admin_commands_queued() {
 /// for a member that no longer exists, and the PF and new VFs work.
 #[test]
 fn clearing_vf_enable_while_a_stop_waits_on_the_disk() {
-    let disks = disks(2);
-    let mut r = Rig::with_disks("vfe-deferred", &disks);
-    r.probe_pf();
-    r.bring_up_pf();
-    r.enable_vfs(2);
+    let disks = test_disks(2);
+    let mut r = Rig::up_with_disks("vfe-deferred", &disks);
     r.bring_up_vf(1);
     let vf1 = r.vf_bdf(1);
     disks[0].set_open(false);
@@ -174,11 +166,8 @@ fn clearing_vf_enable_while_a_stop_waits_on_the_disk() {
 /// working. After the storm VF 1 works and its member is still Active.
 #[test]
 fn flr_and_reset_storm_on_a_vf_under_load() {
-    let disks = disks(2);
-    let mut r = Rig::with_disks("storm", &disks);
-    r.probe_pf();
-    r.bring_up_pf();
-    r.enable_vfs(2);
+    let disks = test_disks(2);
+    let mut r = Rig::up_with_disks("storm", &disks);
     let (vf1, vf2) = (r.vf_bdf(1), r.vf_bdf(2));
     let mut t2 = r.t.split(8 << 20).unwrap();
     {
@@ -301,11 +290,8 @@ fn a_hundred_vf_enable_cycles_with_64_vfs() {
 /// discards the half-read stream and brings both back to Active.
 #[test]
 fn an_owner_that_dies_mid_migration_leaves_everything_recoverable() {
-    let disks = disks(2);
-    let mut r = Rig::with_disks("owner-dies", &disks);
-    r.probe_pf();
-    r.bring_up_pf();
-    r.enable_vfs(2);
+    let disks = test_disks(2);
+    let mut r = Rig::up_with_disks("owner-dies", &disks);
     r.bring_up_vf(1);
     let vf1 = r.vf_bdf(1);
     r.start_records_all(1);
