@@ -40,7 +40,7 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 GUEST_DIR="${GUEST_DIR:-$REPO_ROOT/build/guest}"
-INNER_MODULES="${INNER_MODULES:-virtio_blk pci-pf-stub}"
+INNER_MODULES="${INNER_MODULES:-virtio_blk pci-pf-stub button evdev}"
 OUTER_MODULES="${OUTER_MODULES:-kvm kvm-amd virtio_blk}"
 KERNEL_PACKAGE="${KERNEL_PACKAGE:-}"
 FORCE=0
@@ -320,6 +320,8 @@ exit 1
 #   /scenario.args        VMM arguments, one per line
 #   /vmm/cloud-hypervisor the VMM (libraries in /lib, /lib64)
 #   /vmm/ch-remote        with /scenario.during: run beside the VMM
+#   /scenario.launcher    a tool in /vmm that starts the VMM, and its
+#                         arguments (one per line; the VMM and its own follow)
 OUTER_INIT="$INIT_PROLOGUE"'
 fail() { echo "@@CH-TEST:OUTER-ERROR=$*@@"; sync; poweroff -f; sleep 5; exit 1; }
 echo "@@CH-TEST:OUTER-INIT@@"
@@ -346,12 +348,18 @@ if [ -f /scenario.selfcheck ]; then
 fi
 if [ -x /vmm/cloud-hypervisor ]; then
     set --
+    # A launcher (Scenario::launcher: its path and arguments, one per line)
+    # starts the VMM; it ends by executing it, so $! is the pid of the VMM.
+    if [ -f /scenario.launcher ]; then
+        while IFS= read -r a; do set -- "$@" "$a"; done </scenario.launcher
+    fi
+    set -- "$@" /vmm/cloud-hypervisor
     if [ -f /scenario.args ]; then
         while IFS= read -r a; do set -- "$@" "$a"; done </scenario.args
     fi
     cd /scenario
     echo "@@CH-TEST:VMM-START@@"
-    /vmm/cloud-hypervisor "$@" </dev/null &
+    "$@" </dev/null &
     vmm=$!
     # A script beside the VMM (the API tests): ch-remote on its PATH.
     during=""

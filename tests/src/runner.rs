@@ -262,18 +262,27 @@ impl Runner {
 
     fn run_direct(&self, scenario: &Scenario, dir: &Path, watch: Watch) -> Result<RunOutput> {
         let _mounts = FullDiskMounts::setup(scenario, dir)?;
-        let mut cmd = Command::new(&self.vmm);
+        let tools = dir.join(".tools");
+        if !scenario.tools.is_empty() {
+            std::fs::create_dir_all(&tools).map_err(|e| Error::io("creating", &tools, e))?;
+            for (name, bin) in &scenario.tools {
+                let to = tools.join(name);
+                std::fs::copy(bin, &to).map_err(|e| Error::io("copying tool", &to, e))?;
+            }
+        }
+        let mut cmd = match &scenario.launcher {
+            Some((l, args)) => {
+                let mut c = Command::new(tools.join(l));
+                c.args(args).arg(&self.vmm);
+                c
+            }
+            None => Command::new(&self.vmm),
+        };
         cmd.args(scenario.full_args()).current_dir(dir);
         let companion = match &scenario.during {
             Some(script) => {
                 let remote = host::ch_remote_binary(&self.vmm)?;
                 let bin_dir = remote.parent().unwrap_or(Path::new(".")).to_path_buf();
-                let tools = dir.join(".tools");
-                std::fs::create_dir_all(&tools).map_err(|e| Error::io("creating", &tools, e))?;
-                for (name, bin) in &scenario.tools {
-                    let to = tools.join(name);
-                    std::fs::copy(bin, &to).map_err(|e| Error::io("copying tool", &to, e))?;
-                }
                 let path = std::env::var_os("PATH").unwrap_or_default();
                 let mut paths = vec![bin_dir, tools];
                 paths.extend(std::env::split_paths(&path));
@@ -385,13 +394,21 @@ impl Runner {
                 cpio.file(&rel, 0o755, &read(&lib)?);
             }
             cpio.file("scenario.during", 0o755, during.as_bytes());
-            for (name, bin) in &scenario.tools {
-                cpio.file(&format!("vmm/{name}"), 0o755, &vmm_bytes(bin, &xfer)?);
-                for lib in host::shared_libraries(bin) {
-                    let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
-                    cpio.file(&rel, 0o755, &read(&lib)?);
-                }
+        }
+        for (name, bin) in &scenario.tools {
+            cpio.file(&format!("vmm/{name}"), 0o755, &vmm_bytes(bin, &xfer)?);
+            for lib in host::shared_libraries(bin) {
+                let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+                cpio.file(&rel, 0o755, &read(&lib)?);
             }
+        }
+        if let Some((l, args)) = &scenario.launcher {
+            let mut lines = format!("/vmm/{l}\n");
+            for a in args {
+                lines.push_str(a);
+                lines.push('\n');
+            }
+            cpio.file("scenario.launcher", 0o644, lines.as_bytes());
         }
 
         // One outer disk per scenario file.

@@ -59,6 +59,9 @@ pub struct Scenario {
     pub during: Option<String>,
     /// Host programs on that script's PATH: (name, binary).
     pub tools: Vec<(String, PathBuf)>,
+    /// A tool the VMM is started through, and its arguments (see
+    /// [`Scenario::launcher`]).
+    pub launcher: Option<(String, Vec<String>)>,
 }
 
 /// A sparse disk file of `capacity` bytes alone on a tmpfs of `room` bytes,
@@ -119,6 +122,7 @@ impl Scenario {
             full_disks: Vec::new(),
             during: None,
             tools: Vec::new(),
+            launcher: None,
         }
     }
 
@@ -216,6 +220,17 @@ impl Scenario {
         self
     }
 
+    /// Starts the VMM through the tool `name` ([`Scenario::tool`]): it runs
+    /// as `name ARGS... VMM VMM-ARGS...` in the VMM's working directory,
+    /// and is to end by executing the VMM (so that the VMM keeps its
+    /// process), e.g. after opening descriptors the VMM inherits (`fd=`
+    /// options).
+    pub fn launcher(mut self, name: &str, args: &[&str]) -> Self {
+        let args = args.iter().map(|a| a.to_string()).collect();
+        self.launcher = Some((name.to_string(), args));
+        self
+    }
+
     /// A script the OUTER host VM runs (nested mode only) after loading KVM
     /// and before starting the VMM: for checking the runner itself.
     pub fn outer_script(mut self, script: &str) -> Self {
@@ -249,10 +264,20 @@ impl Scenario {
                 return Err(bad(format!("bad file name {name:?}")));
             }
         }
-        if !self.tools.is_empty() && self.during.is_none() {
+        if !self.tools.is_empty() && self.during.is_none() && self.launcher.is_none() {
             return Err(bad(
-                "tools are for the script beside the VMM (Scenario::during)".into(),
+                "tools are for the script beside the VMM (Scenario::during) or a launcher".into(),
             ));
+        }
+        if let Some((l, args)) = &self.launcher {
+            if !self.tools.iter().any(|(n, _)| n == l) {
+                return Err(bad(format!(
+                    "the launcher {l:?} is not a tool of the scenario"
+                )));
+            }
+            if args.iter().any(|a| a.contains('\n')) {
+                return Err(bad("launcher arguments cannot contain newlines".into()));
+            }
         }
         for d in &self.full_disks {
             let parts: Vec<&str> = d.name.split('/').collect();

@@ -246,3 +246,215 @@ fn pause_stops_the_guest_and_resume_carries_on_where_it_was() {
     let want: Vec<u64> = (0..numbers.len() as u64).collect();
     assert_eq!(numbers, want, "beats lost or repeated\n{sum}");
 }
+
+/// The guest acts on its power button as logind or acpid would: it finds
+/// the ACPI button's input device, waits for KEY_POWER (an evdev event of
+/// type EV_KEY, code 116) and powers off.
+const BUTTON_GUEST: &str = r#"ev=""
+for d in /sys/class/input/event*; do
+  [ "$(cat $d/device/name 2>/dev/null)" = "Power Button" ] && ev=/dev/input/${d##*/}
+done
+echo "@@T:BUTTON-DEV=${ev:-none}@@"
+[ -n "$ev" ] || exit 1
+printf 'GUEST-UP\n' > /tmp/up
+dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
+while :; do
+  set -- $(dd if=$ev bs=24 count=1 2>/dev/null | od -An -tu2 -j16 -N4)
+  echo "@@T:INPUT=$1 $2@@"
+  [ "$1" = 1 ] && [ "$2" = 116 ] && break
+done
+echo "@@T:KEY-POWER@@"
+"#;
+
+/// Beside the VMM: a press while paused is held until resume; then the
+/// guest powers off and the VMM ends with 0.
+const BUTTON_DURING: &str = r#"S=api.sock
+n=0
+until grep -q GUEST-UP up.img 2> /dev/null; do
+  n=$((n + 1)); [ $n -gt 600 ] && { echo "@@T:GUEST-SEEN=no@@"; exit 1; }; sleep 0.1
+done
+sleep 1
+ch-remote --api-socket $S pause; echo "@@T:PAUSED=$?@@"
+ch-remote --api-socket $S power-button; echo "@@T:PRESSED=$?@@"
+sleep 2
+echo "@@T:RESUMING@@"
+ch-remote --api-socket $S resume; echo "@@T:RESUMED=$?@@"
+"#;
+
+#[test]
+fn power_button_through_the_api_reaches_the_guest_as_key_power() {
+    let scenario = Scenario::new("api-power-button")
+        .args(["--disk", "path=up.img", "--api-socket", "path=api.sock"])
+        .file("up.img", vec![0u8; MIB])
+        .script(BUTTON_GUEST)
+        .during(BUTTON_DURING)
+        .step("button device", "@@T:BUTTON-DEV=", Duration::from_secs(30))
+        .step("paused", "@@T:PAUSED=", Duration::from_secs(60))
+        .step("resumed", "@@T:RESUMED=", Duration::from_secs(30))
+        .step("KEY_POWER", "@@T:KEY-POWER@@", Duration::from_secs(30));
+    let out = tests::run(shared_runner(), &scenario);
+    let sum = out.summary();
+    assert!(
+        marker(&out, "BUTTON-DEV").starts_with("/dev/input/event"),
+        "no ACPI power button input device in the guest\n{sum}"
+    );
+    assert_eq!(marker(&out, "PAUSED"), "0", "{sum}");
+    assert_eq!(marker(&out, "PRESSED"), "0", "{sum}");
+    assert_eq!(marker(&out, "RESUMED"), "0", "{sum}");
+    // Held while paused: the key arrives after resume, not before.
+    let at = |text: &str| {
+        out.time_of(text)
+            .unwrap_or_else(|| panic!("no line {text}\n{sum}"))
+    };
+    assert!(at("@@T:KEY-POWER@@") > at("@@T:RESUMING@@"), "{sum}");
+    assert!(
+        out.markers("T:INPUT")
+            .iter()
+            .all(|i| i.starts_with("1 116") || i.starts_with("0 ")),
+        "input other than the power key: {:?}\n{sum}",
+        out.markers("T:INPUT")
+    );
+    // The guest powered off after the key (its script ended).
+    assert_eq!(out.scenario_exit(), Some(0), "{sum}");
+    assert_eq!(out.vmm_exit, 0, "{sum}");
+}
+
+/// The guest owns the PF with vpfctl, puts member 1 in Stop and member 2 in
+/// Freeze, says so on its disk, then reads both modes back through the
+/// admin queue every half second until the VMM ends it.
+const MODES_GUEST: &str = r#"V=vpfctl
+$V bind --dev 0000:00:03.0 > /dev/null && $V sriov --numvfs 2 --autoprobe off > /dev/null
+echo "@@T:BOUND=$?@@"
+$V mode-set --member 1 --mode stop > /dev/null && $V mode-set --member 2 --mode stop > /dev/null \
+  && $V mode-set --member 2 --mode freeze > /dev/null
+echo "@@T:MODES-SET=$?@@"
+mode() { $V --json mode-get --member $1 | sed -n 's/.*"mode":"\([a-z]*\)".*/\1/p'; }
+printf 'GUEST-UP\n' > /tmp/up
+dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
+while :; do echo "@@T:MODES=$(mode 1) $(mode 2)@@"; sleep 0.5; done
+"#;
+
+/// Beside the VMM, on the socket the launcher passed as descriptor 3:
+/// ping, pause, resume, shutdown.
+const MODES_DURING: &str = r#"S=api.sock
+ch-remote --api-socket $S ping > ping.json; echo "@@T:PING=$? $(cat ping.json)@@"
+n=0
+until grep -q GUEST-UP up.img 2> /dev/null; do
+  n=$((n + 1)); [ $n -gt 900 ] && { echo "@@T:GUEST-SEEN=no@@"; exit 1; }; sleep 0.1
+done
+sleep 1
+ch-remote --api-socket $S pause; echo "@@T:PAUSED=$?@@"
+sleep 2
+echo "@@T:RESUMING@@"
+ch-remote --api-socket $S resume; echo "@@T:RESUMED=$?@@"
+sleep 2
+ch-remote --api-socket $S shutdown; echo "@@T:SHUTDOWN=$?@@"
+"#;
+
+/// `--api-socket fd=3` and `--event-monitor fd=4` on descriptors the VMM
+/// inherits (opened by `fd-launch`), and member modes the guest set (Stop,
+/// Freeze) that hold across pause/resume: the guest reads them back after
+/// resume, and the event log has no mode change from paused to shutdown.
+#[test]
+fn inherited_descriptors_serve_the_api_and_events_and_member_modes_survive_pause() {
+    let scenario = Scenario::new("api-fd-modes")
+        .args([
+            "--cpus",
+            "boot=2",
+            "--disk",
+            "path=up.img",
+            "--device",
+            "virtio-pf,id=pf0,member=blk,total_vfs=2,disk=pf.img,vf_disk=vf.img",
+            "--api-socket",
+            "fd=3",
+            "--event-monitor",
+            "fd=4",
+        ])
+        .file("up.img", vec![0u8; MIB])
+        .file("pf.img", vec![0u8; MIB])
+        .file("vf.img", vec![0u8; MIB])
+        .file("events.log", vec![0u8; 64 * 1024])
+        .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
+        .script(MODES_GUEST)
+        .during(MODES_DURING)
+        .tool("fd-launch", env!("CARGO_BIN_EXE_fd-launch"))
+        .launcher(
+            "fd-launch",
+            &["--listen", "3=api.sock", "--file", "4=events.log", "--"],
+        )
+        .step("modes set", "@@T:MODES-SET=", Duration::from_secs(60))
+        .step("paused", "@@T:PAUSED=", Duration::from_secs(60))
+        .step("resumed", "@@T:RESUMED=", Duration::from_secs(30))
+        .step("API shutdown", "@@T:SHUTDOWN=", Duration::from_secs(30));
+    let out = tests::run(shared_runner(), &scenario);
+    let sum = out.summary();
+    let ping = marker(&out, "PING");
+    assert!(ping.starts_with("0 {"), "ping on fd 3: {ping}\n{sum}");
+    for k in ["BOUND", "MODES-SET", "PAUSED", "RESUMED", "SHUTDOWN"] {
+        assert_eq!(marker(&out, k), "0", "{k}\n{sum}");
+    }
+    assert_eq!(out.vmm_exit, 0, "{sum}");
+
+    // Read back through the admin queue before and after the pause.
+    let resuming = out
+        .time_of("@@T:RESUMING@@")
+        .unwrap_or_else(|| panic!("no RESUMING\n{sum}"));
+    let modes: Vec<(Duration, String)> = out
+        .lines
+        .iter()
+        .filter_map(|l| {
+            Some((
+                l.at,
+                tests::scenario::marker_in(&l.text, "T:MODES")?.to_string(),
+            ))
+        })
+        .collect();
+    assert!(
+        modes.iter().any(|(t, _)| *t > resuming),
+        "no mode read after resume\n{sum}"
+    );
+    assert!(
+        modes.iter().all(|(_, m)| m == "stop freeze"),
+        "modes changed: {modes:?}\n{sum}"
+    );
+
+    // The events, written to descriptor 4.
+    let bytes = out.read_file("events.log").expect("events.log");
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&bytes[..end])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| format!("{} {} {}", e["source"], e["event"], e["properties"]))
+        .collect();
+    let all = names.join("\n");
+    let index = |source: &str, event: &str| {
+        events
+            .iter()
+            .position(|e| e["source"] == source && e["event"] == event)
+            .unwrap_or_else(|| panic!("no {source} {event} event:\n{all}"))
+    };
+    let (booted, paused, resumed, shutdown) = (
+        index("vm", "booted"),
+        index("vm", "paused"),
+        index("vm", "resumed"),
+        index("vm", "shutdown"),
+    );
+    assert!(
+        booted < paused && paused < resumed && resumed < shutdown,
+        "{all}"
+    );
+    let mode_events: Vec<usize> = (0..events.len())
+        .filter(|&i| events[i]["event"] == "member-mode")
+        .collect();
+    assert_eq!(mode_events.len(), 3, "Stop, Stop, Freeze:\n{all}");
+    assert!(mode_events.iter().all(|&i| i < paused), "{all}");
+    let last = &events[mode_events[2]]["properties"];
+    assert_eq!(
+        (last["member"].as_str(), last["mode"].as_str()),
+        (Some("2"), Some("Freeze")),
+        "{all}"
+    );
+}

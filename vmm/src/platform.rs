@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::*;
 use crate::device_manager::DeviceManager;
 use crate::devices::acpi_power::{self, PowerEvent};
+use crate::devices::ged::Ged;
 use crate::devices::serial::SerialPort;
 
 /// Why the VM stops.
@@ -22,6 +23,7 @@ pub enum ExitReason {
 /// The machine's address decoding and exit state, shared by all vCPUs.
 pub struct Platform {
     serial: Option<Mutex<SerialPort>>,
+    ged: Option<Ged>,
     devices: Arc<DeviceManager>,
     exit_evt: EventFd,
     exit_flag: AtomicBool,
@@ -33,14 +35,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Platform {
-    pub fn new(serial: Option<SerialPort>, devices: DeviceManager, exit_evt: EventFd) -> Self {
+    pub fn new(
+        serial: Option<SerialPort>,
+        ged: Option<Ged>,
+        devices: DeviceManager,
+        exit_evt: EventFd,
+    ) -> Self {
         Platform {
             serial: serial.map(Mutex::new),
+            ged,
             devices: Arc::new(devices),
             exit_evt,
             exit_flag: AtomicBool::new(false),
             exit_reason: Mutex::new(None),
         }
+    }
+
+    /// The Generic Event Device, when the machine has one.
+    pub fn ged(&self) -> Option<&Ged> {
+        self.ged.as_ref()
     }
 
     pub fn devices_arc(&self) -> Arc<DeviceManager> {
@@ -85,6 +98,13 @@ impl Platform {
                 }
             }
             ACPI_SLEEP_PORT => data.fill(0),
+            GED_PORT => {
+                let v = self.ged.as_ref().map_or(0, Ged::read);
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = v;
+                }
+            }
             // i8042 status: input buffer empty, so a reboot through the
             // keyboard controller does not wait.
             I8042_COMMAND_PORT => data.fill(0),
@@ -216,7 +236,7 @@ mod tests {
             .unwrap();
         let serial =
             serial.map(|s| SerialPort::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), Box::new(s)));
-        Platform::new(serial, dm, EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        Platform::new(serial, None, dm, EventFd::new(libc::EFD_NONBLOCK).unwrap())
     }
 
     fn inb(p: &Platform, port: u16) -> u8 {

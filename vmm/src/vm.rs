@@ -23,6 +23,7 @@ use crate::config::{
     ApiSocketConfig, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig,
 };
 use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::devices::ged::{Ged, EVENT_POWER_BUTTON};
 use crate::devices::serial::{BufferedOutput, SerialPort};
 use crate::dump::{self, DumpSources, SignalFd, VcpuThread};
 use crate::firmware::{BarAllocator, FirmwareError};
@@ -125,8 +126,11 @@ pub enum VmError {
     Disk { path: String, reason: String },
     #[error("cannot create eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("cannot register irqfd for the serial port: {0}")]
-    SerialIrq(kvm_ioctls::Error),
+    #[error("cannot register the irqfd of {what}: {source}")]
+    Irqfd {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("the guest stopped with an error: {0}")]
     Guest(String),
     #[error("cannot start a thread: {0}")]
@@ -299,6 +303,8 @@ pub struct Vm {
     /// The guest's kvmclock when it was paused, given back on resume so
     /// that the guest's clock does not count the pause.
     clock: Option<kvm_bindings::kvm_clock_data>,
+    /// A power-button press made while paused, delivered at resume.
+    button_held: bool,
     dumps: u64,
 }
 
@@ -345,7 +351,10 @@ impl Vm {
             Some(out) => {
                 let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
                 vm.register_irqfd(&evt, layout::SERIAL_IRQ)
-                    .map_err(VmError::SerialIrq)?;
+                    .map_err(|source| VmError::Irqfd {
+                        what: "the serial port",
+                        source,
+                    })?;
                 let (buffered, thread) = BufferedOutput::spawn(out).map_err(VmError::Spawn)?;
                 serial_thread = Some(thread);
                 Some(SerialPort::new(evt, Box::new(buffered)))
@@ -385,7 +394,15 @@ impl Vm {
 
         let exit_evt = EventFd::new(0).map_err(VmError::EventFd)?;
         let exit_wait = exit_evt.try_clone().map_err(VmError::EventFd)?;
-        let platform = Arc::new(Platform::new(serial, devices, exit_evt));
+        // The power button, behind the ACPI Generic Event Device.
+        let ged_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_irqfd(&ged_evt, layout::GED_IRQ)
+            .map_err(|source| VmError::Irqfd {
+                what: "the ACPI GED",
+                source,
+            })?;
+        let ged = Ged::new(ged_evt);
+        let platform = Arc::new(Platform::new(serial, Some(ged), devices, exit_evt));
 
         vcpu::install_kick_handler()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -421,6 +438,7 @@ impl Vm {
             vcpu_gate: Arc::new(PauseGate::new()),
             api: None,
             clock: None,
+            button_held: false,
             dumps: 0,
         })
     }
@@ -644,9 +662,7 @@ impl Vm {
                     .collect();
                 (Ok(ApiReply::Json(serde_json::Value::Object(map))), None)
             }
-            ApiRequest::VmPowerButton => not_yet(
-                "the VM has no ACPI power button device (hardware-reduced ACPI without a GED)",
-            ),
+            ApiRequest::VmPowerButton => (self.power_button(), None),
             ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => {
                 not_yet("the VMM cannot save its state yet")
             }
@@ -711,6 +727,43 @@ impl Vm {
     }
 
     /// Devices first (they serve what waited), then the vCPUs.
+    /// Presses the power button: the GED latches the event and interrupts
+    /// the guest, which decides what to do (Linux reports KEY_POWER). On a
+    /// paused VM the press is held and delivered at resume, so that nothing
+    /// reaches the guest while it is paused.
+    fn power_button(&mut self) -> ApiResult {
+        match self.state {
+            VmState::Running => {
+                self.press_power_button();
+                Ok(ApiReply::Done)
+            }
+            VmState::Paused => {
+                self.button_held = true;
+                log::info!("power button pressed while paused: delivered at resume");
+                Ok(ApiReply::Done)
+            }
+            s => Err(ApiError::new(
+                500,
+                format!(
+                    "the VM is {}: no guest to press the power button of",
+                    s.name()
+                ),
+            )),
+        }
+    }
+
+    fn press_power_button(&self) {
+        if let Some(ged) = self.platform.ged() {
+            match ged.notify(EVENT_POWER_BUTTON) {
+                Ok(()) => {
+                    event_monitor::event("vm", "power-button", &[]);
+                    log::info!("power button pressed");
+                }
+                Err(e) => log::warn!("power button: cannot interrupt the guest: {e}"),
+            }
+        }
+    }
+
     fn resume(&mut self) -> ApiResult {
         if self.state != VmState::Paused {
             return Err(ApiError::new(
@@ -728,6 +781,9 @@ impl Vm {
         self.devices.resume();
         self.vcpu_gate.open();
         self.state = VmState::Running;
+        if std::mem::take(&mut self.button_held) {
+            self.press_power_button();
+        }
         event_monitor::event("vm", "resumed", &[]);
         log::info!("VM resumed");
         Ok(ApiReply::Done)

@@ -43,8 +43,8 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: `\_SB.PCI0` (PNP0A08) with bus range and windows, `\_SB.COM1`
-/// and `\_S5_`.
+/// The DSDT: `\_SB.PCI0` (PNP0A08) with bus range and windows, `\_SB.COM1`,
+/// `\_S5_`, and the power button behind the GED (`\_SB.PWRB`, `\_SB.GED_`).
 pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let bus = AddressSpace::<u16>::new_bus_number(0, (PCI_BUS_COUNT - 1) as u16);
     let cf8 = aml::IO::new(0xcf8, 0xcf8, 1, 8);
@@ -96,6 +96,7 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     pci0.to_aml_bytes(&mut body);
     com1.to_aml_bytes(&mut body);
     s5.to_aml_bytes(&mut body);
+    crate::devices::ged::dsdt_aml(&mut body);
 
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     table.append_slice(&body);

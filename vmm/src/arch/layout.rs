@@ -59,6 +59,10 @@ pub const ACPI_SLEEP_PORT: u16 = 0x3c0;
 /// ACPI reset register.
 pub const ACPI_RESET_PORT: u16 = 0x3c1;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// Status register of the ACPI Generic Event Device (one byte, read clears).
+pub const GED_PORT: u16 = 0x3c4;
+/// The GED's interrupt (ISA-style: edge, active high).
+pub const GED_IRQ: u32 = 5;
 /// i8042 command/status port and its "pulse reset line" command.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const I8042_RESET_CMD: u8 = 0xfe;
