@@ -145,7 +145,7 @@ enum BarSlot {
 
 /// Snapshot of a configuration space: its bytes. Masks and layout come from
 /// how the device built the space, so they are not part of the state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PciConfigurationState {
     pub bytes: Vec<u8>,
 }

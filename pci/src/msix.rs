@@ -56,7 +56,7 @@ pub enum MsixError {
 }
 
 /// One MSI-X table entry as the guest sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsixTableEntry {
     pub msg_addr_lo: u32,
     pub msg_addr_hi: u32,
@@ -110,7 +110,7 @@ impl MsixTableEntry {
 }
 
 /// Snapshot of MSI-X state: plain data.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsixConfigState {
     pub table: Vec<MsixTableEntry>,
     /// Pending bits, 64 vectors per word, vector 0 in bit 0 of word 0.

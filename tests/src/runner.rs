@@ -291,7 +291,10 @@ impl Runner {
                     "PATH",
                     std::env::join_paths(paths).unwrap_or_else(|_| path.clone()),
                 );
-                Some(c)
+                Some(Companion {
+                    cmd: c,
+                    outlives: scenario.during_outlives_vmm,
+                })
             }
             None => None,
         };
@@ -394,6 +397,9 @@ impl Runner {
                 cpio.file(&rel, 0o755, &read(&lib)?);
             }
             cpio.file("scenario.during", 0o755, during.as_bytes());
+            if scenario.during_outlives_vmm {
+                cpio.file("scenario.during-waits", 0o644, b"");
+            }
         }
         for (name, bin) in &scenario.tools {
             cpio.file(&format!("vmm/{name}"), 0o755, &vmm_bytes(bin, &xfer)?);
@@ -746,11 +752,18 @@ fn capture(
     capture_with(cmd, None, what, watch, via, log, echo)
 }
 
+/// A process run beside the VMM (the scenario's `during` script).
+struct Companion {
+    cmd: Command,
+    /// The run ends when it ends, not when the VMM does.
+    outlives: bool,
+}
+
 /// [`capture`], with a `companion` process started right after `cmd`
 /// whose output joins `cmd`'s; it is killed when `cmd` has ended.
 fn capture_with(
     mut cmd: Command,
-    companion: Option<Command>,
+    companion: Option<Companion>,
     what: &str,
     mut watch: Watch,
     via: DumpVia,
@@ -798,7 +811,8 @@ fn capture_with(
         let tx = tx.clone();
         readers.push(std::thread::spawn(move || read_lines(stream, tx)));
     }
-    let mut companion = match companion {
+    let wait_companion = companion.as_ref().is_some_and(|c| c.outlives);
+    let mut companion = match companion.map(|c| c.cmd) {
         Some(mut c) => {
             c.stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -827,7 +841,7 @@ fn capture_with(
     };
     // The companion gets a moment to finish on its own (its last lines
     // often report what the VMM's end looked like), then is killed.
-    let mut end_companion = move || {
+    let end_companion = |companion: &mut Option<Child>| {
         if let Some(p) = companion.as_mut() {
             let t = Instant::now();
             while t.elapsed() < COMPANION_GRACE && matches!(p.try_wait(), Ok(None)) {
@@ -842,10 +856,19 @@ fn capture_with(
     let deadline = start + watch.limit;
     let mut lines: Vec<Line> = Vec::new();
     let mut stall: Option<(Overdue, Instant, &'static str)> = None;
-    let mut kill_and_collect = |child: &mut Child, lines: &mut Vec<Line>, steps: &StepTracker| {
+    // With `wait_companion`, the VMM's status once it ended while the
+    // companion goes on.
+    let mut vmm_status: Option<std::process::ExitStatus> = None;
+    let mut kill_and_collect = |child: &mut Child,
+                                companion: &mut Option<Child>,
+                                lines: &mut Vec<Line>,
+                                steps: &StepTracker| {
         let _ = child.kill();
         let _ = child.wait();
-        end_companion();
+        if let Some(p) = companion.as_mut() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
         for r in readers.drain(..) {
             let _ = r.join();
         }
@@ -867,7 +890,15 @@ fn capture_with(
             lines.push(Line { at, text });
         }
         match child.try_wait() {
-            Ok(Some(status)) if stall.is_none() => break status,
+            Ok(Some(status)) if stall.is_none() => {
+                let companion_runs = companion
+                    .as_mut()
+                    .is_some_and(|p| matches!(p.try_wait(), Ok(None)));
+                if !(wait_companion && companion_runs) {
+                    break vmm_status.unwrap_or(status);
+                }
+                vmm_status.get_or_insert(status);
+            }
             Ok(_) => {}
             Err(e) => return Err(Error::io("waiting for", what.to_string(), e)),
         }
@@ -878,7 +909,7 @@ fn capture_with(
                     let how = request_dump(&mut child, via);
                     stall = Some((o, now, how));
                 } else if now >= deadline {
-                    kill_and_collect(&mut child, &mut lines, &watch.steps);
+                    kill_and_collect(&mut child, &mut companion, &mut lines, &watch.steps);
                     return Err(Error::Timeout {
                         what: what.to_string(),
                         limit: watch.limit,
@@ -891,7 +922,7 @@ fn capture_with(
                 let ended = dump.last().is_some_and(|l| l.text.contains(DUMP_END));
                 let exited = matches!(child.try_wait(), Ok(Some(_)));
                 if ended || exited || via == DumpVia::None || now >= *asked + DUMP_WAIT {
-                    kill_and_collect(&mut child, &mut lines, &watch.steps);
+                    kill_and_collect(&mut child, &mut companion, &mut lines, &watch.steps);
                     let (dump, rest) = split_dump(&lines);
                     let dump = if dump.is_empty() {
                         format!(
@@ -916,7 +947,7 @@ fn capture_with(
         std::thread::sleep(Duration::from_millis(5));
     };
     let exited_at = start.elapsed();
-    end_companion();
+    end_companion(&mut companion);
     for r in readers {
         let _ = r.join();
     }

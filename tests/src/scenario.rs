@@ -59,6 +59,9 @@ pub struct Scenario {
     pub during: Option<String>,
     /// Host programs on that script's PATH: (name, binary).
     pub tools: Vec<(String, PathBuf)>,
+    /// The run ends when the script beside the VMM ends, not the VMM (see
+    /// [`Scenario::during_outlives_vmm`]).
+    pub during_outlives_vmm: bool,
     /// A tool the VMM is started through, and its arguments (see
     /// [`Scenario::launcher`]).
     pub launcher: Option<(String, Vec<String>)>,
@@ -122,6 +125,7 @@ impl Scenario {
             full_disks: Vec::new(),
             during: None,
             tools: Vec::new(),
+            during_outlives_vmm: false,
             launcher: None,
         }
     }
@@ -213,6 +217,15 @@ impl Scenario {
         self
     }
 
+    /// The script beside the VMM goes on after the VMM ends, and the run
+    /// ends with it: for a script that runs more VMMs itself (a restore
+    /// from a snapshot, the destination of a migration), with
+    /// `cloud-hypervisor` on its PATH. Its own steps keep their deadlines.
+    pub fn during_outlives_vmm(mut self) -> Self {
+        self.during_outlives_vmm = true;
+        self
+    }
+
     /// A host program, under `name`, on the PATH of the script beside the
     /// VMM ([`Scenario::during`]), with the shared libraries it needs.
     pub fn tool(mut self, name: &str, binary: impl Into<PathBuf>) -> Self {
@@ -267,6 +280,11 @@ impl Scenario {
         if !self.tools.is_empty() && self.during.is_none() && self.launcher.is_none() {
             return Err(bad(
                 "tools are for the script beside the VMM (Scenario::during) or a launcher".into(),
+            ));
+        }
+        if self.during_outlives_vmm && self.during.is_none() {
+            return Err(bad(
+                "during_outlives_vmm needs a script beside the VMM (Scenario::during)".into(),
             ));
         }
         if let Some((l, args)) = &self.launcher {

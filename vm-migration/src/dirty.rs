@@ -454,7 +454,7 @@ pub fn take_dirty_log(mem: &GuestMemoryMmap) -> Vec<RegionDirtyLog> {
 }
 
 /// One started write-record range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordRange {
     /// First byte (guest physical address), aligned to `page_size`.
     pub addr: u64,
@@ -489,7 +489,7 @@ pub struct WriteRecorder {
 
 /// Snapshot of a recorder (spec §6): ranges and the 4 KiB pages recorded and
 /// not yet read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecorderState {
     /// Started ranges.
     pub ranges: Vec<RecordRange>,

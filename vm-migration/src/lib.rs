@@ -1,4 +1,5 @@
-//! Snapshot and migration traits, and the guest-memory dirty log.
+//! Snapshot and migration traits, the framing of saved state, and the
+//! guest-memory dirty log.
 //!
 //! Every write a device makes into guest memory goes through
 //! [`GuestMemoryMmap`], whose bitmap records the pages touched. The VMM reads
@@ -6,8 +7,10 @@
 //! write records from the same path (see [`dirty`]).
 
 pub mod dirty;
+pub mod state;
 
 pub use dirty::{
     take_dirty_log, DirtyBitmap, DirtyError, GuestMemoryMmap, GuestRegionMmap, PageBitmap,
     RecordError, RecordRange, RecorderState, RegionDirtyLog, WriteRecorder,
 };
+pub use state::{MigratableError, Pausable, Snapshottable, StateError};

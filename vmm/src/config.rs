@@ -159,7 +159,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// `--cpus boot=N`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpusConfig {
     pub boot: u8,
 }
@@ -185,7 +185,7 @@ impl Default for CpusConfig {
 }
 
 /// `--memory size=S`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryConfig {
     pub size: u64,
 }
@@ -215,7 +215,7 @@ impl Default for MemoryConfig {
 }
 
 /// `--disk path=P[,readonly=on][,id=NAME]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -236,7 +236,7 @@ impl DiskConfig {
 /// An option naming a file or a descriptor the VMM inherits:
 /// `path=<file>` (or just the path) or `fd=<n>` (`--api-socket`,
 /// `--event-monitor`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PathOrFd {
     Path(PathBuf),
     Fd(i32),
@@ -278,7 +278,7 @@ impl PathOrFd {
 }
 
 /// Where the serial port (or console) goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OutputConfig {
     Off,
     Tty,
@@ -369,7 +369,7 @@ mod tests {
 }
 
 /// The member device type of a virtio-pf.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MemberType {
     Block,
 }
@@ -381,7 +381,7 @@ pub const MAX_TOTAL_VFS: u64 = 64;
 ///
 /// `vf_disk` names each VF's backing file; `%n` in it is replaced by the VF
 /// number (1..N). Without `%n` every VF shares the one file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioPfConfig {
     pub id: Option<String>,
     pub member: MemberType,
@@ -399,7 +399,7 @@ impl VirtioPfConfig {
 }
 
 /// A `--device` option.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceConfig {
     VirtioPf(VirtioPfConfig),
 }

@@ -13,6 +13,7 @@ pub mod interrupts;
 pub mod pause;
 pub mod platform;
 pub mod seccomp;
+pub mod snapshot;
 pub mod stdin;
 pub mod vcpu;
 pub mod vm;

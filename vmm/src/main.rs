@@ -10,7 +10,7 @@ use vmm::{vm, wiring};
 
 use vmm::config::{
     ConfigError, CpusConfig, DeviceConfig, DiskConfig, EventMonitorConfig, MemoryConfig,
-    OutputConfig, PathOrFd,
+    OptionParser, OutputConfig, PathOrFd,
 };
 
 /// Command line, in Cloud Hypervisor's syntax.
@@ -22,9 +22,21 @@ use vmm::config::{
     long_about = None
 )]
 struct Cli {
-    /// Kernel to boot: a bzImage (64-bit boot protocol).
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    /// Kernel to boot: a bzImage (64-bit boot protocol). Required unless
+    /// --restore.
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+
+    /// Restore a snapshot instead of booting: "source_url=file:///<dir>"
+    /// (a directory `ch-remote snapshot` wrote). The VM is built from the
+    /// snapshot's configuration and comes up paused: resume it through the
+    /// API (--api-socket). See docs/snapshot.md.
+    #[arg(
+        long,
+        value_name = "source_url=file:///DIR",
+        conflicts_with_all = ["kernel", "initramfs", "disk", "device"]
+    )]
+    restore: Option<String>,
 
     /// Initial ramdisk to load with the kernel.
     #[arg(long, value_name = "PATH")]
@@ -115,13 +127,16 @@ enum MainError {
     Seccomp(String),
     #[error("--console: only 'off' is supported (got '{0}')")]
     Console(String),
+    #[error("--restore: {0}")]
+    Restore(String),
     #[error(transparent)]
     Vm(#[from] vm::VmError),
 }
 
 fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
-    if !cli.kernel.is_file() {
-        return Err(MainError::NoKernel(cli.kernel.display().to_string()));
+    let kernel = cli.kernel.clone().unwrap_or_default();
+    if !kernel.is_file() {
+        return Err(MainError::NoKernel(kernel.display().to_string()));
     }
     if let Some(i) = &cli.initramfs {
         if !i.is_file() {
@@ -167,7 +182,7 @@ fn build_config(cli: &Cli) -> Result<vm::VmConfig, MainError> {
         }
     }
     Ok(vm::VmConfig {
-        kernel: cli.kernel.clone(),
+        kernel,
         initramfs: cli.initramfs.clone(),
         cmdline: cli.cmdline.clone(),
         cpus: CpusConfig::parse(&cli.cpus)?,
@@ -264,22 +279,10 @@ fn main() -> ExitCode {
     }
     logger.init();
 
-    let result = build_config(&cli)
-        .and_then(|cfg| {
-            let mode = vmm::seccomp::SeccompMode::parse(&cli.seccomp)
-                .ok_or_else(|| MainError::Seccomp(cli.seccomp.clone()))?;
-            vmm::seccomp::set_mode(mode);
-            if mode != vmm::seccomp::SeccompMode::Off {
-                virtio_devices::block_io::on_worker_start(|| {
-                    vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::BlkIo)
-                });
-            }
-            if let Some(m) = &cli.event_monitor {
-                start_event_monitor(&PathOrFd::parse("--event-monitor", m)?)?;
-            }
-            Ok(cfg)
-        })
-        .and_then(|cfg| Ok(vm::run(&cfg)?));
+    let result = setup(&cli).and_then(|()| match &cli.restore {
+        Some(r) => restore(&cli, r),
+        None => Ok(vm::run(&build_config(&cli)?)?),
+    });
     match result {
         Ok(reason) => {
             log::info!("VM stopped: {reason:?}");
@@ -290,4 +293,42 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--restore source_url=...`: the snapshot's VM, paused, with this
+/// command line's API socket.
+fn restore(cli: &Cli, option: &str) -> Result<vmm::platform::ExitReason, MainError> {
+    let p = OptionParser::parse("--restore", option, &["source_url"], Some("source_url"))?;
+    let url = p.required("source_url")?;
+    let dir = vmm::snapshot::url_to_dir(url).map_err(|e| MainError::Restore(e.to_string()))?;
+    let api = cli
+        .api_socket
+        .as_deref()
+        .map(|s| PathOrFd::parse("--api-socket", s))
+        .transpose()?;
+    if api.is_none() {
+        return Err(MainError::Restore(
+            "--restore needs --api-socket: the VM comes up paused and is resumed through the API"
+                .into(),
+        ));
+    }
+    let mut vm = vm::Vm::restore(&dir, api)?;
+    vm.boot()?;
+    Ok(vm.run()?)
+}
+
+/// Seccomp mode and the event monitor, before any VM.
+fn setup(cli: &Cli) -> Result<(), MainError> {
+    let mode = vmm::seccomp::SeccompMode::parse(&cli.seccomp)
+        .ok_or_else(|| MainError::Seccomp(cli.seccomp.clone()))?;
+    vmm::seccomp::set_mode(mode);
+    if mode != vmm::seccomp::SeccompMode::Off {
+        virtio_devices::block_io::on_worker_start(|| {
+            vmm::seccomp::apply_or_exit(vmm::seccomp::ThreadKind::BlkIo)
+        });
+    }
+    if let Some(m) = &cli.event_monitor {
+        start_event_monitor(&PathOrFd::parse("--event-monitor", m)?)?;
+    }
+    Ok(())
 }

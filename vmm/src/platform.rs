@@ -78,6 +78,11 @@ impl Platform {
         lock(&self.exit_reason).clone()
     }
 
+    /// COM1's registers and pending input (a snapshot; the VM is paused).
+    pub fn serial_snapshot(&self) -> Option<crate::devices::serial::SerialSnapshot> {
+        self.serial.as_ref().map(|s| lock(s).snapshot())
+    }
+
     /// Host input for the serial port.
     pub fn serial_input(&self, bytes: &[u8]) {
         if let Some(s) = &self.serial {

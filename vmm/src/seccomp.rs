@@ -144,6 +144,12 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_unlinkat,
                 libc::SYS_epoll_ctl,
                 libc::SYS_ioctl,
+                // Writing a snapshot directory.
+                libc::SYS_openat,
+                libc::SYS_mkdir,
+                libc::SYS_mkdirat,
+                libc::SYS_fsync,
+                libc::SYS_fdatasync,
             ]);
         }
         ThreadKind::Vcpu => {

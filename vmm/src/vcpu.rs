@@ -9,6 +9,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use thiserror::Error;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::arch::kvm_state::{KvmStateError, VcpuState};
 use crate::arch::{boot, cpuid};
 use crate::pause::PauseGate;
 use crate::platform::Platform;
@@ -79,6 +80,8 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    /// The MSRs a snapshot saves.
+    msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -153,7 +156,22 @@ impl Vcpu {
                 .map_err(cfg("set regs"))?;
             fd.set_fpu(&boot::boot_fpu()).map_err(cfg("set FPU"))?;
         }
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu {
+            id,
+            fd,
+            msr_indices: Arc::new(Vec::new()),
+        })
+    }
+
+    /// The MSRs a snapshot of this vCPU saves (KVM's index list).
+    pub fn set_msr_indices(&mut self, indices: Arc<Vec<u32>>) {
+        self.msr_indices = indices;
+    }
+
+    /// Puts a saved state into this vCPU before it first runs (from the
+    /// thread that created it).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), KvmStateError> {
+        state.restore(&self.fd)
     }
 
     /// Runs the vCPU on its own thread until `stop` is set (the thread is
@@ -187,13 +205,21 @@ impl Vcpu {
     ) {
         let id = self.id as usize;
         let mut answered = 0u64;
+        let mut saved = 0u64;
         while !stop.load(Ordering::Acquire) {
             let fd = &self.fd;
+            let (vcpu_id, msrs) = (self.id, &self.msr_indices);
             let mut answer = || {
                 let wanted = report.requested.load(Ordering::Acquire);
                 if wanted != answered {
                     report.answer(wanted, describe_vcpu(fd));
                     answered = wanted;
+                }
+                let wanted = report.save_requested.load(Ordering::Acquire);
+                if wanted != saved {
+                    let state = VcpuState::save(vcpu_id, fd, msrs).map_err(|e| e.to_string());
+                    report.save_answer(wanted, state);
+                    saved = wanted;
                 }
             };
             answer();
@@ -274,10 +300,15 @@ impl Vcpu {
 /// it may issue ioctls on its file descriptor while it runs): the dump bumps
 /// `requested` and kicks the thread out of KVM_RUN; the thread answers
 /// before it enters KVM_RUN again.
+///
+/// A snapshot asks the same way for the vCPU's [`VcpuState`]; a paused
+/// vCPU answers from where it is parked.
 #[derive(Default)]
 pub struct VcpuReport {
     requested: AtomicU64,
     answer: Mutex<Option<(u64, String)>>,
+    save_requested: AtomicU64,
+    saved: Mutex<Option<(u64, Result<VcpuState, String>)>>,
 }
 
 impl VcpuReport {
@@ -288,6 +319,24 @@ impl VcpuReport {
 
     fn answer(&self, n: u64, text: String) {
         *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, text));
+    }
+
+    /// Asks for the vCPU's state; returns the request's number.
+    pub fn request_save(&self) -> u64 {
+        self.save_requested.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn save_answer(&self, n: u64, state: Result<VcpuState, String>) {
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((n, state));
+    }
+
+    /// The state saved for request `n`, if the vCPU gave it (taken).
+    pub fn take_saved(&self, n: u64) -> Option<Result<VcpuState, String>> {
+        let mut a = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        match &*a {
+            Some((got, _)) if *got >= n => a.take().map(|(_, s)| s),
+            _ => None,
+        }
     }
 
     /// The answer to request `n`, if the vCPU gave it.

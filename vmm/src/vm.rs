@@ -3,7 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::api::{self, AfterResponse, ApiError, ApiReply, ApiRequest, ApiResult, ControlChannel};
+use crate::arch::kvm_state::{msr_index_list, IrqchipState};
 use crate::arch::{acpi, boot, layout};
 use crate::config::{
     ApiSocketConfig, CpusConfig, DeviceConfig, DiskConfig, MemoryConfig, OutputConfig,
@@ -30,10 +31,12 @@ use crate::firmware::{BarAllocator, FirmwareError};
 use crate::interrupts::{InterruptError, KvmInterruptManager, MsiManager};
 use crate::pause::PauseGate;
 use crate::platform::{ExitReason, Platform};
+use crate::snapshot;
 use crate::vcpu::{self, Vcpu, VcpuError};
 
-/// Everything needed to build a VM.
-#[derive(Clone, Debug)]
+/// Everything needed to build a VM (saved in a snapshot as `config.json`;
+/// the API socket belongs to the VMM process, not to the VM, and is not).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,
@@ -43,6 +46,7 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub devices: Vec<DeviceConfig>,
     pub serial: OutputConfig,
+    #[serde(skip)]
     pub api_socket: Option<ApiSocketConfig>,
 }
 
@@ -133,6 +137,12 @@ pub enum VmError {
     },
     #[error("the guest stopped with an error: {0}")]
     Guest(String),
+    #[error("cannot restore: {0}")]
+    Restore(String),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("vCPU/VM state: {0}")]
+    KvmState(crate::arch::kvm_state::KvmStateError),
     #[error("cannot start a thread: {0}")]
     Spawn(std::io::Error),
     #[error("cannot set up signal handling: {0}")]
@@ -305,6 +315,10 @@ pub struct Vm {
     clock: Option<kvm_bindings::kvm_clock_data>,
     /// A power-button press made while paused, delivered at resume.
     button_held: bool,
+    /// The PCI functions a snapshot saves, in configuration order.
+    persistent: Vec<snapshot::Persistent>,
+    /// Built from a snapshot: [`Vm::boot`] starts it paused.
+    restored: bool,
     dumps: u64,
 }
 
@@ -316,10 +330,34 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     vm.run()
 }
 
+/// A snapshot to restore instead of booting (see [`Vm::restore`]).
+pub struct Restore {
+    pub dir: PathBuf,
+    pub state: snapshot::VmSnapshot,
+}
+
 impl Vm {
     /// Builds the VM: KVM, guest memory, devices, ACPI tables, the kernel
     /// and the vCPUs. Nothing runs yet.
     pub fn new(cfg: &VmConfig) -> Result<Vm, VmError> {
+        Self::build(cfg, None)
+    }
+
+    /// Builds the VM of a snapshot directory (its `config.json`, with the
+    /// API socket of `api_socket`) and puts the saved state in: memory,
+    /// devices (VFs included), irqchip, vCPUs. [`Vm::boot`] then starts it
+    /// paused; `vm.resume` lets it go on.
+    pub fn restore(dir: &Path, api_socket: Option<ApiSocketConfig>) -> Result<Vm, VmError> {
+        let (mut cfg, state) = snapshot::load_state(dir)?;
+        cfg.api_socket = api_socket;
+        let restore = Restore {
+            dir: dir.to_path_buf(),
+            state,
+        };
+        Self::build(&cfg, Some(restore))
+    }
+
+    fn build(cfg: &VmConfig, restore: Option<Restore>) -> Result<Vm, VmError> {
         let started = Instant::now();
         // Before any thread exists, so that every thread blocks SIGUSR1.
         let signals = SignalFd::new(&[libc::SIGUSR1]).map_err(VmError::Signals)?;
@@ -357,7 +395,13 @@ impl Vm {
                     })?;
                 let (buffered, thread) = BufferedOutput::spawn(out).map_err(VmError::Spawn)?;
                 serial_thread = Some(thread);
-                Some(SerialPort::new(evt, Box::new(buffered)))
+                match restore.as_ref().and_then(|r| r.state.serial.as_ref()) {
+                    Some(st) => Some(
+                        SerialPort::with_state(evt, Box::new(buffered), st)
+                            .map_err(|e| VmError::Restore(format!("COM1: {e}")))?,
+                    ),
+                    None => Some(SerialPort::new(evt, Box::new(buffered))),
+                }
             }
             None => None,
         };
@@ -367,7 +411,9 @@ impl Vm {
             (mmio64.0, mmio64.1 - mmio64.0),
         )?;
         let devices = DeviceManager::new(vm.clone(), allocator)?;
-        let next = crate::wiring::add_disks(&devices, &mem_atomic, &msi, &cfg.disks)?;
+        let mut persistent = Vec::new();
+        let next =
+            crate::wiring::add_disks(&devices, &mem_atomic, &msi, &cfg.disks, &mut persistent)?;
         let pfs: Vec<_> = cfg
             .devices
             .iter()
@@ -375,22 +421,37 @@ impl Vm {
                 DeviceConfig::VirtioPf(p) => p.clone(),
             })
             .collect();
-        crate::wiring::add_virtio_pfs(&devices, &mem_atomic, &msi, &pfs, next)?;
+        crate::wiring::add_virtio_pfs(&devices, &mem_atomic, &msi, &pfs, next, &mut persistent)?;
 
-        acpi::create_acpi_tables(
-            &mem,
-            &acpi::AcpiConfig {
-                cpus: cfg.cpus.boot,
-                mmio64,
-            },
-        )?;
-        let entry = boot::load_linux(
-            &mem,
-            mem_size,
-            &cfg.kernel,
-            cfg.initramfs.as_deref(),
-            &cfg.cmdline,
-        )?;
+        let entry = match &restore {
+            None => {
+                acpi::create_acpi_tables(
+                    &mem,
+                    &acpi::AcpiConfig {
+                        cpus: cfg.cpus.boot,
+                        mmio64,
+                    },
+                )?;
+                Some(boot::load_linux(
+                    &mem,
+                    mem_size,
+                    &cfg.kernel,
+                    cfg.initramfs.as_deref(),
+                    &cfg.cmdline,
+                )?)
+            }
+            // Memory (tables and kernel included) comes from the snapshot.
+            Some(r) => {
+                let t = Instant::now();
+                snapshot::restore_memory(
+                    &mem,
+                    &r.state.memory,
+                    &r.dir.join(snapshot::MEMORY_FILE),
+                )?;
+                log::info!("restore: guest memory in {} ms", t.elapsed().as_millis());
+                None
+            }
+        };
 
         let exit_evt = EventFd::new(0).map_err(VmError::EventFd)?;
         let exit_wait = exit_evt.try_clone().map_err(VmError::EventFd)?;
@@ -402,19 +463,58 @@ impl Vm {
                 source,
             })?;
         let ged = Ged::new(ged_evt);
+        if let Some(r) = &restore {
+            ged.set_pending(r.state.ged_pending);
+        }
         let platform = Arc::new(Platform::new(serial, Some(ged), devices, exit_evt));
 
         vcpu::install_kick_handler()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let msr_indices = Arc::new(msr_index_list(&kvm).map_err(VmError::KvmState)?);
         let mut vcpus = Vec::new();
         for id in 0..cfg.cpus.boot {
-            vcpus.push(Vcpu::new(
-                &kvm,
-                &vm,
-                id,
-                cfg.cpus.boot,
-                (id == 0).then_some(entry),
-            )?);
+            let mut v = Vcpu::new(&kvm, &vm, id, cfg.cpus.boot, entry.filter(|_| id == 0))?;
+            v.set_msr_indices(msr_indices.clone());
+            vcpus.push(v);
+        }
+        let mut clock = None;
+        let mut button_held = false;
+        if let Some(r) = &restore {
+            // The functions first (a PF creates the VFs its saved SR-IOV
+            // registers enable, and they go on the bus), then the
+            // interrupt controllers and the vCPUs.
+            let devices = platform.devices_arc();
+            log::info!("restore: {} PCI devices", persistent.len());
+            snapshot::restore_devices(&persistent, &r.state.devices)?;
+            log::info!("restore: PCI devices restored");
+            for p in &persistent {
+                if let snapshot::Persistent::Pf(_, pf) = p {
+                    // Taken out of the PF's lock first: the bus locks
+                    // functions (the PF among them) when one is added.
+                    let vfs: Vec<_> = {
+                        let pf = pf.lock().unwrap_or_else(|e| e.into_inner());
+                        pf.vfs()
+                            .into_iter()
+                            .filter_map(|(n, bdf)| Some((bdf, pf.vf(n)?)))
+                            .collect()
+                    };
+                    for (bdf, vf) in vfs {
+                        devices.add_restored_function(bdf, vf)?;
+                    }
+                }
+            }
+            devices.refresh_doorbells();
+            log::info!("restore: VFs on the bus, doorbells registered");
+            r.state.irqchip.restore(&vm).map_err(VmError::KvmState)?;
+            for (v, st) in vcpus.iter().zip(&r.state.vcpus) {
+                v.restore(st).map_err(VmError::KvmState)?;
+            }
+            clock = Some(r.state.clock);
+            button_held = r.state.button_held;
+            log::info!(
+                "restore: devices, irqchip and {} vCPUs restored",
+                vcpus.len()
+            );
         }
         let watch = crate::watchdog::ExitWatch::new(vcpus.len());
         let devices_arc = platform.devices_arc();
@@ -437,8 +537,10 @@ impl Vm {
             stop,
             vcpu_gate: Arc::new(PauseGate::new()),
             api: None,
-            clock: None,
-            button_held: false,
+            clock,
+            button_held,
+            persistent,
+            restored: restore.is_some(),
             dumps: 0,
         })
     }
@@ -455,6 +557,11 @@ impl Vm {
         }
         self.dev_thread = Some(self.devices.start_thread(self.stop.clone())?);
         self.watch.spawn(self.stop.clone());
+        if self.restored {
+            // The vCPUs park before they first run; the device thread
+            // parks with nothing in flight.
+            self.vcpu_gate.close();
+        }
         for v in std::mem::take(&mut self.vcpus) {
             let report = Arc::new(vcpu::VcpuReport::default());
             let handle = v.spawn(
@@ -467,8 +574,21 @@ impl Vm {
             self.threads.push(VcpuThread { handle, report });
         }
         crate::stdin::spawn_serial_input(self.platform.clone(), &self.cfg.serial);
-        self.state = VmState::Running;
-        event_monitor::event("vm", "booted", &[]);
+        if self.restored {
+            let n = self.threads.len();
+            if !self.vcpu_gate.wait_parked(n, STOP_LIMIT, || {}) || !self.devices.pause(STOP_LIMIT)
+            {
+                return Err(VmError::Restore(
+                    "the restored VM's threads did not park".into(),
+                ));
+            }
+            self.state = VmState::Paused;
+            event_monitor::event("vm", "restored", &[]);
+            log::info!("VM restored, paused: resume it through the API");
+        } else {
+            self.state = VmState::Running;
+            event_monitor::event("vm", "booted", &[]);
+        }
         if let Some(sock) = &self.cfg.api_socket {
             self.api = Some(start_api(sock)?);
         }
@@ -663,9 +783,14 @@ impl Vm {
                 (Ok(ApiReply::Json(serde_json::Value::Object(map))), None)
             }
             ApiRequest::VmPowerButton => (self.power_button(), None),
-            ApiRequest::VmSnapshot(_) | ApiRequest::VmRestore(_) => {
-                not_yet("the VMM cannot save its state yet")
-            }
+            ApiRequest::VmSnapshot(body) => (self.snapshot(body), None),
+            ApiRequest::VmRestore(_) => (
+                Err(ApiError::new(
+                    405,
+                    "this VMM runs a VM already: restore into a new VMM with `cloud-hypervisor --restore source_url=file:///DIR`".to_string(),
+                )),
+                None,
+            ),
             ApiRequest::VmSendMigration(_) | ApiRequest::VmReceiveMigration(_) => {
                 not_yet("the VMM cannot migrate yet")
             }
@@ -727,6 +852,95 @@ impl Vm {
     }
 
     /// Devices first (they serve what waited), then the vCPUs.
+    /// `vm.snapshot`: saves the paused VM into the directory of
+    /// `destination_url` (see [`crate::snapshot`]). The VM stays paused.
+    fn snapshot(&mut self, body: &serde_json::Value) -> ApiResult {
+        if self.state != VmState::Paused {
+            return Err(ApiError::new(
+                405,
+                format!(
+                    "the VM is {}: pause it before a snapshot",
+                    self.state.name()
+                ),
+            ));
+        }
+        let url = body
+            .get("destination_url")
+            .and_then(|u| u.as_str())
+            .ok_or_else(|| ApiError::new(400, "the body needs \"destination_url\"".to_string()))?;
+        let dir = snapshot::url_to_dir(url).map_err(|e| ApiError::new(400, e.to_string()))?;
+        let started = Instant::now();
+        self.save_snapshot(&dir)
+            .map_err(|e| ApiError::new(500, e.to_string()))?;
+        log::info!(
+            "snapshot saved to {} in {} ms",
+            dir.display(),
+            started.elapsed().as_millis()
+        );
+        event_monitor::event("vm", "snapshotted", &[("url", url.to_string())]);
+        Ok(ApiReply::Done)
+    }
+
+    fn save_snapshot(&mut self, dir: &Path) -> Result<(), VmError> {
+        std::fs::create_dir_all(dir).map_err(|source| {
+            VmError::Snapshot(snapshot::SnapshotError::Io {
+                what: "cannot create",
+                path: dir.to_path_buf(),
+                source,
+            })
+        })?;
+        // Each parked vCPU reads its own state (only its thread may).
+        let asked: Vec<u64> = self
+            .threads
+            .iter()
+            .map(|t| t.report.request_save())
+            .collect();
+        let deadline = Instant::now() + STOP_LIMIT;
+        let mut vcpus = Vec::with_capacity(asked.len());
+        for (i, (t, n)) in self.threads.iter().zip(asked).enumerate() {
+            loop {
+                if let Some(s) = t.report.take_saved(n) {
+                    vcpus.push(s.map_err(|e| VmError::Restore(format!("vCPU {i}: {e}")))?);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(VmError::Restore(format!(
+                        "vCPU {i} did not give its state within {} s",
+                        STOP_LIMIT.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let irqchip = IrqchipState::save(&self.vm).map_err(VmError::KvmState)?;
+        let clock = match self.clock {
+            Some(c) => c,
+            None => self.vm.get_clock().map_err(|source| VmError::KvmSetup {
+                what: "the guest clock",
+                source,
+            })?,
+        };
+        let devices =
+            snapshot::snapshot_devices(&self.persistent).map_err(snapshot::SnapshotError::from)?;
+        let mem = self
+            .mem
+            .as_ref()
+            .ok_or_else(|| VmError::Restore("no guest memory".into()))?;
+        let memory = snapshot::save_memory(mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let state = snapshot::VmSnapshot {
+            vcpus,
+            irqchip,
+            clock,
+            serial: self.platform.serial_snapshot(),
+            ged_pending: self.platform.ged().map_or(0, Ged::pending),
+            button_held: self.button_held,
+            devices,
+            memory,
+        };
+        snapshot::save_state(dir, &self.cfg, &state)?;
+        Ok(())
+    }
+
     /// Presses the power button: the GED latches the event and interrupts
     /// the guest, which decides what to do (Linux reports KEY_POWER). On a
     /// paused VM the press is held and delivered at resume, so that nothing

@@ -12,19 +12,21 @@ use vm_migration::GuestMemoryMmap;
 use crate::config::{DiskConfig, VirtioPfConfig};
 use crate::device_manager::DeviceManager;
 use crate::interrupts::MsiManager;
+use crate::snapshot::Persistent;
 use crate::vm::VmError;
 
 /// The first device number used for the configured functions (00:00.0 is
 /// left free, as a host bridge would have it; 00:01.0 too).
 pub const FIRST_DEVICE: u8 = 2;
 
-/// Adds one virtio-blk function per disk at 00:02.0, 00:03.0, ... and
-/// returns the next free device number.
+/// Adds one virtio-blk function per disk at 00:02.0, 00:03.0, ... (each
+/// also to `persistent`) and returns the next free device number.
 pub fn add_disks(
     devices: &DeviceManager,
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     msi: &Arc<MsiManager>,
     disks: &[DiskConfig],
+    persistent: &mut Vec<Persistent>,
 ) -> Result<u8, VmError> {
     let mut slot = FIRST_DEVICE;
     for d in disks {
@@ -43,7 +45,9 @@ pub fn add_disks(
         let mut dev = VirtioPciDevice::new(block, mem.clone(), irq, VirtioPciOptions::default())
             .map_err(|e| disk_err(e.to_string()))?;
         dev.set_label(bdf.to_string());
-        devices.add_function(bdf, Arc::new(Mutex::new(dev)))?;
+        let dev = Arc::new(Mutex::new(dev));
+        devices.add_function(bdf, dev.clone())?;
+        persistent.push(Persistent::Disk(bdf, dev));
         slot += 1;
     }
     Ok(slot)
@@ -73,13 +77,15 @@ pub fn plan_pf_slots(disks: usize, total_vfs: &[u16]) -> Result<Vec<u8>, String>
 
 /// Adds one virtio-pf per `--device virtio-pf` from device number `slot`
 /// on, leaving free the device numbers its VFs will take when the guest
-/// enables them. Returns the next free device number.
+/// enables them (each PF also to `persistent`). Returns the next free
+/// device number.
 pub fn add_virtio_pfs(
     devices: &DeviceManager,
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     msi: &Arc<MsiManager>,
     pfs: &[VirtioPfConfig],
     mut slot: u8,
+    persistent: &mut Vec<Persistent>,
 ) -> Result<u8, VmError> {
     for c in pfs {
         let name = c.id.clone().unwrap_or_else(|| c.disk.display().to_string());
@@ -107,7 +113,8 @@ pub fn add_virtio_pfs(
         .map_err(|e| err(e.to_string()))?;
         let manager: Arc<dyn InterruptManager> = msi.clone();
         let pf = VirtioPf::new(cfg, mem.clone(), manager).map_err(|e| err(e.to_string()))?;
-        devices.add_function(bdf, pf)?;
+        devices.add_function(bdf, pf.clone())?;
+        persistent.push(Persistent::Pf(bdf, pf));
         log::info!("virtio-pf {name} at {bdf}, {} VFs", c.total_vfs);
         slot += 1 + vf_slots;
     }

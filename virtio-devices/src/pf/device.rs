@@ -570,7 +570,7 @@ impl VirtioDevice for PfDevice {
 
 /// Everything of a PF and its VFs the VMM carries across a snapshot or a
 /// migration of the VM that owns them (spec §6).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PfSnapshot {
     /// The PF's function (its configuration space holds the SR-IOV
     /// registers: VF Enable, NumVFs, VF MSE, VF BAR0).
@@ -582,7 +582,7 @@ pub struct PfSnapshot {
 }
 
 /// One VF in a [`PfSnapshot`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VfSnapshot {
     /// VF number (1-based).
     pub number: u16,
@@ -1036,6 +1036,34 @@ impl VirtioPf {
         } else {
             Some(change)
         }
+    }
+}
+
+/// The PF saves itself, its VFs and every member's migration state
+/// (spec §6). Restore goes into a freshly built PF (no VFs yet): the VFs
+/// the saved SR-IOV registers enable are created, and the caller puts them
+/// on the bus ([`VirtioPf::vfs`], [`VirtioPf::vf`]).
+impl vm_migration::Snapshottable for VirtioPf {
+    type State = PfSnapshot;
+
+    fn snapshot(&self) -> Result<PfSnapshot, vm_migration::MigratableError> {
+        VirtioPf::snapshot(self).map_err(|e| {
+            vm_migration::MigratableError::snapshot(format!("virtio-pf {}", self.bdf), e)
+        })
+    }
+
+    fn restore(&mut self, state: &PfSnapshot) -> Result<(), vm_migration::MigratableError> {
+        let bdf = self.bdf;
+        let what = move || format!("virtio-pf {bdf}");
+        if !self.vfs().is_empty() {
+            return Err(vm_migration::MigratableError::restore(
+                what(),
+                "it has VFs already: a restore goes into a freshly built PF",
+            ));
+        }
+        VirtioPf::restore(self, state)
+            .map(|_| ())
+            .map_err(|e| vm_migration::MigratableError::restore(what(), e))
     }
 }
 

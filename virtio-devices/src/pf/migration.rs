@@ -111,7 +111,7 @@ pub enum MigrationError {
 }
 
 /// Everything of a member's migration state the VMM must carry (spec §6).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct MigrationSnapshot {
     /// Mode wire value.
     pub mode: u8,

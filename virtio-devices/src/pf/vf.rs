@@ -284,7 +284,7 @@ impl<D: VirtioDevice> VfFunction<D> {
 /// snapshot or migration of the VM that owns the PF (spec §6): its PCI
 /// configuration space (BAR placement included), MSI-X table and PBA,
 /// virtio state (registers, features, queues and ring positions) and mode.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FunctionSnapshot {
     pub config: pci::PciConfigurationState,
     pub msix: pci::MsixConfigState,
@@ -331,6 +331,22 @@ pub fn restore_function<D: VirtioDevice>(
     dev.set_state(&snap.virtio)?;
     *dev.pci_config_mut() = config;
     Ok(())
+}
+
+/// A virtio PCI function (a `--disk`, or any function of the same shape)
+/// saves and restores its [`FunctionSnapshot`].
+impl<D: VirtioDevice> vm_migration::Snapshottable for VirtioPciDevice<D> {
+    type State = FunctionSnapshot;
+
+    fn snapshot(&self) -> Result<FunctionSnapshot, vm_migration::MigratableError> {
+        Ok(snapshot_function(self))
+    }
+
+    fn restore(&mut self, state: &FunctionSnapshot) -> Result<(), vm_migration::MigratableError> {
+        restore_function(self, state).map_err(|e| {
+            vm_migration::MigratableError::restore(format!("virtio function {}", self.label()), e)
+        })
+    }
 }
 
 impl<D: VirtioDevice> VfFunction<D> {

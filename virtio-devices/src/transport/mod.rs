@@ -174,7 +174,7 @@ impl Default for VirtioPciOptions {
 
 /// How the function treats its driver (spec §4.1, the modes a member
 /// device of a PF may be in).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TransportMode {
     /// Normal operation.
     #[default]
@@ -925,6 +925,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Names the function in events (its BDF).
     pub fn set_label(&mut self, label: impl Into<String>) {
         self.label = label.into();
+    }
+
+    /// The name given by [`VirtioPciDevice::set_label`].
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// Function Level Reset: virtio reset, MSI-X reset and configuration

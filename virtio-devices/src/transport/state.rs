@@ -51,7 +51,7 @@ pub const COMMON_CFG_LEN: usize = 64;
 /// `next_avail` / `next_used` are the device's positions in the available
 /// and used rings (the device's "last avail index" and its used index);
 /// they are meaningful while the queue is enabled and 0 otherwise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfigState {
     /// `queue_size`.
     pub size: u16,
@@ -93,7 +93,7 @@ impl QueueConfigState {
 }
 
 /// The whole virtio state of the transport.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioPciState {
     /// `device_feature_select`.
     pub device_feature_select: u32,

@@ -40,6 +40,17 @@ impl Ged {
         self.irq.write(1)
     }
 
+    /// The latched events, left latched (a snapshot).
+    pub fn pending(&self) -> u8 {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Latches `events` without an interrupt (a restore: the interrupt,
+    /// if the guest had not taken it, is in the restored irqchip).
+    pub fn set_pending(&self, events: u8) {
+        self.pending.store(events, Ordering::Release);
+    }
+
     /// A guest read of the status register: the latched events, cleared.
     pub fn read(&self) -> u8 {
         self.pending.swap(0, Ordering::AcqRel)

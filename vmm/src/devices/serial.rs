@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,11 +24,82 @@ pub struct SerialPort {
     inner: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
 }
 
+/// The registers and pending input of the 16550A, as a snapshot saves them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 impl SerialPort {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialPort {
             inner: Serial::new(EventFdTrigger(irq), out),
         }
+    }
+
+    /// A port in a saved state (restore). The state is checked by
+    /// vm-superio (an input buffer longer than its FIFO is refused).
+    pub fn with_state(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        Serial::from_state(
+            &SerialState::from(state),
+            EventFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map(|inner| SerialPort { inner })
+        .map_err(|e| format!("{e:?}"))
+    }
+
+    /// The registers and pending input.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        self.inner.state().into()
     }
 
     pub fn read(&mut self, offset: u8) -> u8 {
