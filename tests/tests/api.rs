@@ -17,7 +17,8 @@ while :; do echo "@@T:BEAT=$i $(cut -d' ' -f1 /proc/uptime)@@"; i=$((i + 1)); sl
 "#;
 
 /// Beside the VMM: wait for the API, then for the guest; ping, info, a
-/// request the VMM cannot do yet, a bad subcommand, then shutdown.
+/// request the VM's state does not allow (a snapshot of a running VM), a
+/// bad subcommand, then shutdown.
 const DURING: &str = r#"S=api.sock
 n=0
 until ch-remote --api-socket $S ping > ping.json 2> ping.err; do
@@ -129,10 +130,10 @@ fn ch_remote_pings_reads_info_and_shuts_down_a_running_vm() {
 
     let snap = marker(&out, "SNAPSHOT");
     assert!(
-        snap.starts_with("1 Error running command: Server responded with an error: 500"),
+        snap.starts_with("1 Error running command: Server responded with an error: 405"),
         "{snap}"
     );
-    assert!(snap.contains("not supported yet"), "{snap}");
+    assert!(snap.contains("pause it before a snapshot"), "{snap}");
     assert_eq!(marker(&out, "BAD-SUBCOMMAND"), "2", "{sum}");
 
     assert_eq!(marker(&out, "SHUTDOWN"), "0", "{sum}");

@@ -63,7 +63,25 @@ ch-remote --api-socket $S snapshot file://$PWD/snap; echo "@@T:SNAPSHOT=$?@@"
 echo "@@T:SNAPSHOT-FILES=$(ls snap | tr '\n' ' ')@@"
 ch-remote --api-socket $S shutdown-vmm; echo "@@T:FIRST-DOWN=$?@@"
 n=0; while [ -e $S ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-sleep 1
+R="cloud-hypervisor --restore source_url=file://$PWD/snap --api-socket b.sock"
+# Damaged copies: each must fail with one error line and no VM.
+cp snap/state.bin state.good
+head -c 100 state.good > snap/state.bin
+$R > bad.out 2>&1; echo "@@T:BAD-TRUNCATED=$? $(cat bad.out)@@"
+cp state.good snap/state.bin
+printf '\011' | dd of=snap/state.bin bs=1 seek=8 conv=notrunc 2> /dev/null
+$R > bad.out 2>&1; echo "@@T:BAD-VERSION=$? $(cat bad.out)@@"
+cp state.good snap/state.bin
+cp snap/config.json config.good
+sed 's/536870912/268435456/' config.good > snap/config.json
+$R > bad.out 2>&1; echo "@@T:BAD-MISMATCH=$? $(cat bad.out)@@"
+cp config.good snap/config.json
+AT=104857600
+dd if=snap/memory.bin of=byte.orig bs=1 skip=$AT count=1 2> /dev/null
+if [ "$(cat byte.orig)" = X ]; then c=Y; else c=X; fi
+printf $c | dd of=snap/memory.bin bs=1 seek=$AT conv=notrunc 2> /dev/null
+$R > bad.out 2>&1; echo "@@T:BAD-MEMORY=$? $(cat bad.out)@@"
+dd if=byte.orig of=snap/memory.bin bs=1 seek=$AT conv=notrunc 2> /dev/null
 echo "@@T:RESTORING@@"
 cloud-hypervisor -v --log-file restore.log --restore source_url=file://$PWD/snap --api-socket r.sock &
 V2=$!
@@ -142,6 +160,25 @@ fn a_restored_snapshot_carries_on_with_its_counter_disk_data_and_vfs() {
     let files = marker(&out, "SNAPSHOT-FILES");
     for f in ["config.json", "memory.bin", "state.bin"] {
         assert!(files.contains(f), "{f} in {files}");
+    }
+    // Damaged snapshots: status 1, one error line saying what is wrong.
+    for (k, why) in [
+        ("BAD-TRUNCATED", "state.bin: truncated"),
+        ("BAD-VERSION", "format version 9, this VMM reads version 1"),
+        (
+            "BAD-MISMATCH",
+            "the configuration has 268435456 bytes of memory, the state 536870912",
+        ),
+        (
+            "BAD-MEMORY",
+            "memory.bin: checksum mismatch: the memory is corrupted",
+        ),
+    ] {
+        let got = marker(&out, k);
+        assert!(
+            got.starts_with("1 Error: ") && got.contains(why),
+            "{k}: {got}\n{sum}"
+        );
     }
     let info: serde_json::Value = serde_json::from_str(&marker(&out, "RESTORED-INFO"))
         .unwrap_or_else(|e| panic!("info: {e}\n{sum}"));

@@ -364,6 +364,89 @@ mod tests {
         }
     }
 
+    fn config(cpus: u8, size: u64) -> VmConfig {
+        use crate::config::{CpusConfig, DeviceConfig, MemoryConfig, OutputConfig};
+        VmConfig {
+            kernel: PathBuf::from("/k"),
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            cpus: CpusConfig::parse(&format!("boot={cpus}")).unwrap(),
+            memory: MemoryConfig::parse(&format!("size={size}")).unwrap(),
+            disks: Vec::new(),
+            devices: vec![DeviceConfig::parse(
+                "virtio-pf,id=pf0,member=blk,total_vfs=2,disk=pf.img,vf_disk=vf%n.img",
+            )
+            .unwrap()],
+            serial: OutputConfig::Tty,
+            api_socket: None,
+        }
+    }
+
+    fn state(vcpus: u8, size: u64) -> VmSnapshot {
+        VmSnapshot {
+            vcpus: (0..vcpus)
+                .map(|id| VcpuState {
+                    id,
+                    regs: Default::default(),
+                    sregs: Default::default(),
+                    xsave: Default::default(),
+                    xcrs: Default::default(),
+                    debugregs: Default::default(),
+                    lapic: Default::default(),
+                    msrs: vec![Default::default(); 3],
+                    events: Default::default(),
+                    mp_state: Default::default(),
+                })
+                .collect(),
+            irqchip: IrqchipState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+            },
+            clock: Default::default(),
+            serial: None,
+            ged_pending: 1,
+            button_held: true,
+            devices: Vec::new(),
+            memory: MemoryLayout {
+                regions: vec![(0, size)],
+                crc32: 7,
+            },
+        }
+    }
+
+    #[test]
+    fn the_state_and_configuration_round_trip_and_mismatches_are_refused() {
+        let dir = std::env::temp_dir().join(format!("ch-snap-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        save_state(&dir, &config(2, 1 << 30), &state(2, 1 << 30)).unwrap();
+        let (cfg, st) = load_state(&dir).unwrap();
+        assert_eq!(cfg.devices, config(2, 1 << 30).devices);
+        assert_eq!(cfg.cpus, config(2, 1 << 30).cpus);
+        assert_eq!(
+            (st.vcpus.len(), st.vcpus[1].id, st.vcpus[0].msrs.len()),
+            (2, 1, 3)
+        );
+        assert_eq!((st.ged_pending, st.button_held), (1, true));
+        assert_eq!(st.memory.regions, vec![(0, 1 << 30)]);
+
+        save_state(&dir, &config(2, 1 << 30), &state(1, 1 << 30)).unwrap();
+        let e = load_state(&dir).err().unwrap().to_string();
+        assert!(e.contains("2 vCPUs, the state 1"), "{e}");
+        save_state(&dir, &config(1, 1 << 30), &state(1, 1 << 29)).unwrap();
+        let e = load_state(&dir).err().unwrap().to_string();
+        assert!(e.contains("bytes of memory"), "{e}");
+
+        std::fs::write(dir.join(CONFIG_FILE), b"{\"kernel\": 1}").unwrap();
+        assert!(matches!(
+            load_state(&dir),
+            Err(SnapshotError::Config { .. })
+        ));
+        std::fs::remove_file(dir.join(CONFIG_FILE)).unwrap();
+        assert!(matches!(load_state(&dir), Err(SnapshotError::Io { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 1 << 20),

@@ -199,3 +199,36 @@ fn bad_virtio_pf_options_are_refused() {
         "no such file",
     );
 }
+
+#[test]
+fn restore_errors_are_one_line_and_no_vm() {
+    let d = scratch("restore");
+    let url = format!("file://{}", d.display());
+    let src = format!("source_url={url}");
+    fails_with(&["--restore", &src], "--restore needs --api-socket");
+    fails_with(
+        &["--restore", &src, "--kernel", "/k"],
+        "cannot be used with",
+    );
+    fails_with(
+        &["--restore", "source_url=/tmp/x", "--api-socket", "/tmp/s"],
+        "not a snapshot URL",
+    );
+    fails_with(
+        &["--restore", "url=x", "--api-socket", "/tmp/s"],
+        "--restore",
+    );
+    let sock = d.join("api.sock");
+    let sock = sock.to_str().unwrap();
+    // An empty directory: no configuration.
+    fails_with(&["--restore", &src, "--api-socket", sock], "config.json");
+    // A configuration but a state that is not one.
+    std::fs::write(d.join("config.json"), b"not json").unwrap();
+    fails_with(
+        &["--restore", &src, "--api-socket", sock],
+        "not a configuration of this VMM",
+    );
+    let out = ch(&["--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--restore"));
+    let _ = std::fs::remove_dir_all(&d);
+}
