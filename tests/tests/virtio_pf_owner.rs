@@ -13,12 +13,14 @@
 //! host after the VMM exited equals the workload's FINAL lines, the write
 //! records cover every page the device wrote while recording.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use tests::checks::boot;
-use tests::pattern::pattern;
+use tests::workload::{
+    check_finals, field, json_hex_list, json_value, num, parse_archive, requests,
+};
 use tests::{RunOutput, Scenario};
 
 const MIB: usize = 1024 * 1024;
@@ -128,24 +130,6 @@ fn boot_once() -> Run {
     Run { out, files }
 }
 
-fn parse_archive(bytes: &[u8]) -> BTreeMap<String, String> {
-    let mut files = BTreeMap::new();
-    let mut at = 0;
-    while let Some(nl) = bytes[at..].iter().position(|&b| b == b'\n') {
-        let header = String::from_utf8_lossy(&bytes[at..at + nl]).to_string();
-        at += nl + 1;
-        let f: Vec<&str> = header.split_whitespace().collect();
-        if f.len() != 3 || f[0] != "VPFFILE" {
-            break;
-        }
-        let len: usize = f[2].parse().expect("archive size");
-        let body = String::from_utf8_lossy(&bytes[at..at + len]).to_string();
-        files.insert(f[1].to_string(), body);
-        at += len;
-    }
-    files
-}
-
 impl Run {
     fn sum(&self) -> String {
         self.out.summary()
@@ -207,108 +191,6 @@ impl Run {
             })
             .unwrap_or_else(|| panic!("the guest printed no {prefix} line\n{}", self.sum()))
     }
-}
-
-/// `key=value` of a log line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .skip(1)
-        .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-}
-
-fn num(s: &str) -> u64 {
-    if let Some(h) = s.strip_prefix("0x") {
-        u64::from_str_radix(h, 16).unwrap_or_else(|_| panic!("bad number {s}"))
-    } else {
-        s.parse().unwrap_or_else(|_| panic!("bad number {s}"))
-    }
-}
-
-/// The value of `"key":` in one-line JSON: a number, a string, or (for `[`)
-/// the raw list text.
-fn json_value(json: &str, key: &str) -> Option<String> {
-    let pat = format!("\"{key}\":");
-    let i = json.find(&pat)? + pat.len();
-    let rest = &json[i..];
-    let end = if rest.starts_with('[') {
-        rest.find(']')? + 1
-    } else if let Some(r) = rest.strip_prefix('"') {
-        return Some(r[..r.find('"')?].to_string());
-    } else {
-        rest.find([',', '}']).unwrap_or(rest.len())
-    };
-    Some(rest[..end].to_string())
-}
-
-fn json_hex_list(list: &str) -> BTreeSet<u64> {
-    list.trim_matches(|c| c == '[' || c == ']')
-        .split(',')
-        .map(|s| s.trim().trim_matches('"'))
-        .filter(|s| !s.is_empty())
-        .map(num)
-        .collect()
-}
-
-struct Request {
-    submit_t: u64,
-    done: Vec<(u64, String, Vec<u64>)>,
-}
-
-/// Requests of a workload log by id: SUBMIT time, and every DONE (time,
-/// device, pages written).
-fn requests(log: &str) -> BTreeMap<u64, Request> {
-    let mut m: BTreeMap<u64, Request> = BTreeMap::new();
-    for l in log.lines() {
-        if l.starts_with("SUBMIT ") {
-            let id = num(field(l, "id").expect("SUBMIT id"));
-            let t = num(field(l, "t").expect("SUBMIT t"));
-            let prev = m.insert(
-                id,
-                Request {
-                    submit_t: t,
-                    done: Vec::new(),
-                },
-            );
-            assert!(prev.is_none(), "request {id} submitted twice");
-        } else if l.starts_with("DONE ") {
-            let id = num(field(l, "id").expect("DONE id"));
-            let t = num(field(l, "t").expect("DONE t"));
-            let dev = field(l, "dev").unwrap_or("").to_string();
-            let pages = field(l, "wpages")
-                .unwrap_or("")
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(num)
-                .collect();
-            m.entry(id)
-                .or_insert(Request {
-                    submit_t: u64::MAX,
-                    done: Vec::new(),
-                })
-                .done
-                .push((t, dev, pages));
-        }
-    }
-    m
-}
-
-/// Each FINAL line's block of `disk` holds `pattern(dseed, bytes)`;
-/// returns how many blocks were checked (at least one).
-fn check_finals(log: &str, disk: &[u8]) -> usize {
-    let mut blocks = 0;
-    for l in log.lines().filter(|l| l.starts_with("FINAL ")) {
-        let sector = num(field(l, "sector").unwrap()) as usize;
-        let bytes = num(field(l, "bytes").unwrap()) as usize;
-        let dseed = num(field(l, "dseed").unwrap());
-        let at = sector * 512;
-        assert!(
-            disk[at..at + bytes] == pattern(dseed, bytes)[..],
-            "{VF_DISK} at sector {sector} does not hold the data of {l}"
-        );
-        blocks += 1;
-    }
-    assert!(blocks > 0, "no FINAL lines in the workload log");
-    blocks
 }
 
 // (a) Userspace owner: every admin command and the error cases, status and
@@ -568,7 +450,7 @@ fn member_migration_under_load() {
     // The backing file, read from the host after the VMM exited, holds each
     // block's last completed write.
     let disk = r.out.read_file(VF_DISK).expect("read back the VF disk");
-    let blocks = check_finals(log, &disk);
+    let blocks = check_finals(log, &disk, VF_DISK);
     // And the migration back (VF2 -> VF1, the context in 64-byte reads
     // and 50-byte writes; exactly once, its blocks).
     let back_json = r.file("back.json");
@@ -587,7 +469,7 @@ fn member_migration_under_load() {
     for (id, q) in requests(back) {
         assert_eq!(q.done.len(), 1, "migration back: request {id}");
     }
-    check_finals(back, &disk);
+    check_finals(back, &disk, VF_DISK);
     // The same FINAL lines were printed on the console.
     let printed: Vec<String> = r
         .out
@@ -687,7 +569,6 @@ fn garbage_does_not_hurt_vmm_or_other_vfs() {
     );
 }
 
-// The host-side parsers the checks above rely on (no guest).
 /// An owner that dies in the middle of a migration (after each phase,
 /// leaving members in Stop or Freeze, recording on, streams half done) is
 /// recovered by the next owner with discard, records stop and Active, and
@@ -721,36 +602,4 @@ fn an_owner_that_dies_mid_migration_is_recovered_by_the_next() {
         .filter(|(k, v)| k.starts_with("recover-after-") && v != "ok")
         .collect();
     assert!(failed.is_empty(), "recovery commands failed: {failed:?}");
-}
-
-#[test]
-fn host_side_parsers() {
-    let mut arch = b"VPFFILE a.log 3\nx\nyVPFFILE b.json 2\n{}VPFEND\n".to_vec();
-    arch.extend_from_slice(&[0u8; 64]);
-    let files = parse_archive(&arch);
-    assert_eq!(files.get("a.log").map(String::as_str), Some("x\ny"));
-    assert_eq!(files.get("b.json").map(String::as_str), Some("{}"));
-    assert_eq!(files.len(), 2);
-
-    let log = "SUBMIT t=5 id=1 op=W\nSUBMIT t=6 id=2 op=W\nDONE t=9 id=1 op=W dev=A wpages=0x1000,0x2000\nDONE t=10 id=1 op=W dev=B wpages=\n";
-    let r = requests(log);
-    assert_eq!(r[&1].submit_t, 5);
-    assert_eq!(
-        r[&1].done.len(),
-        2,
-        "a duplicate completion is kept, so the check sees it"
-    );
-    assert_eq!(r[&1].done[0].2, vec![0x1000, 0x2000]);
-    assert!(r[&2].done.is_empty());
-
-    let j = r#"{"ok":true,"count":3,"pages":["0x1000","0x3000"],"mode":"stop","t":12}"#;
-    assert_eq!(json_value(j, "ok").as_deref(), Some("true"));
-    assert_eq!(json_value(j, "mode").as_deref(), Some("stop"));
-    assert_eq!(json_value(j, "t").as_deref(), Some("12"));
-    assert_eq!(
-        json_hex_list(&json_value(j, "pages").unwrap()),
-        BTreeSet::from([0x1000, 0x3000])
-    );
-    assert_eq!(field("DONE t=9 id=1 dev=A", "id"), Some("1"));
-    assert_eq!(field("DONE t=9 xid=7 id=1", "id"), Some("1"));
 }

@@ -7,6 +7,7 @@
 //! write records from the same path (see [`dirty`]).
 
 pub mod dirty;
+pub mod protocol;
 pub mod state;
 
 pub use dirty::{

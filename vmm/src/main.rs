@@ -22,9 +22,10 @@ use vmm::config::{
     long_about = None
 )]
 struct Cli {
-    /// Kernel to boot: a bzImage (64-bit boot protocol). Required unless
-    /// --restore.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    /// Kernel to boot: a bzImage (64-bit boot protocol). Without it (and
+    /// without --restore) the VMM starts with no VM and serves
+    /// --api-socket until vm.receive-migration or vm.restore brings one.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "api_socket"])]
     kernel: Option<PathBuf>,
 
     /// Restore a snapshot instead of booting: "source_url=file:///<dir>"
@@ -107,6 +108,8 @@ enum MainError {
     Config(#[from] ConfigError),
     #[error("--kernel {0}: no such file")]
     NoKernel(String),
+    #[error("--kernel is required for a VM's devices (without a VM, give only --api-socket)")]
+    KernelRequired,
     #[error("--initramfs {0}: no such file")]
     NoInitramfs(String),
     #[error("--device: {0}")]
@@ -279,9 +282,10 @@ fn main() -> ExitCode {
     }
     logger.init();
 
-    let result = setup(&cli).and_then(|()| match &cli.restore {
-        Some(r) => restore(&cli, r),
-        None => Ok(vm::run(&build_config(&cli)?)?),
+    let result = setup(&cli).and_then(|()| match (&cli.restore, &cli.kernel) {
+        (Some(r), _) => restore(&cli, r),
+        (None, None) => standby(&cli),
+        (None, Some(_)) => Ok(vm::run(&build_config(&cli)?)?),
     });
     match result {
         Ok(reason) => {
@@ -315,6 +319,20 @@ fn restore(cli: &Cli, option: &str) -> Result<vmm::platform::ExitReason, MainErr
     let mut vm = vm::Vm::restore(&dir, api)?;
     vm.boot()?;
     Ok(vm.run()?)
+}
+
+/// No VM yet: serve the API until a migration or a restore brings one.
+fn standby(cli: &Cli) -> Result<vmm::platform::ExitReason, MainError> {
+    if cli.initramfs.is_some() || !cli.disk.is_empty() || !cli.device.is_empty() {
+        return Err(MainError::KernelRequired);
+    }
+    let api = cli
+        .api_socket
+        .as_deref()
+        .map(|s| PathOrFd::parse("--api-socket", s))
+        .transpose()?
+        .ok_or(MainError::KernelRequired)?;
+    Ok(vm::serve_standby(&api)?)
 }
 
 /// Seccomp mode and the event monitor, before any VM.

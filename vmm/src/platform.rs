@@ -83,6 +83,17 @@ impl Platform {
         self.serial.as_ref().map(|s| lock(s).snapshot())
     }
 
+    /// Puts COM1 in a saved state (restore; the VM has not started).
+    pub fn restore_serial(
+        &self,
+        state: &crate::devices::serial::SerialSnapshot,
+    ) -> Result<(), String> {
+        match &self.serial {
+            Some(s) => lock(s).restore(state),
+            None => Ok(()),
+        }
+    }
+
     /// Host input for the serial port.
     pub fn serial_input(&self, bytes: &[u8]) {
         if let Some(s) = &self.serial {

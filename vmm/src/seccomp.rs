@@ -150,6 +150,14 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_mkdirat,
                 libc::SYS_fsync,
                 libc::SYS_fdatasync,
+                // Sending a migration.
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_sendto,
+                libc::SYS_recvfrom,
+                libc::SYS_setsockopt,
+                libc::SYS_getsockopt,
+                libc::SYS_shutdown,
             ]);
         }
         ThreadKind::Vcpu => {

@@ -32,7 +32,13 @@ use crate::interrupts::{InterruptError, KvmInterruptManager, MsiManager};
 use crate::pause::PauseGate;
 use crate::platform::{ExitReason, Platform};
 use crate::snapshot;
+
+mod migrate;
+mod standby;
+
 use crate::vcpu::{self, Vcpu, VcpuError};
+pub use migrate::{MigrationError, MigrationStats, MigrationUrl};
+pub use standby::serve_standby;
 
 /// Everything needed to build a VM (saved in a snapshot as `config.json`;
 /// the API socket belongs to the VMM process, not to the VM, and is not).
@@ -317,8 +323,11 @@ pub struct Vm {
     button_held: bool,
     /// The PCI functions a snapshot saves, in configuration order.
     persistent: Vec<snapshot::Persistent>,
-    /// Built from a snapshot: [`Vm::boot`] starts it paused.
+    /// Built from a snapshot or a migration: [`Vm::boot`] starts it
+    /// paused.
     restored: bool,
+    /// Received by migration: resumed as soon as it has booted.
+    incoming: bool,
     dumps: u64,
 }
 
@@ -330,17 +339,20 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, VmError> {
     vm.run()
 }
 
-/// A snapshot to restore instead of booting (see [`Vm::restore`]).
-pub struct Restore {
-    pub dir: PathBuf,
-    pub state: snapshot::VmSnapshot,
+/// What guest memory starts with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Payload {
+    /// ACPI tables and the kernel: the VM boots.
+    Boot,
+    /// Nothing: memory and state come from a snapshot or a migration.
+    Empty,
 }
 
 impl Vm {
     /// Builds the VM: KVM, guest memory, devices, ACPI tables, the kernel
     /// and the vCPUs. Nothing runs yet.
     pub fn new(cfg: &VmConfig) -> Result<Vm, VmError> {
-        Self::build(cfg, None)
+        Self::build(cfg, Payload::Boot)
     }
 
     /// Builds the VM of a snapshot directory (its `config.json`, with the
@@ -350,14 +362,73 @@ impl Vm {
     pub fn restore(dir: &Path, api_socket: Option<ApiSocketConfig>) -> Result<Vm, VmError> {
         let (mut cfg, state) = snapshot::load_state(dir)?;
         cfg.api_socket = api_socket;
-        let restore = Restore {
-            dir: dir.to_path_buf(),
-            state,
-        };
-        Self::build(&cfg, Some(restore))
+        let mut vm = Self::build(&cfg, Payload::Empty)?;
+        let t = Instant::now();
+        let mem = vm
+            .mem
+            .as_ref()
+            .ok_or_else(|| VmError::Restore("no guest memory".into()))?;
+        snapshot::restore_memory(mem, &state.memory, &dir.join(snapshot::MEMORY_FILE))?;
+        log::info!("restore: guest memory in {} ms", t.elapsed().as_millis());
+        vm.apply_state(&state)?;
+        Ok(vm)
     }
 
-    fn build(cfg: &VmConfig, restore: Option<Restore>) -> Result<Vm, VmError> {
+    /// Puts a saved state (all but memory) into a VM built with
+    /// [`Payload::Empty`] that has not started: COM1, the GED, the PCI
+    /// functions (a PF creates the VFs its saved SR-IOV registers enable,
+    /// and they go on the bus), then the interrupt controllers and the
+    /// vCPUs. [`Vm::boot`] then starts it paused.
+    fn apply_state(&mut self, st: &snapshot::VmSnapshot) -> Result<(), VmError> {
+        if self.state != VmState::Created || self.vcpus.len() != st.vcpus.len() {
+            return Err(VmError::Restore(format!(
+                "the state has {} vCPUs, the VM {}",
+                st.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        if let Some(serial) = &st.serial {
+            self.platform
+                .restore_serial(serial)
+                .map_err(|e| VmError::Restore(format!("COM1: {e}")))?;
+        }
+        if let Some(ged) = self.platform.ged() {
+            ged.set_pending(st.ged_pending);
+        }
+        log::info!("restore: {} PCI devices", self.persistent.len());
+        snapshot::restore_devices(&self.persistent, &st.devices)?;
+        for p in &self.persistent {
+            if let snapshot::Persistent::Pf(_, pf) = p {
+                // Taken out of the PF's lock first: the bus locks
+                // functions (the PF among them) when one is added.
+                let vfs: Vec<_> = {
+                    let pf = pf.lock().unwrap_or_else(|e| e.into_inner());
+                    pf.vfs()
+                        .into_iter()
+                        .filter_map(|(n, bdf)| Some((bdf, pf.vf(n)?)))
+                        .collect()
+                };
+                for (bdf, vf) in vfs {
+                    self.devices.add_restored_function(bdf, vf)?;
+                }
+            }
+        }
+        self.devices.refresh_doorbells();
+        st.irqchip.restore(&self.vm).map_err(VmError::KvmState)?;
+        for (v, s) in self.vcpus.iter().zip(&st.vcpus) {
+            v.restore(s).map_err(VmError::KvmState)?;
+        }
+        self.clock = Some(st.clock);
+        self.button_held = st.button_held;
+        self.restored = true;
+        log::info!(
+            "restore: devices, irqchip and {} vCPUs restored",
+            self.vcpus.len()
+        );
+        Ok(())
+    }
+
+    fn build(cfg: &VmConfig, payload: Payload) -> Result<Vm, VmError> {
         let started = Instant::now();
         // Before any thread exists, so that every thread blocks SIGUSR1.
         let signals = SignalFd::new(&[libc::SIGUSR1]).map_err(VmError::Signals)?;
@@ -395,13 +466,7 @@ impl Vm {
                     })?;
                 let (buffered, thread) = BufferedOutput::spawn(out).map_err(VmError::Spawn)?;
                 serial_thread = Some(thread);
-                match restore.as_ref().and_then(|r| r.state.serial.as_ref()) {
-                    Some(st) => Some(
-                        SerialPort::with_state(evt, Box::new(buffered), st)
-                            .map_err(|e| VmError::Restore(format!("COM1: {e}")))?,
-                    ),
-                    None => Some(SerialPort::new(evt, Box::new(buffered))),
-                }
+                Some(SerialPort::new(evt, Box::new(buffered)))
             }
             None => None,
         };
@@ -423,8 +488,8 @@ impl Vm {
             .collect();
         crate::wiring::add_virtio_pfs(&devices, &mem_atomic, &msi, &pfs, next, &mut persistent)?;
 
-        let entry = match &restore {
-            None => {
+        let entry = match payload {
+            Payload::Boot => {
                 acpi::create_acpi_tables(
                     &mem,
                     &acpi::AcpiConfig {
@@ -440,17 +505,7 @@ impl Vm {
                     &cfg.cmdline,
                 )?)
             }
-            // Memory (tables and kernel included) comes from the snapshot.
-            Some(r) => {
-                let t = Instant::now();
-                snapshot::restore_memory(
-                    &mem,
-                    &r.state.memory,
-                    &r.dir.join(snapshot::MEMORY_FILE),
-                )?;
-                log::info!("restore: guest memory in {} ms", t.elapsed().as_millis());
-                None
-            }
+            Payload::Empty => None,
         };
 
         let exit_evt = EventFd::new(0).map_err(VmError::EventFd)?;
@@ -463,9 +518,6 @@ impl Vm {
                 source,
             })?;
         let ged = Ged::new(ged_evt);
-        if let Some(r) = &restore {
-            ged.set_pending(r.state.ged_pending);
-        }
         let platform = Arc::new(Platform::new(serial, Some(ged), devices, exit_evt));
 
         vcpu::install_kick_handler()?;
@@ -476,45 +528,6 @@ impl Vm {
             let mut v = Vcpu::new(&kvm, &vm, id, cfg.cpus.boot, entry.filter(|_| id == 0))?;
             v.set_msr_indices(msr_indices.clone());
             vcpus.push(v);
-        }
-        let mut clock = None;
-        let mut button_held = false;
-        if let Some(r) = &restore {
-            // The functions first (a PF creates the VFs its saved SR-IOV
-            // registers enable, and they go on the bus), then the
-            // interrupt controllers and the vCPUs.
-            let devices = platform.devices_arc();
-            log::info!("restore: {} PCI devices", persistent.len());
-            snapshot::restore_devices(&persistent, &r.state.devices)?;
-            log::info!("restore: PCI devices restored");
-            for p in &persistent {
-                if let snapshot::Persistent::Pf(_, pf) = p {
-                    // Taken out of the PF's lock first: the bus locks
-                    // functions (the PF among them) when one is added.
-                    let vfs: Vec<_> = {
-                        let pf = pf.lock().unwrap_or_else(|e| e.into_inner());
-                        pf.vfs()
-                            .into_iter()
-                            .filter_map(|(n, bdf)| Some((bdf, pf.vf(n)?)))
-                            .collect()
-                    };
-                    for (bdf, vf) in vfs {
-                        devices.add_restored_function(bdf, vf)?;
-                    }
-                }
-            }
-            devices.refresh_doorbells();
-            log::info!("restore: VFs on the bus, doorbells registered");
-            r.state.irqchip.restore(&vm).map_err(VmError::KvmState)?;
-            for (v, st) in vcpus.iter().zip(&r.state.vcpus) {
-                v.restore(st).map_err(VmError::KvmState)?;
-            }
-            clock = Some(r.state.clock);
-            button_held = r.state.button_held;
-            log::info!(
-                "restore: devices, irqchip and {} vCPUs restored",
-                vcpus.len()
-            );
         }
         let watch = crate::watchdog::ExitWatch::new(vcpus.len());
         let devices_arc = platform.devices_arc();
@@ -537,16 +550,23 @@ impl Vm {
             stop,
             vcpu_gate: Arc::new(PauseGate::new()),
             api: None,
-            clock,
-            button_held,
+            clock: None,
+            button_held: false,
             persistent,
-            restored: restore.is_some(),
+            restored: false,
+            incoming: false,
             dumps: 0,
         })
     }
 
     pub fn state(&self) -> VmState {
         self.state
+    }
+
+    /// Serves an API socket that was opened before the VM existed (the
+    /// VMM started without a VM and received or restored this one).
+    fn attach_api(&mut self, api: ApiEnd) {
+        self.api = Some(api);
     }
 
     /// Starts the device thread, the watchdog, the vCPUs, the serial input
@@ -589,7 +609,7 @@ impl Vm {
             self.state = VmState::Running;
             event_monitor::event("vm", "booted", &[]);
         }
-        if let Some(sock) = &self.cfg.api_socket {
+        if let (None, Some(sock)) = (&self.api, &self.cfg.api_socket) {
             self.api = Some(start_api(sock)?);
         }
         Ok(())
@@ -730,18 +750,10 @@ fn start_api(sock: &ApiSocketConfig) -> Result<ApiEnd, VmError> {
 impl Vm {
     /// Carries out one API request.
     fn handle(&mut self, req: &ApiRequest) -> (ApiResult, AfterResponse) {
-        let exit_after = |reason: ExitReason| -> AfterResponse {
-            let p = self.platform.clone();
+        let platform = self.platform.clone();
+        let exit_after = move |reason: ExitReason| -> AfterResponse {
+            let p = platform.clone();
             Some(Box::new(move || p.request_exit(reason)))
-        };
-        let not_yet = |why: &str| -> (ApiResult, AfterResponse) {
-            (
-                Err(ApiError::new(
-                    500,
-                    format!("{} is not supported yet: {why}", req.endpoint()),
-                )),
-                None,
-            )
         };
         match req {
             ApiRequest::VmmPing => (
@@ -791,9 +803,17 @@ impl Vm {
                 )),
                 None,
             ),
-            ApiRequest::VmSendMigration(_) | ApiRequest::VmReceiveMigration(_) => {
-                not_yet("the VMM cannot migrate yet")
+            ApiRequest::VmSendMigration(body) => {
+                let (r, done) = self.send_migration(body);
+                (r, if done { exit_after(ExitReason::PowerOff) } else { None })
             }
+            ApiRequest::VmReceiveMigration(_) => (
+                Err(ApiError::new(
+                    405,
+                    "this VMM runs a VM already: receive into a VMM started with only --api-socket",
+                )),
+                None,
+            ),
         }
     }
 
@@ -889,7 +909,23 @@ impl Vm {
                 source,
             })
         })?;
-        // Each parked vCPU reads its own state (only its thread may).
+        let mem = self
+            .mem
+            .clone()
+            .ok_or_else(|| VmError::Restore("no guest memory".into()))?;
+        let memory = snapshot::save_memory(&mem, &dir.join(snapshot::MEMORY_FILE))?;
+        let state = self.collect_state(memory)?;
+        snapshot::save_state(dir, &self.cfg, &state)?;
+        Ok(())
+    }
+
+    /// Everything of the paused VM but its memory: each parked vCPU reads
+    /// its own state (only its thread may), then the irqchip, the clock the
+    /// pause froze, COM1, the GED and every PCI function.
+    fn collect_state(
+        &mut self,
+        memory: snapshot::MemoryLayout,
+    ) -> Result<snapshot::VmSnapshot, VmError> {
         let asked: Vec<u64> = self
             .threads
             .iter()
@@ -922,12 +958,7 @@ impl Vm {
         };
         let devices =
             snapshot::snapshot_devices(&self.persistent).map_err(snapshot::SnapshotError::from)?;
-        let mem = self
-            .mem
-            .as_ref()
-            .ok_or_else(|| VmError::Restore("no guest memory".into()))?;
-        let memory = snapshot::save_memory(mem, &dir.join(snapshot::MEMORY_FILE))?;
-        let state = snapshot::VmSnapshot {
+        Ok(snapshot::VmSnapshot {
             vcpus,
             irqchip,
             clock,
@@ -936,9 +967,7 @@ impl Vm {
             button_held: self.button_held,
             devices,
             memory,
-        };
-        snapshot::save_state(dir, &self.cfg, &state)?;
-        Ok(())
+        })
     }
 
     /// Presses the power button: the GED latches the event and interrupts

@@ -340,6 +340,10 @@ enum Cmd {
         /// completed (0 = do not finish on that account).
         #[arg(long, default_value_t = 0)]
         after_move: u64,
+        /// Most requests submitted per second (0 = as fast as the device
+        /// completes them), for long runs with a log of bounded size.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
         /// Pattern seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -581,6 +585,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
             queue_size,
             requests,
             after_move,
+            rate,
             seed,
         } => {
             let o = workload::WorkloadOpts {
@@ -594,6 +599,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
                 queue_size: *queue_size,
                 requests: *requests,
                 after_move: *after_move,
+                rate: *rate,
                 seed: *seed,
                 stall_timeout: Duration::from_millis(cli.timeout_ms),
                 bind: cli.bind,

@@ -721,6 +721,53 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
 }
 
+/// A workload on VF1 (4 in flight, 16 blocks), logging to `log`.
+fn workload_opts(log: &std::path::Path) -> crate::workload::WorkloadOpts {
+    crate::workload::WorkloadOpts {
+        vf: "0000:00:04.1".into(),
+        log: log.to_path_buf(),
+        state_dir: None,
+        start_sector: 8,
+        blocks: 16,
+        block_bytes: 4096,
+        inflight: 4,
+        queue_size: 16,
+        requests: 0,
+        after_move: 0,
+        rate: 0,
+        seed: 5,
+        stall_timeout: Duration::from_secs(20),
+        bind: false,
+    }
+}
+
+/// `--rate`: 30 requests at 300 per second take at least 29 intervals,
+/// and every one completes and verifies.
+#[test]
+fn the_workload_keeps_to_its_rate() {
+    let r = rig("rate");
+    r.enable_vfs(1);
+    let log = r._dir.join("rate.log");
+    let opts = crate::workload::WorkloadOpts {
+        requests: 30,
+        rate: 300,
+        ..workload_opts(&log)
+    };
+    let t = std::time::Instant::now();
+    let sum = crate::workload::run_on(
+        &ModelPlatform {
+            pf: r.pf.clone(),
+            gm: r.gm.clone(),
+        },
+        &opts,
+    )
+    .unwrap();
+    let took = t.elapsed();
+    assert_eq!((sum.submitted, sum.completed), (30, 30));
+    assert_eq!((sum.verify_failures, sum.status_errors), (0, 0));
+    assert!(took >= Duration::from_millis(29 * 1000 / 300), "{took:?}");
+}
+
 /// The real workload loop (`workload::run_on`) on VF1 in a thread while
 /// `migrate` moves its member to VF2 and the test script's part is played
 /// by hand: wait for `ready`, migrate with the published ranges, write
@@ -735,19 +782,9 @@ fn workload_follows_its_member_through_migrate() {
     let dir = r._dir.join("wl");
     let log = r._dir.join("wl.log");
     let opts = crate::workload::WorkloadOpts {
-        vf: "0000:00:04.1".into(),
-        log: log.clone(),
         state_dir: Some(dir.clone()),
-        start_sector: 8,
-        blocks: 16,
-        block_bytes: 4096,
-        inflight: 4,
-        queue_size: 16,
-        requests: 0,
         after_move: 40,
-        seed: 5,
-        stall_timeout: Duration::from_secs(20),
-        bind: false,
+        ..workload_opts(&log)
     };
     let (pf, gm) = (r.pf.clone(), r.gm.clone());
     let h = std::thread::spawn(move || crate::workload::run_on(&ModelPlatform { pf, gm }, &opts));

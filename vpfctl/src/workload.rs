@@ -105,6 +105,8 @@ pub struct WorkloadOpts {
     /// Requests to complete after the (first) move before finishing (0 =
     /// ignore).
     pub after_move: u64,
+    /// Most requests submitted per second (0 = no limit).
+    pub rate: u64,
     /// Pattern seed.
     pub seed: u64,
     /// Longest wait without any completion.
@@ -516,6 +518,7 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
     let mut moved_at: Option<u64> = None;
     let mut last_progress = Instant::now();
     let mut last_poll_file = Instant::now();
+    let mut next_submit = Instant::now();
 
     loop {
         // A move requested (signal or file)?
@@ -562,9 +565,9 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
             || (o.requests > 0 && sum.submitted >= o.requests)
             || (o.after_move > 0 && moved_at.is_some_and(|m| sum.completed >= m + o.after_move));
 
-        // Submit.
+        // Submit (no sooner than the rate allows).
         let mut kicked = false;
-        while q.in_flight() < o.inflight {
+        while q.in_flight() < o.inflight && (o.rate == 0 || Instant::now() >= next_submit) {
             let Some(issue) = sched.next(!finishing) else {
                 break;
             };
@@ -591,6 +594,12 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
             let head = q.submit(mem, &bufs)?;
             sched.submitted(&issue, head);
             sum.submitted += 1;
+            if let Some(gap) = 1_000_000_000u64.checked_div(o.rate) {
+                // At most a second of credit after an idle stretch.
+                let now = Instant::now();
+                let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+                next_submit = next_submit.max(floor) + Duration::from_nanos(gap);
+            }
             log.line(&format!(
                 "SUBMIT t={} id={} op={} slot={} head={head} sector={sector} bytes={} dseed={:#x} dev={}",
                 mono_ns(),

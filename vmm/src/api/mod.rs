@@ -26,6 +26,8 @@ pub const MAX_CLIENTS: usize = 16;
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request may wait for the VM's answer.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a snapshot, restore or migration may take.
+pub const LONG_CONTROL_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// What a request asks of the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,19 @@ pub enum ApiRequest {
 }
 
 impl ApiRequest {
+    /// How long the VMM may take to answer it: [`LONG_CONTROL_TIMEOUT`]
+    /// for requests that move the whole guest memory, else
+    /// [`CONTROL_TIMEOUT`].
+    pub fn timeout(&self) -> Duration {
+        match self {
+            ApiRequest::VmSnapshot(_)
+            | ApiRequest::VmRestore(_)
+            | ApiRequest::VmSendMigration(_)
+            | ApiRequest::VmReceiveMigration(_) => LONG_CONTROL_TIMEOUT,
+            _ => CONTROL_TIMEOUT,
+        }
+    }
+
     /// The endpoint's name (`vm.pause`).
     pub fn endpoint(&self) -> &'static str {
         match self {
@@ -290,20 +305,21 @@ impl Control for ControlChannel {
             .tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send(ControlMessage { request, reply });
+            .send(ControlMessage {
+                request: request.clone(),
+                reply,
+            });
         if sent.is_err() {
             return (Err(ApiError::new(500, "the VM is gone")), None);
         }
         let _ = self.event.write(1);
-        match answer.recv_timeout(CONTROL_TIMEOUT) {
+        let limit = request.timeout();
+        match answer.recv_timeout(limit) {
             Ok(a) => a,
             Err(_) => (
                 Err(ApiError::new(
                     500,
-                    format!(
-                        "the VMM did not answer within {} s",
-                        CONTROL_TIMEOUT.as_secs()
-                    ),
+                    format!("the VMM did not answer within {} s", limit.as_secs()),
                 )),
                 None,
             ),

@@ -57,9 +57,13 @@ enum Cmd {
     /// Send the VM to a receiving VMM (unix:/path or tcp:host:port).
     SendMigration {
         destination_url: String,
-        /// Leave the source VMM running after the migration.
+        /// Local migration through shared memory (Cloud Hypervisor's
+        /// option; this VMM refuses it: it copies memory over the socket).
         #[arg(long)]
         local: bool,
+        /// Downtime target of the last round, in milliseconds (default 300).
+        #[arg(long, value_name = "MS")]
+        downtime: Option<u64>,
     },
     /// Receive a VM from a sending VMM.
     ReceiveMigration { receiver_url: String },
@@ -97,11 +101,15 @@ fn request(cmd: &Cmd) -> Result<(&'static str, &'static str, Option<String>), St
         Cmd::SendMigration {
             destination_url,
             local,
-        } => (
-            "PUT",
-            "vm.send-migration",
-            json(serde_json::json!({ "destination_url": destination_url, "local": local })),
-        ),
+            downtime,
+        } => {
+            let mut body =
+                serde_json::json!({ "destination_url": destination_url, "local": local });
+            if let Some(d) = downtime {
+                body["downtime"] = (*d).into();
+            }
+            ("PUT", "vm.send-migration", json(body))
+        }
         Cmd::ReceiveMigration { receiver_url } => (
             "PUT",
             "vm.receive-migration",
@@ -114,7 +122,17 @@ fn run(cli: &Cli) -> Result<Option<String>, String> {
     let (method, endpoint, body) = request(&cli.cmd)?;
     let mut stream = UnixStream::connect(&cli.api_socket)
         .map_err(|e| format!("cannot connect to {}: {e}", cli.api_socket.display()))?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    // Snapshots, restores and migrations move the whole guest memory and
+    // answer when done; everything else answers within seconds.
+    let long = matches!(
+        cli.cmd,
+        Cmd::Snapshot { .. }
+            | Cmd::Restore { .. }
+            | Cmd::SendMigration { .. }
+            | Cmd::ReceiveMigration { .. }
+    );
+    let limit = if long { 3600 } else { 60 };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(limit)));
     let r = exchange(
         &mut stream,
         method,

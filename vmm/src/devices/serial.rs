@@ -80,21 +80,28 @@ impl SerialPort {
         }
     }
 
-    /// A port in a saved state (restore). The state is checked by
-    /// vm-superio (an input buffer longer than its FIFO is refused).
-    pub fn with_state(
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-        state: &SerialSnapshot,
-    ) -> Result<Self, String> {
-        Serial::from_state(
+    /// Puts the port in a saved state (restore), keeping its interrupt and
+    /// output. The state is checked by vm-superio (an input buffer longer
+    /// than its FIFO is refused; the port then writes nowhere).
+    pub fn restore(&mut self, state: &SerialSnapshot) -> Result<(), String> {
+        let irq = || {
+            self.inner
+                .interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| format!("cannot clone the serial eventfd: {e}"))
+        };
+        let (a, b) = (irq()?, irq()?);
+        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let old = std::mem::replace(&mut self.inner, Serial::new(EventFdTrigger(a), sink));
+        self.inner = Serial::from_state(
             &SerialState::from(state),
-            EventFdTrigger(irq),
+            EventFdTrigger(b),
             vm_superio::serial::NoEvents,
-            out,
+            old.into_writer(),
         )
-        .map(|inner| SerialPort { inner })
-        .map_err(|e| format!("{e:?}"))
+        .map_err(|e| format!("{e:?}"))?;
+        Ok(())
     }
 
     /// The registers and pending input.

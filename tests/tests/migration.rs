@@ -1,0 +1,402 @@
+//! The VMM's own live migration between two VMM processes on one host,
+//! while the guest rewrites a large memory area and does block I/O on VFs
+//! the kernel owns.
+
+use std::time::Duration;
+
+use tests::checks::{marker, shared_runner};
+use tests::Scenario;
+
+const MIB: usize = 1024 * 1024;
+
+/// The guest enables two VFs; in the background it rewrites a 48 MiB file
+/// in tmpfs (guest RAM) round after round, noting each round's checksum;
+/// in the foreground it beats, writing beat N into block N of VF1's disk.
+/// When the host writes MIGRATED into block 1 of the first disk, it stops
+/// the rewriting and checks: the file against its noted checksum and
+/// against a fresh copy of its round, every beat's block on VF1, and the
+/// VFs still disable and re-enable.
+const GUEST: &str = r#"P=/sys/bus/pci/devices/0000:00:03.0
+echo 2 > $P/sriov_numvfs; echo "@@T:ENABLE=$?@@"
+VF1=$(basename "$(readlink $P/virtfn0)")
+blk() { ls /sys/bus/pci/devices/$1/virtio*/block/ 2>/dev/null | head -n 1; }
+n=0; while [ -z "$(blk $VF1)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+B=/dev/$(blk $VF1)
+check() {
+  bad=0; j=0
+  while [ $j -le $1 ]; do
+    got=$(dd if=$2 bs=512 skip=$j count=1 iflag=direct 2>/dev/null | tr -d '\000')
+    [ "$got" = "$(printf 'beat %06d' $j)" ] || bad=$((bad + 1))
+    j=$((j + 1))
+  done
+  echo $bad
+}
+SIZE=50331648
+( r=0
+  while [ ! -e /tmp/stop ]; do
+    yes "round $r" | head -c $SIZE > /tmp/big
+    echo "$r $(md5sum < /tmp/big | cut -d' ' -f1)" > /tmp/big.sum
+    r=$((r + 1))
+  done ) &
+W=$!
+printf 'GUEST-UP\n' > /tmp/up
+dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
+i=0
+while :; do
+  printf 'beat %06d' $i | dd of=/tmp/blk bs=512 conv=sync 2>/dev/null
+  dd if=/tmp/blk of=$B bs=512 seek=$i conv=fsync,notrunc 2>/dev/null || echo "@@T:WRITE-FAILED=$i@@"
+  echo "@@T:BEAT=$i $(cut -d' ' -f1 /proc/uptime)@@"
+  dd if=/dev/vda bs=512 skip=1 count=1 iflag=direct 2>/dev/null | grep -q MIGRATED && break
+  i=$((i + 1))
+  sleep 0.3
+done
+echo "@@T:SEEN-MIGRATED=$i@@"
+touch /tmp/stop; wait $W
+read r sum < /tmp/big.sum
+now=$(md5sum < /tmp/big | cut -d' ' -f1)
+fresh=$(yes "round $r" | head -c $SIZE | md5sum | cut -d' ' -f1)
+echo "@@T:MEMORY=rounds=$((r + 1)) noted=$sum now=$now fresh=$fresh@@"
+echo "@@T:VF-DATA=$(check $i $B)@@"
+echo 0 > $P/sriov_numvfs; echo "@@T:DISABLE=$?@@"
+echo 2 > $P/sriov_numvfs; echo "@@T:REENABLE=$?@@"
+VF1=$(basename "$(readlink $P/virtfn0)")
+n=0; while [ -z "$(blk $VF1)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo "@@T:VF-DATA-AGAIN=$(check $i /dev/$(blk $VF1))@@"
+"#;
+
+/// Beside the source VMM: start a destination VMM with no VM, make it
+/// receive, try a destination nobody listens on (refused, the VM goes on),
+/// then migrate; the source ends, the destination runs the guest to its
+/// end.
+const DURING: &str = r#"S=api.sock
+n=0
+until grep -q GUEST-UP up.img 2> /dev/null; do
+  n=$((n + 1)); [ $n -gt 900 ] && { echo "@@T:GUEST-SEEN=no@@"; exit 1; }; sleep 0.1
+done
+sleep 3
+cloud-hypervisor -v --log-file dst.log --api-socket dst.sock &
+D=$!
+n=0
+until ch-remote --api-socket dst.sock ping > /dev/null 2>&1; do
+  n=$((n + 1)); [ $n -gt 300 ] && { echo "@@T:DST-UP=no@@"; exit 1; }; sleep 0.1
+done
+ch-remote --api-socket dst.sock info 2> info.err; echo "@@T:DST-NO-VM=$? $(cat info.err)@@"
+ch-remote --api-socket $S send-migration unix:$PWD/nobody.sock 2> e.err; echo "@@T:SEND-NOWHERE=$? $(cat e.err)@@"
+echo "@@T:AFTER-REFUSED@@"
+sleep 1
+ch-remote --api-socket dst.sock receive-migration unix:$PWD/mig.sock > recv.out 2>&1 &
+R=$!
+n=0; while [ ! -S mig.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo "@@T:SENDING@@"
+ch-remote --api-socket $S send-migration unix:$PWD/mig.sock; echo "@@T:SENT=$?@@"
+wait $R; echo "@@T:RECEIVED=$? $(cat recv.out)@@"
+echo "@@T:MIGRATED-EVENT=$(grep '"migrated"' src-events.json)@@"
+echo "@@T:DST-INFO=$(ch-remote --api-socket dst.sock info)@@"
+sleep 2
+printf 'MIGRATED' | dd of=up.img bs=512 seek=1 conv=notrunc,sync 2> /dev/null
+wait $D; echo "@@T:DST-EXIT=$?@@"
+grep -i "error\|warn" dst.log
+"#;
+
+#[test]
+fn a_running_guest_migrates_with_its_memory_disk_io_and_vfs() {
+    let scenario = Scenario::new("live-migration")
+        .args([
+            "--cpus",
+            "boot=2",
+            "--disk",
+            "path=up.img",
+            "--device",
+            "virtio-pf,id=pf0,member=blk,total_vfs=2,disk=pf.img,vf_disk=vf%n.img",
+            "--api-socket",
+            "path=api.sock",
+            "--event-monitor",
+            "path=src-events.json",
+        ])
+        .file("up.img", vec![0u8; MIB])
+        .file("pf.img", vec![0u8; MIB])
+        .file("vf1.img", vec![0u8; MIB])
+        .file("vf2.img", vec![0u8; MIB])
+        .script(GUEST)
+        .during(DURING)
+        .during_outlives_vmm()
+        .step("VFs enabled", "@@T:ENABLE=", Duration::from_secs(60))
+        .step("destination up", "@@T:DST-NO-VM=", Duration::from_secs(60))
+        .step(
+            "refused destination",
+            "@@T:AFTER-REFUSED@@",
+            Duration::from_secs(30),
+        )
+        .step("sending", "@@T:SENDING@@", Duration::from_secs(30))
+        .step("migrated", "@@T:RECEIVED=", Duration::from_secs(240))
+        .step(
+            "guest sees the move",
+            "@@T:SEEN-MIGRATED=",
+            Duration::from_secs(60),
+        )
+        .step("memory checked", "@@T:MEMORY=", Duration::from_secs(60))
+        .step(
+            "VFs re-enabled",
+            "@@T:VF-DATA-AGAIN=",
+            Duration::from_secs(60),
+        )
+        .step("destination ends", "@@T:DST-EXIT=", Duration::from_secs(30));
+    let out = tests::run(shared_runner(), &scenario);
+    let sum = out.summary();
+    let no_vm = marker(&out, "DST-NO-VM");
+    assert!(
+        no_vm.starts_with("1 ") && no_vm.contains("has no VM yet"),
+        "{no_vm}\n{sum}"
+    );
+    let nowhere = marker(&out, "SEND-NOWHERE");
+    assert!(
+        nowhere.starts_with("1 ")
+            && nowhere.contains("cannot connect")
+            && nowhere.contains("the VM goes on"),
+        "{nowhere}\n{sum}"
+    );
+    assert_eq!(marker(&out, "SENT"), "0", "{sum}");
+    assert_eq!(marker(&out, "RECEIVED").trim(), "0", "{sum}");
+    let event = marker(&out, "MIGRATED-EVENT");
+    let event: serde_json::Value =
+        serde_json::from_str(&event).unwrap_or_else(|e| panic!("{e}: {event}\n{sum}"));
+    let props = &event["properties"];
+    let number = |k: &str| -> u64 {
+        props[k]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {event}"))
+    };
+    assert!(
+        number("bytes") >= 512 * MIB as u64,
+        "all memory went: {event}"
+    );
+    assert!(number("rounds") >= 2, "{event}");
+    assert!(number("downtime_ms") < number("total_ms"), "{event}");
+    let info: serde_json::Value = serde_json::from_str(&marker(&out, "DST-INFO"))
+        .unwrap_or_else(|e| panic!("info: {e}\n{sum}"));
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2, "{info}");
+
+    // The guest's counter: every number once, before, during and after.
+    let beats: Vec<(Duration, u64)> = out
+        .lines
+        .iter()
+        .filter_map(|l| {
+            let v = tests::scenario::marker_in(&l.text, "T:BEAT")?;
+            Some((l.at, v.split(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    let numbers: Vec<u64> = beats.iter().map(|b| b.1).collect();
+    let want: Vec<u64> = (0..numbers.len() as u64).collect();
+    assert_eq!(numbers, want, "beats lost or repeated\n{sum}");
+    let at = |t: &str| out.time_of(t).unwrap_or_else(|| panic!("no {t}\n{sum}"));
+    let (refused, sending, received) = (
+        at("@@T:AFTER-REFUSED@@"),
+        at("@@T:SENDING@@"),
+        at("@@T:RECEIVED="),
+    );
+    assert!(
+        beats.iter().any(|b| b.0 > refused && b.0 < sending),
+        "the guest went on after the refused migration\n{sum}"
+    );
+    assert!(beats.iter().any(|b| b.0 > received), "no beat after\n{sum}");
+    assert!(out.markers("T:WRITE-FAILED").is_empty(), "{sum}");
+
+    // Memory: the file the guest kept rewriting is what its round says.
+    let mem = marker(&out, "MEMORY");
+    let field = |k: &str| {
+        mem.split(' ')
+            .find_map(|f| f.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} in {mem}"))
+            .to_string()
+    };
+    assert_eq!(field("now"), field("noted"), "{mem}");
+    assert_eq!(field("now"), field("fresh"), "{mem}");
+    assert!(
+        field("rounds").parse::<u64>().unwrap_or(0) >= 2,
+        "the memory was rewritten while migrating: {mem}"
+    );
+
+    assert_eq!(marker(&out, "VF-DATA"), "0", "bad beat blocks\n{sum}");
+    assert_eq!(marker(&out, "DISABLE"), "0", "{sum}");
+    assert_eq!(marker(&out, "REENABLE"), "0", "{sum}");
+    assert_eq!(marker(&out, "VF-DATA-AGAIN"), "0", "{sum}");
+    assert_eq!(out.scenario_exit(), Some(0), "{sum}");
+    assert_eq!(marker(&out, "DST-EXIT"), "0", "{sum}");
+    assert_eq!(out.vmm_exit, 0, "the source VMM ends with 0\n{sum}");
+}
+
+/// The guest owns the PF with vpfctl: a workload does block I/O on VF1
+/// (both VFs share one backing file) and `vpfctl migrate` moves it to VF2
+/// with a pre-copy of at least 50 s of guest time: two rounds, a wait
+/// (VF1 keeps working, recorded), one more round, then the stop-and-copy.
+/// The VMM migrates during that wait. Afterwards the guest archives the
+/// workload log and the migrate JSON onto the first disk for the host.
+const MEMBER_GUEST: &str = r#"V=vpfctl
+W=/tmp/vpf; D=$W/wl; mkdir -p $W
+$V bind --dev 0000:00:03.0 > /dev/null && $V sriov --numvfs 2 --autoprobe off > /dev/null
+echo "@@T:BOUND=$?@@"
+VF1=$($V vf-bdf --member 1)
+$V --timeout-ms 120000 blk-workload --vf "$VF1" --log $W/wl.log --state-dir $D --inflight 4 \
+  --rate 200 --after-move 300 > $W/wl.out 2>&1 &
+WL=$!
+n=0; while [ ! -e $D/ready ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+$V --json --timeout-ms 120000 migrate --from 1 --to 2 --rounds 2 --min-precopy-ms 50000 \
+  --workload-dir $D > $W/migrate.json 2> $W/migrate.err &
+M=$!
+sleep 3
+echo "@@T:PRECOPY-ON@@"
+printf 'GUEST-UP\n' > /tmp/up
+dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
+wait $M; echo "@@T:MEMBER-MIGRATE=$? $(head -c 300 $W/migrate.err)@@"
+wait $WL; echo "@@T:WORKLOAD=$? $(tail -n 1 $W/wl.log)@@"
+A=/tmp/archive
+: > $A
+for f in wl.log migrate.json; do
+  echo "VPFFILE $f $(wc -c < $W/$f)" >> $A
+  cat $W/$f >> $A
+done
+echo VPFEND >> $A
+dd if=$A of=/dev/vda bs=65536 conv=fsync 2>/dev/null; echo "@@T:ARCHIVE=$?@@"
+"#;
+
+/// Beside the source VMM: once the guest's member migration is in
+/// pre-copy, migrate the VMM; the destination runs the guest to its end.
+const MEMBER_DURING: &str = r#"S=api.sock
+n=0
+until grep -q GUEST-UP log.img 2> /dev/null; do
+  n=$((n + 1)); [ $n -gt 900 ] && { echo "@@T:GUEST-SEEN=no@@"; exit 1; }; sleep 0.1
+done
+cloud-hypervisor -v --log-file dst.log --api-socket dst.sock &
+D=$!
+n=0
+until ch-remote --api-socket dst.sock ping > /dev/null 2>&1; do
+  n=$((n + 1)); [ $n -gt 300 ] && { echo "@@T:DST-UP=no@@"; exit 1; }; sleep 0.1
+done
+ch-remote --api-socket dst.sock receive-migration unix:$PWD/mig.sock > recv.out 2>&1 &
+R=$!
+n=0; while [ ! -S mig.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo "@@T:SENDING@@"
+ch-remote --api-socket $S send-migration unix:$PWD/mig.sock; echo "@@T:SENT=$?@@"
+wait $R; echo "@@T:RECEIVED=$? $(cat recv.out)@@"
+wait $D; echo "@@T:DST-EXIT=$?@@"
+grep -i "error\|warn" dst.log
+"#;
+
+const VF_DISK: &str = "vf.img";
+
+#[test]
+fn a_member_migration_in_pre_copy_completes_after_the_vmm_moves() {
+    use tests::workload::{
+        check_finals, field, json_hex_list, json_value, num, parse_archive, requests,
+    };
+    let scenario = Scenario::new("live-migration-member")
+        .args([
+            "--cpus",
+            "boot=2",
+            "--disk",
+            "path=log.img",
+            "--device",
+            &format!("virtio-pf,id=pf0,member=blk,total_vfs=2,disk=pf.img,vf_disk={VF_DISK}"),
+            "--api-socket",
+            "path=api.sock",
+        ])
+        .file("log.img", vec![0u8; 8 * MIB])
+        .file("pf.img", vec![0u8; MIB])
+        .file(VF_DISK, vec![0u8; 16 * MIB])
+        .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
+        .script(MEMBER_GUEST)
+        .during(MEMBER_DURING)
+        .during_outlives_vmm()
+        .step("PF bound", "@@T:BOUND=", Duration::from_secs(60))
+        .step("pre-copy on", "@@T:PRECOPY-ON@@", Duration::from_secs(60))
+        .step("VMM migrated", "@@T:RECEIVED=", Duration::from_secs(240))
+        .step(
+            "member migrated",
+            "@@T:MEMBER-MIGRATE=",
+            Duration::from_secs(120),
+        )
+        .step("workload ends", "@@T:WORKLOAD=", Duration::from_secs(120))
+        .step("archived", "@@T:ARCHIVE=", Duration::from_secs(30))
+        .step("destination ends", "@@T:DST-EXIT=", Duration::from_secs(30));
+    let out = tests::run(shared_runner(), &scenario);
+    let sum = out.summary();
+    assert_eq!(marker(&out, "BOUND"), "0", "{sum}");
+    assert_eq!(marker(&out, "SENT"), "0", "{sum}");
+    assert_eq!(marker(&out, "RECEIVED").trim(), "0", "{sum}");
+    let at = |t: &str| out.time_of(t).unwrap_or_else(|| panic!("no {t}\n{sum}"));
+    // The VMM moved while the member migration was in pre-copy.
+    assert!(at("@@T:PRECOPY-ON@@") < at("@@T:SENDING@@"), "{sum}");
+    assert!(at("@@T:RECEIVED=") < at("@@T:MEMBER-MIGRATE="), "{sum}");
+    assert!(marker(&out, "MEMBER-MIGRATE").starts_with("0 "), "{sum}");
+    assert!(marker(&out, "WORKLOAD").starts_with("0 "), "{sum}");
+    assert_eq!(marker(&out, "ARCHIVE"), "0", "{sum}");
+    assert_eq!(marker(&out, "DST-EXIT"), "0", "{sum}");
+    assert_eq!(out.vmm_exit, 0, "{sum}");
+
+    let files = parse_archive(&out.read_file("log.img").expect("log.img"));
+    let (log, mig) = match (files.get("wl.log"), files.get("migrate.json")) {
+        (Some(l), Some(m)) => (l, m),
+        _ => panic!("the archive lacks wl.log or migrate.json\n{sum}"),
+    };
+    assert_eq!(json_value(mig, "ok").as_deref(), Some("true"), "{mig}");
+    let vf2 = json_value(mig, "to_bdf").expect("to_bdf");
+
+    // Every request exactly once, the move, and the data verified.
+    let reqs = requests(log);
+    for (id, q) in &reqs {
+        assert!(
+            q.submit_t != u64::MAX,
+            "DONE for request {id} never submitted"
+        );
+        assert_eq!(
+            q.done.len(),
+            1,
+            "request {id} completed {} times",
+            q.done.len()
+        );
+    }
+    assert_eq!(log.lines().filter(|l| l.starts_with("MOVED ")).count(), 1);
+    let on_dest = reqs.values().filter(|q| q.done[0].1 == vf2).count();
+    assert!(on_dest >= 300, "{on_dest} completions on {vf2}");
+    let end = log
+        .lines()
+        .find(|l| l.starts_with("END "))
+        .expect("END line");
+    assert_eq!(field(end, "result"), Some("ok"), "{end}");
+    assert_eq!(field(end, "verify_failures"), Some("0"), "{end}");
+
+    // Write records, read partly before the VMM moved (the first rounds)
+    // and partly after (the last round, the final drain), cover every page
+    // VF1 wrote for a request submitted after recording started and done
+    // before Stop, across the move.
+    let t_wr = num(&json_value(mig, "t_wr_started_ns").expect("t_wr_started_ns"));
+    let t_stop = num(&json_value(mig, "t_stop_issued_ns").expect("t_stop_issued_ns"));
+    let recorded = json_hex_list(&json_value(mig, "recorded_pages").expect("recorded_pages"));
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for (id, q) in &reqs {
+        let (t_done, _, pages) = &q.done[0];
+        if q.submit_t > t_wr && *t_done < t_stop {
+            checked += 1;
+            missing.extend(
+                pages
+                    .iter()
+                    .filter(|p| !recorded.contains(p))
+                    .map(|p| format!("{p:#x} ({id})")),
+            );
+        }
+    }
+    assert!(checked >= 100, "only {checked} requests while recording");
+    assert!(
+        missing.is_empty(),
+        "{} written pages not in the records: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+
+    // The backing file, read from the host after both VMMs ended.
+    let disk = out.read_file(VF_DISK).expect("read back the VF disk");
+    check_finals(log, &disk, VF_DISK);
+}
