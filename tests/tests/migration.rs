@@ -64,10 +64,10 @@ n=0; while [ -z "$(blk $VF1)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); d
 echo "@@T:VF-DATA-AGAIN=$(check $i /dev/$(blk $VF1))@@"
 "#;
 
-/// Beside the source VMM: start a destination VMM with no VM, make it
-/// receive, try a destination nobody listens on (refused, the VM goes on),
-/// then migrate; the source ends, the destination runs the guest to its
-/// end.
+/// Beside the source VMM: start a destination VMM with no VM, try a
+/// destination nobody listens on and receivers that break off at each
+/// phase (the VM goes on), then migrate; the source ends, the destination
+/// runs the guest to its end.
 const DURING: &str = r#"S=api.sock
 n=0
 until grep -q GUEST-UP up.img 2> /dev/null; do
@@ -82,6 +82,19 @@ until ch-remote --api-socket dst.sock ping > /dev/null 2>&1; do
 done
 ch-remote --api-socket dst.sock info 2> info.err; echo "@@T:DST-NO-VM=$? $(cat info.err)@@"
 ch-remote --api-socket $S send-migration unix:$PWD/nobody.sock 2> e.err; echo "@@T:SEND-NOWHERE=$? $(cat e.err)@@"
+# Receivers that break off at each phase: the source goes on (after a
+# cut at Complete it stays paused, as the destination may run the VM).
+for cut in "start close" "config close" "memory refuse" "state close" "complete close"; do
+  set -- $cut
+  mig-cutoff $PWD/cut.sock $1 $2 > cut.out 2>&1 &
+  C=$!
+  n=0; while [ ! -S cut.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+  ch-remote --api-socket $S send-migration unix:$PWD/cut.sock 2> e.err
+  echo "@@T:CUT-$1=$? $(cat e.err)@@"
+  wait $C
+done
+echo "@@T:AFTER-CUT-INFO=$(ch-remote --api-socket $S info)@@"
+ch-remote --api-socket $S resume; echo "@@T:RESUMED-AFTER-CUT=$?@@"
 echo "@@T:AFTER-REFUSED@@"
 sleep 1
 ch-remote --api-socket dst.sock receive-migration unix:$PWD/mig.sock > recv.out 2>&1 &
@@ -120,10 +133,20 @@ fn a_running_guest_migrates_with_its_memory_disk_io_and_vfs() {
         .script(GUEST)
         .during(DURING)
         .during_outlives_vmm()
+        .tool("mig-cutoff", env!("CARGO_BIN_EXE_mig-cutoff"))
         .step("VFs enabled", "@@T:ENABLE=", Duration::from_secs(60))
         .step("destination up", "@@T:DST-NO-VM=", Duration::from_secs(60))
+        .step("cut at start", "@@T:CUT-start=", Duration::from_secs(30))
+        .step("cut at config", "@@T:CUT-config=", Duration::from_secs(30))
+        .step("cut at memory", "@@T:CUT-memory=", Duration::from_secs(30))
+        .step("cut at state", "@@T:CUT-state=", Duration::from_secs(120))
         .step(
-            "refused destination",
+            "cut at complete",
+            "@@T:CUT-complete=",
+            Duration::from_secs(120),
+        )
+        .step(
+            "refused destinations",
             "@@T:AFTER-REFUSED@@",
             Duration::from_secs(30),
         )
@@ -155,6 +178,29 @@ fn a_running_guest_migrates_with_its_memory_disk_io_and_vfs() {
             && nowhere.contains("the VM goes on"),
         "{nowhere}\n{sum}"
     );
+    // Cut off at each phase: one error, and the VM goes on (after a cut
+    // at Complete it waits, paused, until resumed by hand).
+    for (phase, why) in [
+        ("start", "the other side closed the connection"),
+        ("config", "the other side closed the connection"),
+        ("memory", "the receiver refused: mig-cutoff refuses memory"),
+        ("state", "the other side closed the connection"),
+    ] {
+        let got = marker(&out, &format!("CUT-{phase}"));
+        assert!(
+            got.starts_with("1 ") && got.contains(why) && got.contains("the VM goes on here"),
+            "{phase}: {got}\n{sum}"
+        );
+    }
+    let complete = marker(&out, "CUT-complete");
+    assert!(
+        complete.starts_with("1 ") && complete.contains("the VM stays paused here"),
+        "{complete}\n{sum}"
+    );
+    let info: serde_json::Value = serde_json::from_str(&marker(&out, "AFTER-CUT-INFO"))
+        .unwrap_or_else(|e| panic!("info: {e}\n{sum}"));
+    assert_eq!(info["state"], "Paused", "{info}");
+    assert_eq!(marker(&out, "RESUMED-AFTER-CUT"), "0", "{sum}");
     assert_eq!(marker(&out, "SENT"), "0", "{sum}");
     assert_eq!(marker(&out, "RECEIVED").trim(), "0", "{sum}");
     let event = marker(&out, "MIGRATED-EVENT");

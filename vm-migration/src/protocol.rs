@@ -68,6 +68,8 @@ const STATUS_ERROR: u16 = 1;
 pub enum ProtocolError {
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the other side closed the connection")]
+    Closed,
     #[error("not a migration frame (magic {0:02x?})")]
     Magic([u8; 4]),
     #[error("unknown command {0}")]
@@ -90,9 +92,19 @@ fn header(code: u16, len: u64) -> [u8; HEADER_LEN] {
     h
 }
 
+/// `read_exact`, with an end of stream told apart from other failures.
+fn read_all(r: &mut impl Read, buf: &mut [u8]) -> Result<(), ProtocolError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            ProtocolError::Closed
+        }
+        _ => ProtocolError::Io(e),
+    })
+}
+
 fn read_header(r: &mut impl Read) -> Result<(u16, u64), ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
-    r.read_exact(&mut h)?;
+    read_all(r, &mut h)?;
     let mut magic = [0u8; 4];
     magic.copy_from_slice(&h[0..4]);
     if magic != MAGIC {
@@ -110,7 +122,7 @@ fn read_header(r: &mut impl Read) -> Result<(u16, u64), ProtocolError> {
 
 fn read_payload(r: &mut impl Read, len: u64) -> Result<Vec<u8>, ProtocolError> {
     let mut v = vec![0u8; len as usize];
-    r.read_exact(&mut v)?;
+    read_all(r, &mut v)?;
     Ok(v)
 }
 
@@ -199,6 +211,9 @@ pub fn decode_memory(payload: &[u8]) -> Result<Vec<(u64, &[u8])>, ProtocolError>
     for i in 0..count as usize {
         let addr = word(8 + i * 16).ok_or_else(|| bad("short range table"))?;
         let len = word(16 + i * 16).ok_or_else(|| bad("short range table"))?;
+        if addr.checked_add(len).is_none() {
+            return Err(bad("a range wraps around the address space"));
+        }
         let end = (at as u64)
             .checked_add(len)
             .filter(|&e| e <= payload.len() as u64)
@@ -257,13 +272,13 @@ mod tests {
             read_request(&mut &wire[..]),
             Err(ProtocolError::TooLarge(_))
         ));
-        // A frame cut short: an I/O error, never a panic.
+        // A frame cut short: the connection closed, never a panic.
         let mut wire = Vec::new();
         send_request(&mut wire, Command::State, &[1, 2, 3, 4]).unwrap();
         for n in 0..wire.len() {
             assert!(matches!(
                 read_request(&mut &wire[..n]),
-                Err(ProtocolError::Io(_))
+                Err(ProtocolError::Closed)
             ));
         }
     }
@@ -283,9 +298,13 @@ mod tests {
         let mut huge = p.clone();
         huge[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode_memory(&huge).is_err());
+        // An address range that wraps, a length past the payload.
         let mut wrap = encode_memory(&[(0, 16), (0, 32)], &data);
         wrap[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(decode_memory(&wrap).is_err());
+        let mut long = encode_memory(&[(0, 16), (0, 32)], &data);
+        long[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_memory(&long).is_err());
         assert!(decode_memory(&[1, 2, 3]).is_err());
     }
 }

@@ -76,7 +76,9 @@ struct Cli {
     console: String,
 
     /// HTTP API on a Unix socket: "path=<socket>" (or just the path), or
-    /// "fd=<n>" for a listening socket the VMM inherits. See docs/api.md.
+    /// "fd=<n>" for a listening socket the VMM inherits. Given alone (no
+    /// --kernel), the VMM starts with no VM and waits for
+    /// vm.receive-migration or vm.restore. See docs/api.md.
     #[arg(long, value_name = "path=SOCKET|fd=N")]
     api_socket: Option<String>,
 

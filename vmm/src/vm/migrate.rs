@@ -535,7 +535,7 @@ impl Vm {
         // From here an unanswered Complete leaves it unknown whether the
         // destination runs the VM.
         protocol::request(s, Command::Complete, &[]).map_err(|e| {
-            let unknown = matches!(e, ProtocolError::Io(_));
+            let unknown = matches!(e, ProtocolError::Io(_) | ProtocolError::Closed);
             (e.into(), unknown)
         })?;
         stats.downtime = paused_at.elapsed();
