@@ -451,7 +451,13 @@ impl Runner {
             .map_err(|e| Error::io("writing outer initramfs", &outer_initrd, e))?;
 
         let mut cmd = Command::new(qemu_program());
-        cmd.args(OUTER_QEMU_ARGS)
+        let mut outer_args: Vec<String> = OUTER_QEMU_ARGS.iter().map(|a| a.to_string()).collect();
+        if let Some(mib) = scenario.outer_memory_mib {
+            if let Some(i) = outer_args.iter().position(|a| a == "-m") {
+                outer_args[i + 1] = mib.to_string();
+            }
+        }
+        cmd.args(&outer_args)
             .arg("-kernel")
             .arg(&self.images.bzimage)
             .arg("-initrd")

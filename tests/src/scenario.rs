@@ -62,6 +62,8 @@ pub struct Scenario {
     /// The run ends when the script beside the VMM ends, not the VMM (see
     /// [`Scenario::during_outlives_vmm`]).
     pub during_outlives_vmm: bool,
+    /// The outer VM's RAM in MiB (nested mode), when not the default.
+    pub outer_memory_mib: Option<u32>,
     /// A tool the VMM is started through, and its arguments (see
     /// [`Scenario::launcher`]).
     pub launcher: Option<(String, Vec<String>)>,
@@ -126,6 +128,7 @@ impl Scenario {
             during: None,
             tools: Vec::new(),
             during_outlives_vmm: false,
+            outer_memory_mib: None,
             launcher: None,
         }
     }
@@ -241,6 +244,14 @@ impl Scenario {
     pub fn launcher(mut self, name: &str, args: &[&str]) -> Self {
         let args = args.iter().map(|a| a.to_string()).collect();
         self.launcher = Some((name.to_string(), args));
+        self
+    }
+
+    /// The outer VM's RAM (nested mode; default 2048 MiB): for guests
+    /// whose memory, and a second copy of it (a snapshot, a migration's
+    /// destination), need more.
+    pub fn outer_memory_mib(mut self, mib: u32) -> Self {
+        self.outer_memory_mib = Some(mib);
         self
     }
 

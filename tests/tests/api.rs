@@ -336,7 +336,8 @@ while :; do echo "@@T:MODES=$(mode 1) $(mode 2)@@"; sleep 0.5; done
 "#;
 
 /// Beside the VMM, on the socket the launcher passed as descriptor 3:
-/// ping, pause, resume, shutdown.
+/// ping, pause, resume, reboot (which ends the VMM with status 0, as a
+/// guest reboot does).
 const MODES_DURING: &str = r#"S=api.sock
 ch-remote --api-socket $S ping > ping.json; echo "@@T:PING=$? $(cat ping.json)@@"
 n=0
@@ -349,7 +350,7 @@ sleep 2
 echo "@@T:RESUMING@@"
 ch-remote --api-socket $S resume; echo "@@T:RESUMED=$?@@"
 sleep 2
-ch-remote --api-socket $S shutdown; echo "@@T:SHUTDOWN=$?@@"
+ch-remote --api-socket $S reboot; echo "@@T:REBOOT=$?@@"
 "#;
 
 /// `--api-socket fd=3` and `--event-monitor fd=4` on descriptors the VMM
@@ -386,12 +387,12 @@ fn inherited_descriptors_serve_the_api_and_events_and_member_modes_survive_pause
         .step("modes set", "@@T:MODES-SET=", Duration::from_secs(60))
         .step("paused", "@@T:PAUSED=", Duration::from_secs(60))
         .step("resumed", "@@T:RESUMED=", Duration::from_secs(30))
-        .step("API shutdown", "@@T:SHUTDOWN=", Duration::from_secs(30));
+        .step("API reboot", "@@T:REBOOT=", Duration::from_secs(30));
     let out = tests::run(shared_runner(), &scenario);
     let sum = out.summary();
     let ping = marker(&out, "PING");
     assert!(ping.starts_with("0 {"), "ping on fd 3: {ping}\n{sum}");
-    for k in ["BOUND", "MODES-SET", "PAUSED", "RESUMED", "SHUTDOWN"] {
+    for k in ["BOUND", "MODES-SET", "PAUSED", "RESUMED", "REBOOT"] {
         assert_eq!(marker(&out, k), "0", "{k}\n{sum}");
     }
     assert_eq!(out.vmm_exit, 0, "{sum}");
@@ -437,14 +438,14 @@ fn inherited_descriptors_serve_the_api_and_events_and_member_modes_survive_pause
             .position(|e| e["source"] == source && e["event"] == event)
             .unwrap_or_else(|| panic!("no {source} {event} event:\n{all}"))
     };
-    let (booted, paused, resumed, shutdown) = (
+    let (booted, paused, resumed, reboot) = (
         index("vm", "booted"),
         index("vm", "paused"),
         index("vm", "resumed"),
-        index("vm", "shutdown"),
+        index("vm", "reboot"),
     );
     assert!(
-        booted < paused && paused < resumed && resumed < shutdown,
+        booted < paused && paused < resumed && resumed < reboot,
         "{all}"
     );
     let mode_events: Vec<usize> = (0..events.len())

@@ -31,7 +31,7 @@ struct Cli {
     /// Restore a snapshot instead of booting: "source_url=file:///<dir>"
     /// (a directory `ch-remote snapshot` wrote). The VM is built from the
     /// snapshot's configuration and comes up paused: resume it through the
-    /// API (--api-socket). See docs/snapshot.md.
+    /// API (--api-socket). See docs/snapshot-restore.md.
     #[arg(
         long,
         value_name = "source_url=file:///DIR",

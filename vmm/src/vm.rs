@@ -716,6 +716,28 @@ impl Vm {
     }
 }
 
+/// The VM as a [`vm_migration::Pausable`]: the same quiescent point as
+/// `vm.pause` (vCPUs parked, devices drained and parked).
+impl vm_migration::Pausable for Vm {
+    fn pause(&mut self) -> Result<(), vm_migration::MigratableError> {
+        Vm::pause(self)
+            .map(|_| ())
+            .map_err(|e| vm_migration::MigratableError::Pause {
+                what: "the VM".into(),
+                reason: e.message,
+            })
+    }
+
+    fn resume(&mut self) -> Result<(), vm_migration::MigratableError> {
+        Vm::resume(self)
+            .map(|_| ())
+            .map_err(|e| vm_migration::MigratableError::Resume {
+                what: "the VM".into(),
+                reason: e.message,
+            })
+    }
+}
+
 /// The API server's end in the main thread.
 struct ApiEnd {
     requests: std::sync::mpsc::Receiver<api::ControlMessage>,

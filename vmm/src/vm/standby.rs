@@ -41,7 +41,15 @@ pub fn serve_standby(sock: &ApiSocketConfig) -> Result<ExitReason, VmError> {
                     let _ = m.reply.send((a, None));
                 }
                 Outcome::Exit => {
-                    let _ = m.reply.send((Ok(ApiReply::Done), None));
+                    // The API thread writes the answer, then tells us: the
+                    // process must not end before the client has it.
+                    let (told, written) = std::sync::mpsc::channel();
+                    let then: crate::api::AfterResponse = Some(Box::new(move || {
+                        let _ = told.send(());
+                    }));
+                    if m.reply.send((Ok(ApiReply::Done), then)).is_ok() {
+                        let _ = written.recv_timeout(std::time::Duration::from_secs(5));
+                    }
                     remove_socket();
                     return Ok(ExitReason::PowerOff);
                 }
