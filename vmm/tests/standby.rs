@@ -1,6 +1,7 @@
 //! A VMM started with only `--api-socket`: no VM, the API answers, a
-//! receive-migration whose sender sends garbage or gives up is refused and
-//! the VMM waits on, `vmm.shutdown` ends it. No KVM needed: no VM is built.
+//! receive-migration (Unix socket or TCP) whose sender sends garbage,
+//! sends out of order or gives up is refused and the VMM waits on,
+//! `vmm.shutdown` ends it. No KVM needed: no VM is built.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,27 @@ fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `ch-remote receive-migration URL` in a thread.
+fn receive(sock: &Path, url: String) -> std::thread::JoinHandle<Output> {
+    let sock = sock.to_path_buf();
+    std::thread::spawn(move || ch_remote(&sock, &["receive-migration", &url]))
+}
+
+/// Connects (retrying while the receiver is not listening yet).
+fn connect<T>(what: &str, f: impl Fn() -> std::io::Result<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Ok(s) = f() {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the {what} receiver never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_vmm_without_a_vm_refuses_bad_migrations_and_waits_on() {
     let dir = scratch("refuse");
@@ -88,22 +110,8 @@ fn a_vmm_without_a_vm_refuses_bad_migrations_and_waits_on() {
 
     // A sender whose configuration is not one: refused with a reason.
     let mig = dir.join("mig.sock");
-    let url = format!("unix:{}", mig.display());
-    let receiver = {
-        let sock = sock.clone();
-        std::thread::spawn(move || ch_remote(&sock, &["receive-migration", &url]))
-    };
-    let t = Instant::now();
-    let mut s = loop {
-        if let Ok(s) = UnixStream::connect(&mig) {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the receiver never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let receiver = receive(&sock, format!("unix:{}", mig.display()));
+    let mut s = connect("Unix", || UnixStream::connect(&mig));
     protocol::request(&mut s, Mig::Start, &[]).unwrap();
     match protocol::request(&mut s, Mig::Config, b"{not json") {
         Err(protocol::ProtocolError::Refused(why)) => {
@@ -119,26 +127,32 @@ fn a_vmm_without_a_vm_refuses_bad_migrations_and_waits_on() {
     );
 
     // A sender that gives up after Start: refused, the VMM waits on.
-    let url = format!("unix:{}", mig.display());
-    let receiver = {
-        let sock = sock.clone();
-        std::thread::spawn(move || ch_remote(&sock, &["receive-migration", &url]))
-    };
-    let t = Instant::now();
-    let mut s = loop {
-        if let Ok(s) = UnixStream::connect(&mig) {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the receiver never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let receiver = receive(&sock, format!("unix:{}", mig.display()));
+    let mut s = connect("Unix", || UnixStream::connect(&mig));
     protocol::request(&mut s, Mig::Start, &[]).unwrap();
     drop(s);
     let r = receiver.join().unwrap();
     assert!(text(&r).contains("closed the connection"), "{}", text(&r));
+
+    // Over TCP: the same refusal.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let receiver = receive(&sock, format!("tcp:127.0.0.1:{port}"));
+    let mut s = connect("TCP", || std::net::TcpStream::connect(("127.0.0.1", port)));
+    protocol::request(&mut s, Mig::Start, &[]).unwrap();
+    assert!(matches!(
+        protocol::request(&mut s, Mig::Memory, &protocol::encode_memory(&[(0, 4)], &[0; 4])),
+        Err(protocol::ProtocolError::Refused(why)) if why.contains("memory before the configuration")
+    ));
+    let r = receiver.join().unwrap();
+    assert!(
+        text(&r).contains("memory before the configuration"),
+        "{}",
+        text(&r)
+    );
 
     assert!(ch_remote(&sock, &["ping"]).status.success());
     assert!(ch_remote(&sock, &["shutdown-vmm"]).status.success());
