@@ -79,17 +79,22 @@ impl Platform {
     }
 
     /// COM1's registers and pending input (a snapshot; the VM is paused).
-    pub fn serial_snapshot(&self) -> Option<crate::devices::serial::SerialSnapshot> {
-        self.serial.as_ref().map(|s| lock(s).snapshot())
+    pub fn serial_snapshot(
+        &self,
+    ) -> Result<Option<crate::devices::serial::SerialSnapshot>, vm_migration::MigratableError> {
+        self.serial
+            .as_ref()
+            .map(|s| vm_migration::Snapshottable::snapshot(&*lock(s)))
+            .transpose()
     }
 
     /// Puts COM1 in a saved state (restore; the VM has not started).
     pub fn restore_serial(
         &self,
         state: &crate::devices::serial::SerialSnapshot,
-    ) -> Result<(), String> {
+    ) -> Result<(), vm_migration::MigratableError> {
         match &self.serial {
-            Some(s) => lock(s).restore(state),
+            Some(s) => vm_migration::Snapshottable::restore(&mut *lock(s), state),
             None => Ok(()),
         }
     }

@@ -390,7 +390,7 @@ impl Vm {
         if let Some(serial) = &st.serial {
             self.platform
                 .restore_serial(serial)
-                .map_err(|e| VmError::Restore(format!("COM1: {e}")))?;
+                .map_err(|e| VmError::Restore(e.to_string()))?;
         }
         if let Some(ged) = self.platform.ged() {
             ged.set_pending(st.ged_pending);
@@ -984,7 +984,10 @@ impl Vm {
             vcpus,
             irqchip,
             clock,
-            serial: self.platform.serial_snapshot(),
+            serial: self
+                .platform
+                .serial_snapshot()
+                .map_err(|e| VmError::Restore(e.to_string()))?,
             ged_pending: self.platform.ged().map_or(0, Ged::pending),
             button_held: self.button_held,
             devices,

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use vm_migration::{MigratableError, Snapshottable};
 use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -80,35 +81,6 @@ impl SerialPort {
         }
     }
 
-    /// Puts the port in a saved state (restore), keeping its interrupt and
-    /// output. The state is checked by vm-superio (an input buffer longer
-    /// than its FIFO is refused; the port then writes nowhere).
-    pub fn restore(&mut self, state: &SerialSnapshot) -> Result<(), String> {
-        let irq = || {
-            self.inner
-                .interrupt_evt()
-                .0
-                .try_clone()
-                .map_err(|e| format!("cannot clone the serial eventfd: {e}"))
-        };
-        let (a, b) = (irq()?, irq()?);
-        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
-        let old = std::mem::replace(&mut self.inner, Serial::new(EventFdTrigger(a), sink));
-        self.inner = Serial::from_state(
-            &SerialState::from(state),
-            EventFdTrigger(b),
-            vm_superio::serial::NoEvents,
-            old.into_writer(),
-        )
-        .map_err(|e| format!("{e:?}"))?;
-        Ok(())
-    }
-
-    /// The registers and pending input.
-    pub fn snapshot(&self) -> SerialSnapshot {
-        self.inner.state().into()
-    }
-
     pub fn read(&mut self, offset: u8) -> u8 {
         self.inner.read(offset)
     }
@@ -124,6 +96,39 @@ impl SerialPort {
         if let Err(e) = self.inner.enqueue_raw_bytes(bytes) {
             log::debug!("serial input dropped: {e:?}");
         }
+    }
+}
+
+/// COM1 saves its registers and unread input; a restore keeps the port's
+/// interrupt and output.
+impl Snapshottable for SerialPort {
+    type State = SerialSnapshot;
+
+    /// The registers and pending input.
+    fn snapshot(&self) -> Result<SerialSnapshot, MigratableError> {
+        Ok(self.inner.state().into())
+    }
+
+    /// Puts the port in a saved state (restore), keeping its interrupt and
+    /// output. The state is checked by vm-superio (an input buffer longer
+    /// than its FIFO is refused; the port then writes nowhere).
+    fn restore(&mut self, state: &SerialSnapshot) -> Result<(), MigratableError> {
+        let irq = || {
+            self.inner.interrupt_evt().0.try_clone().map_err(|e| {
+                MigratableError::restore("COM1", format!("cannot clone its eventfd: {e}"))
+            })
+        };
+        let (a, b) = (irq()?, irq()?);
+        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let old = std::mem::replace(&mut self.inner, Serial::new(EventFdTrigger(a), sink));
+        self.inner = Serial::from_state(
+            &SerialState::from(state),
+            EventFdTrigger(b),
+            vm_superio::serial::NoEvents,
+            old.into_writer(),
+        )
+        .map_err(|e| MigratableError::restore("COM1", format!("{e:?}")))?;
+        Ok(())
     }
 }
 
@@ -291,6 +296,41 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
+
+    /// Registers and unread input survive a snapshot into a fresh port,
+    /// which keeps writing to its own output.
+    #[test]
+    fn a_port_restores_its_registers_and_unread_input() {
+        let irq = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut a = SerialPort::new(irq(), Box::new(std::io::sink()));
+        a.write(7, 0x5a); // scratch
+        a.write(3, 0x03); // 8N1
+        a.write(1, 0x01); // receive interrupt enabled
+        a.enqueue_input(b"hi");
+        let st = Snapshottable::snapshot(&a).unwrap();
+        let (tx, rx) = mpsc::channel();
+        struct Out(mpsc::Sender<u8>);
+        impl Write for Out {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                for b in buf {
+                    let _ = self.0.send(*b);
+                }
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut b = SerialPort::new(irq(), Box::new(Out(tx)));
+        Snapshottable::restore(&mut b, &st).unwrap();
+        assert_eq!(b.read(7), 0x5a);
+        assert_eq!(b.read(3), 0x03);
+        assert_eq!(b.read(1), 0x01);
+        assert_eq!((b.read(0), b.read(0)), (b'h', b'i'));
+        b.write(0, b'!');
+        assert_eq!(rx.try_recv(), Ok(b'!'));
+        assert_eq!(Snapshottable::snapshot(&a).unwrap(), st);
+    }
 
     /// An output that blocks every write until the test lets it go.
     struct Gate {
