@@ -40,6 +40,7 @@ pub mod runner;
 pub mod scenario;
 pub mod steps;
 pub mod stress;
+pub mod vf_beats;
 pub mod workload;
 
 pub use error::{Error, Result};

@@ -133,6 +133,47 @@ pub fn check_finals(log: &str, disk: &[u8], name: &str) -> usize {
     blocks
 }
 
+/// Every request of `reqs` was submitted and completed exactly once.
+pub fn assert_exactly_once(reqs: &BTreeMap<u64, Request>) {
+    for (id, q) in reqs {
+        assert!(
+            q.submit_t != u64::MAX,
+            "DONE for request {id} never submitted"
+        );
+        assert_eq!(
+            q.done.len(),
+            1,
+            "request {id} completed {} times",
+            q.done.len()
+        );
+    }
+}
+
+/// The write records of a `vpfctl migrate` JSON against the workload's
+/// requests: of the requests submitted after recording started and done
+/// before Stop was sent, how many there were, and each page one wrote
+/// that is not in `recorded_pages` ("PAGE (request ID)").
+pub fn record_coverage(reqs: &BTreeMap<u64, Request>, mig: &str) -> (usize, Vec<String>) {
+    let t_wr = num(&json_value(mig, "t_wr_started_ns").expect("t_wr_started_ns"));
+    let t_stop = num(&json_value(mig, "t_stop_issued_ns").expect("t_stop_issued_ns"));
+    let recorded = json_hex_list(&json_value(mig, "recorded_pages").expect("recorded_pages"));
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for (id, q) in reqs {
+        let (t_done, _, pages) = &q.done[0];
+        if q.submit_t > t_wr && *t_done < t_stop {
+            checked += 1;
+            missing.extend(
+                pages
+                    .iter()
+                    .filter(|p| !recorded.contains(p))
+                    .map(|p| format!("{p:#x} (request {id})")),
+            );
+        }
+    }
+    (checked, missing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,60 +9,20 @@ use tests::Scenario;
 
 const MIB: usize = 1024 * 1024;
 
-/// The guest enables two VFs; in the background it rewrites a 48 MiB file
-/// in tmpfs (guest RAM) round after round, noting each round's checksum;
-/// in the foreground it beats, writing beat N into block N of VF1's disk.
-/// When the host writes MIGRATED into block 1 of the first disk, it stops
-/// the rewriting and checks: the file against its noted checksum and
-/// against a fresh copy of its round, every beat's block on VF1, and the
-/// VFs still disable and re-enable.
-const GUEST: &str = r#"P=/sys/bus/pci/devices/0000:00:03.0
-echo 2 > $P/sriov_numvfs; echo "@@T:ENABLE=$?@@"
-VF1=$(basename "$(readlink $P/virtfn0)")
-blk() { ls /sys/bus/pci/devices/$1/virtio*/block/ 2>/dev/null | head -n 1; }
-n=0; while [ -z "$(blk $VF1)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-B=/dev/$(blk $VF1)
-check() {
-  bad=0; j=0
-  while [ $j -le $1 ]; do
-    got=$(dd if=$2 bs=512 skip=$j count=1 iflag=direct 2>/dev/null | tr -d '\000')
-    [ "$got" = "$(printf 'beat %06d' $j)" ] || bad=$((bad + 1))
-    j=$((j + 1))
-  done
-  echo $bad
-}
-SIZE=50331648
+/// The writer (before the beats) and its check (after the flag).
+const REWRITER: &str = r#"SIZE=50331648
 ( r=0
   while [ ! -e /tmp/stop ]; do
     yes "round $r" | head -c $SIZE > /tmp/big
     echo "$r $(md5sum < /tmp/big | cut -d' ' -f1)" > /tmp/big.sum
     r=$((r + 1))
   done ) &
-W=$!
-printf 'GUEST-UP\n' > /tmp/up
-dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
-i=0
-while :; do
-  printf 'beat %06d' $i | dd of=/tmp/blk bs=512 conv=sync 2>/dev/null
-  dd if=/tmp/blk of=$B bs=512 seek=$i conv=fsync,notrunc 2>/dev/null || echo "@@T:WRITE-FAILED=$i@@"
-  echo "@@T:BEAT=$i $(cut -d' ' -f1 /proc/uptime)@@"
-  dd if=/dev/vda bs=512 skip=1 count=1 iflag=direct 2>/dev/null | grep -q MIGRATED && break
-  i=$((i + 1))
-  sleep 0.3
-done
-echo "@@T:SEEN-MIGRATED=$i@@"
-touch /tmp/stop; wait $W
+W=$!"#;
+const REWRITER_CHECK: &str = r#"touch /tmp/stop; wait $W
 read r sum < /tmp/big.sum
 now=$(md5sum < /tmp/big | cut -d' ' -f1)
 fresh=$(yes "round $r" | head -c $SIZE | md5sum | cut -d' ' -f1)
-echo "@@T:MEMORY=rounds=$((r + 1)) noted=$sum now=$now fresh=$fresh@@"
-echo "@@T:VF-DATA=$(check $i $B)@@"
-echo 0 > $P/sriov_numvfs; echo "@@T:DISABLE=$?@@"
-echo 2 > $P/sriov_numvfs; echo "@@T:REENABLE=$?@@"
-VF1=$(basename "$(readlink $P/virtfn0)")
-n=0; while [ -z "$(blk $VF1)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-echo "@@T:VF-DATA-AGAIN=$(check $i /dev/$(blk $VF1))@@"
-"#;
+echo "@@T:MEMORY=rounds=$((r + 1)) noted=$sum now=$now fresh=$fresh@@""#;
 
 /// Beside the source VMM: start a destination VMM with no VM, try a
 /// destination nobody listens on and receivers that break off at each
@@ -111,26 +71,22 @@ wait $D; echo "@@T:DST-EXIT=$?@@"
 grep -i "error\|warn" dst.log
 "#;
 
+/// The guest enables two VFs; in the background it rewrites a 48 MiB file
+/// in tmpfs (guest RAM) round after round, noting each round's checksum;
+/// in the foreground it beats, writing beat N into block N of VF1's disk.
+/// When the host writes MIGRATED into block 1 of the first disk, it stops
+/// the rewriting and checks: the file against its noted checksum and
+/// against a fresh copy of its round, every beat's block on VF1, and the
+/// VFs still disable and re-enable (`tests::vf_beats`).
 #[test]
 fn a_running_guest_migrates_with_its_memory_disk_io_and_vfs() {
-    let scenario = Scenario::new("live-migration")
-        .args([
-            "--cpus",
-            "boot=2",
-            "--disk",
-            "path=up.img",
-            "--device",
-            "virtio-pf,id=pf0,member=blk,total_vfs=2,disk=pf.img,vf_disk=vf%n.img",
-            "--api-socket",
-            "path=api.sock",
-            "--event-monitor",
-            "path=src-events.json",
-        ])
-        .file("up.img", vec![0u8; MIB])
-        .file("pf.img", vec![0u8; MIB])
-        .file("vf1.img", vec![0u8; MIB])
-        .file("vf2.img", vec![0u8; MIB])
-        .script(GUEST)
+    let scenario = tests::vf_beats::scenario("live-migration")
+        .args(["--event-monitor", "path=src-events.json"])
+        .script(&tests::vf_beats::guest(
+            "MIGRATED",
+            REWRITER,
+            REWRITER_CHECK,
+        ))
         .during(DURING)
         .during_outlives_vmm()
         .tool("mig-cutoff", env!("CARGO_BIN_EXE_mig-cutoff"))
@@ -224,30 +180,20 @@ fn a_running_guest_migrates_with_its_memory_disk_io_and_vfs() {
     assert_eq!(info["state"], "Running", "{info}");
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2, "{info}");
 
-    // The guest's counter: every number once, before, during and after.
-    let beats: Vec<(Duration, u64)> = out
-        .lines
-        .iter()
-        .filter_map(|l| {
-            let v = tests::scenario::marker_in(&l.text, "T:BEAT")?;
-            Some((l.at, v.split(' ').next()?.parse().ok()?))
-        })
-        .collect();
-    let numbers: Vec<u64> = beats.iter().map(|b| b.1).collect();
-    let want: Vec<u64> = (0..numbers.len() as u64).collect();
-    assert_eq!(numbers, want, "beats lost or repeated\n{sum}");
+    // The guest's counter went on across the move (and after the refused
+    // ones), with its VF data and VFs.
     let at = |t: &str| out.time_of(t).unwrap_or_else(|| panic!("no {t}\n{sum}"));
     let (refused, sending, received) = (
         at("@@T:AFTER-REFUSED@@"),
         at("@@T:SENDING@@"),
         at("@@T:RECEIVED="),
     );
+    let beats = tests::vf_beats::beats(&out);
     assert!(
         beats.iter().any(|b| b.0 > refused && b.0 < sending),
         "the guest went on after the refused migration\n{sum}"
     );
-    assert!(beats.iter().any(|b| b.0 > received), "no beat after\n{sum}");
-    assert!(out.markers("T:WRITE-FAILED").is_empty(), "{sum}");
+    tests::vf_beats::assert_carried_on(&out, received);
 
     // Memory: the file the guest kept rewriting is what its round says.
     let mem = marker(&out, "MEMORY");
@@ -264,10 +210,6 @@ fn a_running_guest_migrates_with_its_memory_disk_io_and_vfs() {
         "the memory was rewritten while migrating: {mem}"
     );
 
-    assert_eq!(marker(&out, "VF-DATA"), "0", "bad beat blocks\n{sum}");
-    assert_eq!(marker(&out, "DISABLE"), "0", "{sum}");
-    assert_eq!(marker(&out, "REENABLE"), "0", "{sum}");
-    assert_eq!(marker(&out, "VF-DATA-AGAIN"), "0", "{sum}");
     assert_eq!(out.scenario_exit(), Some(0), "{sum}");
     assert_eq!(marker(&out, "DST-EXIT"), "0", "{sum}");
     assert_eq!(out.vmm_exit, 0, "the source VMM ends with 0\n{sum}");
@@ -335,7 +277,8 @@ const VF_DISK: &str = "vf.img";
 #[test]
 fn a_member_migration_in_pre_copy_completes_after_the_vmm_moves() {
     use tests::workload::{
-        check_finals, field, json_hex_list, json_value, num, parse_archive, requests,
+        assert_exactly_once, check_finals, field, json_value, parse_archive, record_coverage,
+        requests,
     };
     let scenario = Scenario::new("live-migration-member")
         .args([
@@ -391,18 +334,7 @@ fn a_member_migration_in_pre_copy_completes_after_the_vmm_moves() {
 
     // Every request exactly once, the move, and the data verified.
     let reqs = requests(log);
-    for (id, q) in &reqs {
-        assert!(
-            q.submit_t != u64::MAX,
-            "DONE for request {id} never submitted"
-        );
-        assert_eq!(
-            q.done.len(),
-            1,
-            "request {id} completed {} times",
-            q.done.len()
-        );
-    }
+    assert_exactly_once(&reqs);
     assert_eq!(log.lines().filter(|l| l.starts_with("MOVED ")).count(), 1);
     let on_dest = reqs.values().filter(|q| q.done[0].1 == vf2).count();
     assert!(on_dest >= 300, "{on_dest} completions on {vf2}");
@@ -417,23 +349,7 @@ fn a_member_migration_in_pre_copy_completes_after_the_vmm_moves() {
     // and partly after (the last round, the final drain), cover every page
     // VF1 wrote for a request submitted after recording started and done
     // before Stop, across the move.
-    let t_wr = num(&json_value(mig, "t_wr_started_ns").expect("t_wr_started_ns"));
-    let t_stop = num(&json_value(mig, "t_stop_issued_ns").expect("t_stop_issued_ns"));
-    let recorded = json_hex_list(&json_value(mig, "recorded_pages").expect("recorded_pages"));
-    let mut checked = 0;
-    let mut missing = Vec::new();
-    for (id, q) in &reqs {
-        let (t_done, _, pages) = &q.done[0];
-        if q.submit_t > t_wr && *t_done < t_stop {
-            checked += 1;
-            missing.extend(
-                pages
-                    .iter()
-                    .filter(|p| !recorded.contains(p))
-                    .map(|p| format!("{p:#x} ({id})")),
-            );
-        }
-    }
+    let (checked, missing) = record_coverage(&reqs, mig);
     assert!(checked >= 100, "only {checked} requests while recording");
     assert!(
         missing.is_empty(),

@@ -5,49 +5,6 @@
 use std::time::Duration;
 
 use tests::checks::{marker, shared_runner};
-use tests::Scenario;
-
-const MIB: usize = 1024 * 1024;
-
-/// The guest enables two VFs, then beats: each beat writes its number into
-/// block N of VF1's disk. When the host writes RESTORED into block 1 of the
-/// first disk, it checks every beat's block on VF1, disables and
-/// re-enables the VFs (the kernel owner after a restore) and checks again.
-const GUEST: &str = r#"P=/sys/bus/pci/devices/0000:00:03.0
-echo 2 > $P/sriov_numvfs; echo "@@T:ENABLE=$?@@"
-VF1=$(basename "$(readlink $P/virtfn0)")
-blk() { ls /sys/bus/pci/devices/$1/virtio*/block/ 2>/dev/null | head -n 1; }
-n=0; while [ -z "$(blk $VF1)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-B=/dev/$(blk $VF1)
-echo "@@T:VF1-DISK=$B@@"
-check() {
-  bad=0; j=0
-  while [ $j -le $1 ]; do
-    got=$(dd if=$2 bs=512 skip=$j count=1 iflag=direct 2>/dev/null | tr -d '\000')
-    [ "$got" = "$(printf 'beat %06d' $j)" ] || bad=$((bad + 1))
-    j=$((j + 1))
-  done
-  echo $bad
-}
-printf 'GUEST-UP\n' > /tmp/up
-dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
-i=0
-while :; do
-  printf 'beat %06d' $i | dd of=/tmp/blk bs=512 conv=sync 2>/dev/null
-  dd if=/tmp/blk of=$B bs=512 seek=$i conv=fsync,notrunc 2>/dev/null || echo "@@T:WRITE-FAILED=$i@@"
-  echo "@@T:BEAT=$i $(cut -d' ' -f1 /proc/uptime)@@"
-  dd if=/dev/vda bs=512 skip=1 count=1 iflag=direct 2>/dev/null | grep -q RESTORED && break
-  i=$((i + 1))
-  sleep 0.3
-done
-echo "@@T:SEEN-RESTORED=$i@@"
-echo "@@T:VF-DATA=$(check $i $B)@@"
-echo 0 > $P/sriov_numvfs; echo "@@T:DISABLE=$?@@"
-echo 2 > $P/sriov_numvfs; echo "@@T:REENABLE=$?@@"
-VF1=$(basename "$(readlink $P/virtfn0)")
-n=0; while [ -z "$(blk $VF1)" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-echo "@@T:VF-DATA-AGAIN=$(check $i /dev/$(blk $VF1))@@"
-"#;
 
 /// Beside the first VMM: pause, snapshot, end it; then a second VMM
 /// restores the snapshot, is resumed, and runs until the guest powers off.
@@ -103,24 +60,15 @@ wait $V2; echo "@@T:SECOND-EXIT=$?@@"
 grep -i "restor\|error\|warn" restore.log
 "#;
 
+/// The guest enables two VFs, then beats: each beat writes its number into
+/// block N of VF1's disk. When the host writes RESTORED into block 1 of the
+/// first disk, it checks every beat's block on VF1, disables and
+/// re-enables the VFs (the kernel owner after a restore) and checks again
+/// (`tests::vf_beats`).
 #[test]
 fn a_restored_snapshot_carries_on_with_its_counter_disk_data_and_vfs() {
-    let scenario = Scenario::new("snapshot-restore")
-        .args([
-            "--cpus",
-            "boot=2",
-            "--disk",
-            "path=up.img",
-            "--device",
-            "virtio-pf,id=pf0,member=blk,total_vfs=2,disk=pf.img,vf_disk=vf%n.img",
-            "--api-socket",
-            "path=api.sock",
-        ])
-        .file("up.img", vec![0u8; MIB])
-        .file("pf.img", vec![0u8; MIB])
-        .file("vf1.img", vec![0u8; MIB])
-        .file("vf2.img", vec![0u8; MIB])
-        .script(GUEST)
+    let scenario = tests::vf_beats::scenario("snapshot-restore")
+        .script(&tests::vf_beats::guest("RESTORED", "", ""))
         .during(DURING)
         .during_outlives_vmm()
         .step("VFs enabled", "@@T:ENABLE=", Duration::from_secs(60))
@@ -187,37 +135,13 @@ fn a_restored_snapshot_carries_on_with_its_counter_disk_data_and_vfs() {
         "a restored VM waits for resume: {info}"
     );
 
-    // The guest's counter: every number once, in order, before and after.
-    let beats: Vec<(Duration, u64)> = out
-        .lines
-        .iter()
-        .filter_map(|l| {
-            let v = tests::scenario::marker_in(&l.text, "T:BEAT")?;
-            Some((l.at, v.split(' ').next()?.parse().ok()?))
-        })
-        .collect();
-    let numbers: Vec<u64> = beats.iter().map(|b| b.1).collect();
-    let want: Vec<u64> = (0..numbers.len() as u64).collect();
-    assert_eq!(numbers, want, "beats lost or repeated\n{sum}");
+    // The guest's counter went on across the restore, and VF1's disk holds
+    // every beat, written before and after, also after the kernel disabled
+    // and re-enabled the VFs.
     let restoring = out
         .time_of("@@T:RESTORING@@")
         .unwrap_or_else(|| panic!("no RESTORING\n{sum}"));
-    assert!(
-        beats.iter().any(|b| b.0 < restoring),
-        "no beat before\n{sum}"
-    );
-    assert!(
-        beats.iter().any(|b| b.0 > restoring),
-        "no beat after\n{sum}"
-    );
-    assert!(out.markers("T:WRITE-FAILED").is_empty(), "{sum}");
-
-    // VF1's disk holds every beat, written before and after the restore,
-    // also after the kernel disabled and re-enabled the VFs.
-    assert_eq!(marker(&out, "VF-DATA"), "0", "bad beat blocks\n{sum}");
-    assert_eq!(marker(&out, "DISABLE"), "0", "{sum}");
-    assert_eq!(marker(&out, "REENABLE"), "0", "{sum}");
-    assert_eq!(marker(&out, "VF-DATA-AGAIN"), "0", "bad beat blocks\n{sum}");
+    tests::vf_beats::assert_carried_on(&out, restoring);
     assert_eq!(out.scenario_exit(), Some(0), "{sum}");
     assert_eq!(marker(&out, "SECOND-EXIT"), "0", "{sum}");
     assert_eq!(out.vmm_exit, 0, "the first VMM ends with 0\n{sum}");

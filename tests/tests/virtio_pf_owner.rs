@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use tests::checks::boot;
 use tests::workload::{
-    check_finals, field, json_hex_list, json_value, num, parse_archive, requests,
+    assert_exactly_once, check_finals, field, json_hex_list, json_value, num, parse_archive,
+    record_coverage, requests,
 };
 use tests::{RunOutput, Scenario};
 
@@ -372,18 +373,7 @@ fn member_migration_under_load() {
     // Exactly once, and the move happened while requests were in flight.
     let reqs = requests(log);
     assert!(reqs.len() > 300, "only {} requests", reqs.len());
-    for (id, q) in &reqs {
-        assert!(
-            q.submit_t != u64::MAX,
-            "DONE for request {id} never submitted"
-        );
-        assert_eq!(
-            q.done.len(),
-            1,
-            "request {id} completed {} times",
-            q.done.len()
-        );
-    }
+    assert_exactly_once(&reqs);
     let moved: Vec<&str> = log.lines().filter(|l| l.starts_with("MOVED ")).collect();
     assert_eq!(moved.len(), 1, "{moved:?}");
     let inflight = num(field(moved[0], "inflight").expect("MOVED inflight"));
@@ -421,20 +411,7 @@ fn member_migration_under_load() {
 
     // Write records: every page the device wrote for a request submitted
     // after recording started and seen done before Stop was sent.
-    let recorded = json_hex_list(&json_value(mig, "recorded_pages").expect("recorded_pages"));
-    let mut checked = 0;
-    let mut missing = Vec::new();
-    for (id, q) in &reqs {
-        let (t_done, _, pages) = &q.done[0];
-        if q.submit_t > t_wr && *t_done < t_stop {
-            checked += 1;
-            for p in pages {
-                if !recorded.contains(p) {
-                    missing.push(format!("{p:#x} (request {id})"));
-                }
-            }
-        }
-    }
+    let (checked, missing) = record_coverage(&reqs, mig);
     // 300 ms of pre-copy under load: typically > 1000 requests.
     assert!(
         checked >= 20,

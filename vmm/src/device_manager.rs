@@ -610,21 +610,7 @@ mod tests {
         let dir = Dir::new("vfs");
         let (dm, rec) = manager();
         let bdf = Bdf::new(0, 4, 0);
-        let pf_disk = dir.file("pf.img", 4096);
-        let d = dir.0.clone();
-        let cfg = PfConfig::new(
-            pf_disk,
-            Box::new(move |n| {
-                let p = d.join(format!("vf{n}.img"));
-                let _ = std::fs::write(&p, vec![0u8; 4096]);
-                p
-            }),
-            16,
-            bdf,
-            false,
-        )
-        .unwrap();
-        let pf = VirtioPf::new(cfg, mem(), Arc::new(NoInterrupts)).unwrap();
+        let pf = pf_with_vfs_on_disk(&dir, bdf, 16);
         dm.add_function(bdf, pf).unwrap();
         let pf_only = rec.addresses().len();
         let entries_pf = lock(&dm.doorbells).by_token.len();
@@ -648,7 +634,8 @@ mod tests {
         }
     }
 
-    fn pf_with_vfs_on_disk(dir: &Dir, bdf: Bdf) -> Arc<Mutex<VirtioPf>> {
+    /// A PF at `bdf` with `total_vfs` VFs, each backed by its own file.
+    fn pf_with_vfs_on_disk(dir: &Dir, bdf: Bdf, total_vfs: u16) -> Arc<Mutex<VirtioPf>> {
         let pf_disk = dir.file("pf.img", 4096);
         let d = dir.0.clone();
         let cfg = PfConfig::new(
@@ -660,7 +647,7 @@ mod tests {
                 }
                 p
             }),
-            4,
+            total_vfs,
             bdf,
             false,
         )
@@ -677,7 +664,7 @@ mod tests {
         let dir = Dir::new("restore");
         let bdf = Bdf::new(0, 4, 0);
         let (dm, rec) = manager();
-        let pf = pf_with_vfs_on_disk(&dir, bdf);
+        let pf = pf_with_vfs_on_disk(&dir, bdf, 4);
         dm.add_function(bdf, pf.clone()).unwrap();
         cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x10, &3u16.to_le_bytes());
         cfg_write(&dm, bdf, SRIOV_CAP_OFFSET + 0x08, &0x9u16.to_le_bytes());
@@ -686,7 +673,7 @@ mod tests {
         assert_eq!(state.vfs.len(), 3);
 
         let (dm2, rec2) = manager();
-        let pf2 = pf_with_vfs_on_disk(&dir, bdf);
+        let pf2 = pf_with_vfs_on_disk(&dir, bdf, 4);
         dm2.add_function(bdf, pf2.clone()).unwrap();
         Snapshottable::restore(&mut *lock(&pf2), &state).unwrap();
         let vfs = lock(&pf2).vfs();
