@@ -16,6 +16,10 @@
 #                       the outer /init (see the runner in tests/src/ for the
 #                       protocol). The runner appends the VMM, its libraries,
 #                       the inner kernel/initramfs and the scenario files.
+#   bzImage-7           Debian's newest Linux 7.x (trixie-backports) for the
+#                       inner guest only: boots with the inner initramfs, whose
+#                       /init skips the 6.12 modules on another kernel
+#                       ("@@CH-TEST:MODULES-SKIPPED=<release>@@").
 #   info                key=value lines: kernel version, module load orders.
 #
 # Cached: everything is rebuilt only when an input changes (this script, the
@@ -129,11 +133,53 @@ fi
 KREL="${KERNEL_PACKAGE#linux-image-}"
 KREL="${KREL%-unsigned}"
 
+# --- Linux 7.x from trixie-backports --------------------------------------------
+# apt reads trixie-backports from a sources file and lists of its own, so the
+# system's sources and caches stay as they are. The lists are fetched once
+# (and again with --force); the kernel is re-fetched when the newest 7.x
+# version they name changes.
+K7_DIR="$GUEST_DIR/kernel7"
+K7_APT=(-o "Dir::Etc::SourceList=$K7_DIR/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+    -o "Dir::State::Lists=$K7_DIR/lists" -o "Dir::Cache=$K7_DIR/cache" -o APT::Sandbox::User=root)
+fetch_kernel7() {
+    mkdir -p "$K7_DIR/lists/partial" "$K7_DIR/cache/archives/partial"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main" \
+        >"$K7_DIR/sources.list"
+    if [ "$FORCE" = 1 ] || ! ls "$K7_DIR/lists/"*Packages* >/dev/null 2>&1; then
+        log "apt-get update (trixie-backports, own lists in $K7_DIR)"
+        apt-get "${K7_APT[@]}" update -qq >&2 || die "apt-get update of trixie-backports failed"
+    fi
+    local pkg version file
+    pkg="$(apt-cache "${K7_APT[@]}" pkgnames linux-binary-7. 2>/dev/null \
+        | grep -E '^linux-binary-7\.[0-9]+\.[0-9]+\+deb13-amd64$' | sort -V | tail -n 1 || true)"
+    [ -n "$pkg" ] || die "trixie-backports lists no linux-binary-7.*+deb13-amd64 package"
+    version="$(apt-cache "${K7_APT[@]}" show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n 1)"
+    if [ -f "$GUEST_DIR/bzImage-7" ] && [ "$(cat "$K7_DIR/stamp" 2>/dev/null)" = "$pkg=$version" ]; then
+        return 0
+    fi
+    log "apt-get download $pkg=$version (trixie-backports)"
+    rm -rf "$K7_DIR/deb" "$K7_DIR/x"
+    mkdir -p "$K7_DIR/deb"
+    (cd "$K7_DIR/deb" && apt-get "${K7_APT[@]}" download -qq "$pkg=$version" >&2) \
+        || die "apt-get download $pkg failed"
+    file="$(ls "$K7_DIR/deb/"*.deb | head -n 1)"
+    dpkg-deb -x "$file" "$K7_DIR/x"
+    local release="${pkg#linux-binary-}" vmlinuz
+    vmlinuz="$(ls "$K7_DIR/x/usr/lib/modules/$release/vmlinuz" "$K7_DIR/x/boot/vmlinuz-$release" 2>/dev/null | head -n 1 || true)"
+    [ -n "$vmlinuz" ] || die "no vmlinuz for $release in $file"
+    cp "$vmlinuz" "$GUEST_DIR/bzImage-7.tmp"
+    mv "$GUEST_DIR/bzImage-7.tmp" "$GUEST_DIR/bzImage-7"
+    echo "$release" >"$K7_DIR/release"
+    echo "$pkg=$version" >"$K7_DIR/stamp"
+    rm -rf "$K7_DIR/deb" "$K7_DIR/x"
+}
+fetch_kernel7
+
 # --- Cache check ---------------------------------------------------------------
 SCRIPT_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
 STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] outer=[$OUTER_MODULES]"
 if [ "$FORCE" = 0 ] && [ -f "$GUEST_DIR/stamp" ] && [ "$(cat "$GUEST_DIR/stamp")" = "$STAMP" ] \
-    && [ -f "$GUEST_DIR/bzImage" ] && [ -f "$GUEST_DIR/inner-base.cpio.gz" ] && [ -f "$GUEST_DIR/outer-base.cpio.gz" ]; then
+    && [ -f "$GUEST_DIR/bzImage" ] && [ -f "$GUEST_DIR/bzImage-7" ] && [ -f "$GUEST_DIR/inner-base.cpio.gz" ] && [ -f "$GUEST_DIR/outer-base.cpio.gz" ]; then
     log "up to date: $GUEST_DIR ($KERNEL_PACKAGE)"
     echo "$GUEST_DIR"
     exit 0
@@ -265,6 +311,7 @@ install_modules() {
     local root="$1" list="$2" m
     resolve_list "$list"
     : >"$root/lib/modules/order"
+    echo "$KREL" >"$root/lib/modules/release"
     for m in "${ORDER[@]}"; do
         cp "$(module_ko "$m")" "$root/lib/modules/$m.ko"
         echo "$m" >>"$root/lib/modules/order"
@@ -287,6 +334,12 @@ mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm
 mount -t tmpfs tmpfs /tmp
 load_modules() {
+    # The modules are built for one kernel release; another kernel (the
+    # bzImage-7 guest) boots without them.
+    if [ "$(uname -r)" != "$(cat /lib/modules/release)" ]; then
+        echo "@@CH-TEST:MODULES-SKIPPED=$(uname -r)@@"
+        return 0
+    fi
     for m in $(cat /lib/modules/order); do
         # Parameters from /lib/modules/params ("module param=value ...").
         args="$(sed -n "s/^$m //p" /lib/modules/params 2>/dev/null)"

@@ -146,6 +146,9 @@ pub fn runs_dir() -> PathBuf {
 pub struct GuestImages {
     pub dir: PathBuf,
     pub bzimage: PathBuf,
+    /// Debian's Linux 7.x, for the inner guest only (see
+    /// [`crate::Scenario::guest_kernel`]).
+    pub bzimage7: PathBuf,
     pub inner_base: PathBuf,
     pub outer_base: PathBuf,
 }
@@ -154,11 +157,17 @@ impl GuestImages {
     fn at(dir: PathBuf) -> Result<Self> {
         let images = GuestImages {
             bzimage: dir.join("bzImage"),
+            bzimage7: dir.join("bzImage-7"),
             inner_base: dir.join("inner-base.cpio.gz"),
             outer_base: dir.join("outer-base.cpio.gz"),
             dir,
         };
-        for f in [&images.bzimage, &images.inner_base, &images.outer_base] {
+        for f in [
+            &images.bzimage,
+            &images.bzimage7,
+            &images.inner_base,
+            &images.outer_base,
+        ] {
             if !f.is_file() {
                 return Err(Error::MissingImage(f.clone()));
             }

@@ -247,7 +247,11 @@ impl Runner {
                 .map_err(|e| Error::io("writing scenario file", &path, e))?;
         }
         let kernel = dir.join(GUEST_KERNEL);
-        std::fs::copy(&self.images.bzimage, &kernel)
+        let source = scenario
+            .guest_kernel
+            .as_ref()
+            .unwrap_or(&self.images.bzimage);
+        std::fs::copy(source, &kernel)
             .map_err(|e| Error::io("copying guest kernel", &kernel, e))?;
         let base = read(&self.images.inner_base)?;
         let mut extra = CpioWriter::new();

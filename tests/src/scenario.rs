@@ -67,6 +67,9 @@ pub struct Scenario {
     /// A tool the VMM is started through, and its arguments (see
     /// [`Scenario::launcher`]).
     pub launcher: Option<(String, Vec<String>)>,
+    /// The guest's kernel, when not the image's (see
+    /// [`Scenario::guest_kernel`]).
+    pub guest_kernel: Option<PathBuf>,
 }
 
 /// A sparse disk file of `capacity` bytes alone on a tmpfs of `room` bytes,
@@ -130,6 +133,7 @@ impl Scenario {
             during_outlives_vmm: false,
             outer_memory_mib: None,
             launcher: None,
+            guest_kernel: None,
         }
     }
 
@@ -244,6 +248,13 @@ impl Scenario {
     pub fn launcher(mut self, name: &str, args: &[&str]) -> Self {
         let args = args.iter().map(|a| a.to_string()).collect();
         self.launcher = Some((name.to_string(), args));
+        self
+    }
+
+    /// Boots the guest on `bzimage` instead of the image's kernel (the
+    /// initramfs stays the image's: its modules load only on that kernel).
+    pub fn guest_kernel(mut self, bzimage: impl Into<PathBuf>) -> Self {
+        self.guest_kernel = Some(bzimage.into());
         self
     }
 

@@ -120,6 +120,15 @@ impl Vcpu {
         }
         cpuid::adjust(&mut cpuid, id, count);
         fd.set_cpuid2(&cpuid).map_err(cfg("CPUID"))?;
+        if let Some(xcr0) = cpuid::initial_xcr0(&cpuid) {
+            let mut xcrs = kvm_bindings::kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            xcrs.xcrs[0].xcr = 0;
+            xcrs.xcrs[0].value = xcr0;
+            fd.set_xcrs(&xcrs).map_err(cfg("XCR0"))?;
+        }
 
         let mut lapic = fd.get_lapic().map_err(cfg("get LAPIC"))?;
         let lvt0 = lapic_reg(&lapic, APIC_LVT0);

@@ -50,6 +50,30 @@ pub fn adjust(cpuid: &mut CpuId, id: u8, count: u8) {
     }
 }
 
+/// The XCR0 value a vCPU starts with: every user state component CPUID leaf
+/// 0xD.0 offers (EDX:EAX), or `None` without that leaf.
+///
+/// Architecturally XCR0 starts at 1 (x87 only) and the guest enables the
+/// rest with XSETBV, which KVM intercepts to keep its copy of XCR0. Nested
+/// under QEMU TCG, the emulated SVM runs XSETBV without the intercept, so
+/// KVM's copy stays at 1: CPUID 0xD.0 EBX (which KVM computes from its copy)
+/// then gives the size of the x87/SSE area while the sub-leaves place AVX
+/// and PKRU further out, and KVM loads its stale XCR0 at every VM entry.
+/// Linux 6.12 warns and turns XSAVE off; Linux 7.x panics in
+/// `fpu__init_system`. Starting from the value Linux writes anyway keeps
+/// the two copies equal; where XSETBV is intercepted (hardware), the
+/// guest's own write simply replaces it.
+pub fn initial_xcr0(cpuid: &CpuId) -> Option<u64> {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map(|e| (e.eax as u64 | (e.edx as u64) << 32) | XCR0_X87)
+}
+
+/// XCR0 bit 0: x87 state, always enabled.
+const XCR0_X87: u64 = 1;
+
 /// Bits of APIC ID needed to number `count` processors.
 fn bits_for(count: u8) -> u32 {
     let mut b = 0;
@@ -90,5 +114,22 @@ mod tests {
         assert_eq!(s[1].ebx, 4);
         assert_eq!(bits_for(1), 0);
         assert_eq!(bits_for(5), 3);
+    }
+
+    #[test]
+    fn initial_xcr0_is_every_offered_user_component() {
+        let leaf = |function, index, eax, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            edx,
+            ..Default::default()
+        };
+        let c = CpuId::from_entries(&[leaf(0xd, 1, 0xf, 0), leaf(0xd, 0, 0x207, 0)]).unwrap();
+        assert_eq!(initial_xcr0(&c), Some(0x207));
+        let c = CpuId::from_entries(&[leaf(0xd, 0, 0x6, 0x1)]).unwrap();
+        assert_eq!(initial_xcr0(&c), Some((1 << 32) | 0x7));
+        let c = CpuId::from_entries(&[leaf(1, 0, 0x207, 0)]).unwrap();
+        assert_eq!(initial_xcr0(&c), None);
     }
 }
