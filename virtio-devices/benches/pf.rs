@@ -76,6 +76,7 @@ fn context(nq: u16) -> MemberContext {
                 avail_idx: i * 3,
                 enabled: true,
                 device_owned: (0..4).map(|k| k * 7 + i % 5).collect(),
+                avail_follows_used: false,
             })
             .collect(),
         device_config: Some(vec![0x11; 60]),

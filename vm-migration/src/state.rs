@@ -97,7 +97,7 @@ pub enum StateError {
 pub const STATE_MAGIC: [u8; 8] = *b"CHVPFST\0";
 /// Version of the framing and of the state types it carries. Bump it when
 /// a saved type changes shape.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 /// Header: magic, version (le32), payload length (le64), CRC-32 (le32).
 pub const HEADER_LEN: usize = 8 + 4 + 8 + 4;
 

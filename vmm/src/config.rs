@@ -377,7 +377,20 @@ pub enum MemberType {
 /// The most VFs one virtio-pf may have.
 pub const MAX_TOTAL_VFS: u64 = 64;
 
-/// `--device virtio-pf,id=NAME,member=blk,total_vfs=N,disk=PF.img,vf_disk=PATTERN`.
+/// The admin command set of a virtio-pf (`admin=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AdminDialect {
+    /// The v2 draft (docs/admin-commands.md, "draft").
+    #[default]
+    #[serde(rename = "draft")]
+    Draft,
+    /// The published virtio 1.4 device parts commands, as Linux's
+    /// virtio_vfio_pci sends them.
+    #[serde(rename = "virtio-1.4")]
+    V14,
+}
+
+/// `--device virtio-pf,id=NAME,member=blk,total_vfs=N,disk=PF.img,vf_disk=PATTERN[,admin=draft|virtio-1.4]`.
 ///
 /// `vf_disk` names each VF's backing file; `%n` in it is replaced by the VF
 /// number (1..N). Without `%n` every VF shares the one file.
@@ -389,6 +402,9 @@ pub struct VirtioPfConfig {
     pub disk: PathBuf,
     pub vf_disk: String,
     pub readonly: bool,
+    /// Older snapshots have no `admin` and spoke the draft.
+    #[serde(default)]
+    pub admin: AdminDialect,
 }
 
 impl VirtioPfConfig {
@@ -422,7 +438,15 @@ impl DeviceConfig {
         let p = OptionParser::parse(
             "--device virtio-pf",
             s,
-            &["id", "member", "total_vfs", "disk", "vf_disk", "readonly"],
+            &[
+                "id",
+                "member",
+                "total_vfs",
+                "disk",
+                "vf_disk",
+                "readonly",
+                "admin",
+            ],
             None,
         )?;
         let member = match p.get("member").unwrap_or("blk") {
@@ -439,6 +463,17 @@ impl DeviceConfig {
         }
         let disk = PathBuf::from(p.required("disk")?);
         let vf_disk = p.required("vf_disk")?.to_string();
+        let admin = match p.get("admin").unwrap_or("draft") {
+            "draft" => AdminDialect::Draft,
+            "virtio-1.4" | "1.4" => AdminDialect::V14,
+            a => {
+                return Err(p.invalid(
+                    "admin",
+                    a,
+                    "the admin command sets are draft and virtio-1.4",
+                ))
+            }
+        };
         Ok(VirtioPfConfig {
             id: p.get("id").map(str::to_string),
             member,
@@ -446,6 +481,7 @@ impl DeviceConfig {
             disk,
             vf_disk,
             readonly: p.toggle("readonly", false)?,
+            admin,
         })
     }
 }
@@ -472,6 +508,37 @@ mod device_tests {
         assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,member=net").is_err());
         assert!(DeviceConfig::parse("vfio,path=/x").is_err());
         assert!(DeviceConfig::parse("virtio-pf,vf_disk=b").is_err());
+    }
+
+    #[test]
+    fn virtio_pf_admin_dialect() {
+        let parse = |s: &str| match DeviceConfig::parse(s) {
+            Ok(DeviceConfig::VirtioPf(c)) => Ok(c.admin),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(parse("virtio-pf,disk=a,vf_disk=b"), Ok(AdminDialect::Draft));
+        assert_eq!(
+            parse("virtio-pf,disk=a,vf_disk=b,admin=virtio-1.4"),
+            Ok(AdminDialect::V14)
+        );
+        assert_eq!(
+            parse("virtio-pf,disk=a,vf_disk=b,admin=draft"),
+            Ok(AdminDialect::Draft)
+        );
+        let e = parse("virtio-pf,disk=a,vf_disk=b,admin=1.5").unwrap_err();
+        assert!(e.contains("admin") && e.contains("virtio-1.4"), "{e}");
+        // A config saved before the key existed (snapshot config.json).
+        let old: VirtioPfConfig = serde_json::from_str(
+            r#"{"id":null,"member":"Block","total_vfs":2,"disk":"a","vf_disk":"b","readonly":false}"#,
+        )
+        .unwrap();
+        assert_eq!(old.admin, AdminDialect::Draft);
+        let json = serde_json::to_string(&VirtioPfConfig {
+            admin: AdminDialect::V14,
+            ..old
+        })
+        .unwrap();
+        assert!(json.contains(r#""admin":"virtio-1.4""#), "{json}");
     }
 }
 

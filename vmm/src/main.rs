@@ -62,8 +62,9 @@ struct Cli {
 
     /// Extra device. "virtio-pf,id=<name>,member=blk,total_vfs=<1..64>,
     /// disk=<PF backing file>,vf_disk=<VF backing file; %n is the VF number>
-    /// [,readonly=on]": a virtio-blk SR-IOV physical function with an admin
-    /// virtqueue. Repeatable.
+    /// [,readonly=on][,admin=draft|virtio-1.4]": a virtio-blk SR-IOV
+    /// physical function with an admin virtqueue speaking the v2 draft's
+    /// commands (default) or virtio 1.4's device parts commands. Repeatable.
     #[arg(long, value_name = "virtio-pf,...", num_args = 1.., action = clap::ArgAction::Append)]
     device: Vec<String>,
 

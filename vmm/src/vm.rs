@@ -72,6 +72,7 @@ impl VmConfig {
                     "disk": p.disk,
                     "vf_disk": p.vf_disk,
                     "readonly": p.readonly,
+                    "admin": p.admin,
                 })
             })
             .collect();

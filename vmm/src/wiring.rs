@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex};
 use pci::{Bdf, InterruptManager};
 use virtio_devices::block::{Block, BlockConfig};
 use virtio_devices::pf::device::{PfConfig, VirtioPf};
+use virtio_devices::pf::Dialect;
 use virtio_devices::transport::{required_msix_vectors, VirtioPciDevice, VirtioPciOptions};
 use vm_memory::GuestMemoryAtomic;
 use vm_migration::GuestMemoryMmap;
 
-use crate::config::{DiskConfig, VirtioPfConfig};
+use crate::config::{AdminDialect, DiskConfig, VirtioPfConfig};
 use crate::device_manager::DeviceManager;
 use crate::interrupts::MsiManager;
 use crate::snapshot::Persistent;
@@ -103,7 +104,7 @@ pub fn add_virtio_pfs(
         }
         let bdf = Bdf::new(0, slot, 0);
         let pattern = c.clone();
-        let cfg = PfConfig::new(
+        let mut cfg = PfConfig::new(
             &c.disk,
             Box::new(move |n: u16| pattern.vf_disk_path(n)),
             c.total_vfs,
@@ -111,6 +112,10 @@ pub fn add_virtio_pfs(
             c.readonly,
         )
         .map_err(|e| err(e.to_string()))?;
+        cfg.dialect = match c.admin {
+            AdminDialect::Draft => Dialect::Draft,
+            AdminDialect::V14 => Dialect::V14,
+        };
         let manager: Arc<dyn InterruptManager> = msi.clone();
         let pf = VirtioPf::new(cfg, mem.clone(), manager).map_err(|e| err(e.to_string()))?;
         devices.add_function(bdf, pf.clone())?;

@@ -105,16 +105,21 @@ pub const SUPPORTED_OPCODES: u64 = {
 /// Opcodes usable whatever the list in use says (R-ADM-3).
 pub const ALWAYS_USABLE: u64 = (1 << opcode::LIST_QUERY) | (1 << opcode::LIST_USE);
 
-/// Status values (virtio 1.3).
+/// Status values (virtio 1.3; ENXIO and EEXIST from virtio 1.4).
 pub mod status {
     /// Success.
     pub const OK: u16 = 0;
+    /// No such capability or resource object (virtio 1.4).
+    pub const ENXIO: u16 = 6;
     /// Try again.
     pub const EAGAIN: u16 = 11;
     /// Out of memory.
     pub const ENOMEM: u16 = 12;
     /// Busy.
     pub const EBUSY: u16 = 16;
+    /// The resource object exists already (virtio 1.4 names it; the value
+    /// is the errno's, as for every other status).
+    pub const EEXIST: u16 = 17;
     /// Invalid.
     pub const EINVAL: u16 = 22;
     /// No space.
@@ -194,6 +199,11 @@ impl<'a> AdminCommand<'a> {
     /// Data byte `i`, zero when missing (R-ADM-1b).
     pub fn data_u8(&self, i: usize) -> u8 {
         self.data.get(i).copied().unwrap_or(0)
+    }
+
+    /// Little-endian `u16` at data offset `off`, missing bytes zero.
+    pub fn data_u16(&self, off: usize) -> u16 {
+        u16::from_le_bytes([self.data_u8(off), self.data_u8(off.saturating_add(1))])
     }
 
     /// Little-endian `u32` at data offset `off`, missing bytes zero.

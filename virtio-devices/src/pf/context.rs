@@ -194,7 +194,7 @@ impl ContextLimits {
         }
     }
 
-    fn check_vector(&self, vector: u16) -> Result<(), ContextError> {
+    pub(crate) fn check_vector(&self, vector: u16) -> Result<(), ContextError> {
         if vector != NO_VECTOR && vector >= self.msix_vectors {
             return Err(ContextError::BadVector {
                 vector,
@@ -281,6 +281,11 @@ pub struct QueueContext {
     /// Heads of chains the device has taken and not completed; on resume
     /// the device processes them again (R-MODE-3, R-CTX-7).
     pub device_owned: Vec<u16>,
+    /// The next available index is the used index found in guest memory at
+    /// apply time, not `avail_idx`: set by device parts (virtio 1.4), which
+    /// carry no ring position because a stopped member has completed every
+    /// request it took. Never set by the draft's TLV stream.
+    pub avail_follows_used: bool,
 }
 
 /// The context of a member device, independent of any transport.

@@ -42,7 +42,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::admin::{
     opcode, qualifier, status, AdminCommand, AdminCompletion, DeferredChain, Execution,
 };
-use super::migration::{AdminState, Member, MemberTable, MigrationError, MigrationSnapshot, Mode};
+use super::migration::{
+    AdminState, Dialect, Member, MemberTable, MigrationError, MigrationSnapshot, Mode,
+};
+use super::v14::{self, V14State};
 use super::vf::{
     restore_function, snapshot_function, FunctionSnapshot, RestoreError, SharedVf, VfFunction,
 };
@@ -203,6 +206,8 @@ pub struct PfConfig {
     /// When set, VF n's disk is this backend instead of the file
     /// `vf_disk(n)` (for tests that need a disk that fails or stalls).
     pub vf_backend: Option<VfBackendFn>,
+    /// The admin command set.
+    pub dialect: Dialect,
 }
 
 impl PfConfig {
@@ -227,6 +232,7 @@ impl PfConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             admin_queue_size: DEFAULT_ADMIN_QUEUE_SIZE,
             vf_backend: None,
+            dialect: Dialect::Draft,
         })
     }
 }
@@ -240,6 +246,7 @@ impl std::fmt::Debug for PfConfig {
             .field("first_vf_offset", &self.first_vf_offset)
             .field("vf_stride", &self.vf_stride)
             .field("readonly", &self.readonly)
+            .field("dialect", &self.dialect)
             .finish()
     }
 }
@@ -310,7 +317,13 @@ pub struct PfDevice {
 
 /// Reports a member command that succeeded to the event monitor (the
 /// migration flow a host operator follows).
-fn report_admin(pf: &str, cmd: &AdminCommand<'_>, table: &VfTable, result_len: usize) {
+fn report_admin(
+    pf: &str,
+    dialect: Dialect,
+    cmd: &AdminCommand<'_>,
+    table: &VfTable,
+    result_len: usize,
+) {
     if !event_monitor::enabled() {
         return;
     }
@@ -322,14 +335,35 @@ fn report_admin(pf: &str, cmd: &AdminCommand<'_>, table: &VfTable, result_len: u
             .map(|m| format!("{:?}", m.mode()))
             .unwrap_or_default()
     };
-    let (event, extra): (&str, Option<(&str, String)>) = match cmd.opcode {
-        opcode::DEV_MODE_SET => ("member-mode", Some(("mode", mode_of(cmd.member_id)))),
-        opcode::DEV_CTX_READ => ("context-read", Some(("bytes", result_len.to_string()))),
-        opcode::DEV_CTX_WRITE => ("context-write", Some(("bytes", cmd.data.len().to_string()))),
-        opcode::DEV_CTX_DISCARD => ("context-discard", None),
-        opcode::DEV_WRITE_RECORDS_START => ("write-records-start", None),
-        opcode::DEV_WRITE_RECORDS_STOP => ("write-records-stop", None),
-        _ => return,
+    let (event, extra): (&str, Option<(&str, String)>) = match (dialect, cmd.opcode) {
+        (Dialect::V14, v14::opcode::DEV_MODE_SET) => {
+            ("member-mode", Some(("mode", mode_of(cmd.member_id))))
+        }
+        (Dialect::V14, v14::opcode::RESOURCE_OBJ_CREATE) => (
+            "parts-object-create",
+            Some(("id", cmd.data_u32(4).to_string())),
+        ),
+        (Dialect::V14, v14::opcode::RESOURCE_OBJ_DESTROY) => (
+            "parts-object-destroy",
+            Some(("id", cmd.data_u32(4).to_string())),
+        ),
+        (Dialect::V14, v14::opcode::DEV_PARTS_GET) => {
+            ("parts-get", Some(("bytes", result_len.to_string())))
+        }
+        (Dialect::V14, v14::opcode::DEV_PARTS_SET) => (
+            "parts-set",
+            Some(("bytes", cmd.data.len().saturating_sub(8).to_string())),
+        ),
+        (Dialect::V14, _) => return,
+        (Dialect::Draft, op) => match op {
+            opcode::DEV_MODE_SET => ("member-mode", Some(("mode", mode_of(cmd.member_id)))),
+            opcode::DEV_CTX_READ => ("context-read", Some(("bytes", result_len.to_string()))),
+            opcode::DEV_CTX_WRITE => ("context-write", Some(("bytes", cmd.data.len().to_string()))),
+            opcode::DEV_CTX_DISCARD => ("context-discard", None),
+            opcode::DEV_WRITE_RECORDS_START => ("write-records-start", None),
+            opcode::DEV_WRITE_RECORDS_STOP => ("write-records-stop", None),
+            _ => return,
+        },
     };
     let mut props = vec![("pf", pf.to_string()), ("member", member)];
     props.extend(extra);
@@ -337,11 +371,11 @@ fn report_admin(pf: &str, cmd: &AdminCommand<'_>, table: &VfTable, result_len: u
 }
 
 impl PfDevice {
-    fn new(block: Block, admin_queue_size: u16, label: String) -> Self {
+    fn new(block: Block, admin_queue_size: u16, label: String, dialect: Dialect) -> Self {
         PfDevice {
             block,
             admin_sizes: [admin_queue_size],
-            admin: AdminState::new(),
+            admin: AdminState::with_dialect(dialect),
             table: VfTable::new(),
             bufs: AdminBuffers::new(),
             deferred: Vec::new(),
@@ -536,7 +570,7 @@ impl VirtioDevice for PfDevice {
                 let outcome = process_chain(chain, &mut self.bufs, |cmd, result, cap| {
                     let e = admin.execute(table, cmd, result, cap);
                     if matches!(&e, Execution::Done(c) if c.status == status::OK) {
-                        report_admin(label, cmd, table, result.len());
+                        report_admin(label, admin.dialect(), cmd, table, result.len());
                     }
                     e
                 });
@@ -575,8 +609,11 @@ pub struct PfSnapshot {
     /// The PF's function (its configuration space holds the SR-IOV
     /// registers: VF Enable, NumVFs, VF MSE, VF BAR0).
     pub pf: FunctionSnapshot,
-    /// The admin commands in use (LIST_USE).
+    /// The admin commands in use (LIST_USE), draft dialect.
     pub admin_in_use: u64,
+    /// Lists in use, driver capability and device parts objects, virtio
+    /// 1.4 dialect.
+    pub v14: V14State,
     /// Every existing VF.
     pub vfs: Vec<VfSnapshot>,
 }
@@ -652,7 +689,12 @@ impl VirtioPf {
         bcfg.read_only = cfg.readonly;
         bcfg.queue_size = cfg.queue_size;
         let block = Block::new(&bcfg).map_err(PfError::PfDisk)?;
-        let pfdev = PfDevice::new(block, cfg.admin_queue_size, cfg.bdf.to_string());
+        let pfdev = PfDevice::new(
+            block,
+            cfg.admin_queue_size,
+            cfg.bdf.to_string(),
+            cfg.dialect,
+        );
         let irq = interrupts
             .create_group(cfg.bdf, required_msix_vectors(&pfdev))
             .map_err(|source| PfError::Interrupts {
@@ -789,6 +831,7 @@ impl VirtioPf {
         Ok(PfSnapshot {
             pf: snapshot_function(&self.dev),
             admin_in_use: pf.admin.in_use(),
+            v14: pf.admin.v14.clone(),
             vfs,
         })
     }
@@ -805,6 +848,7 @@ impl VirtioPf {
             source,
         })?;
         self.dev.device_mut().admin.set_in_use(snap.admin_in_use);
+        self.dev.device_mut().admin.v14 = snap.v14.clone();
         let mut change = FunctionChange::default();
         let old = std::mem::take(&mut self.dev.device_mut().table.members);
         for m in old.into_iter().flatten() {
@@ -985,6 +1029,7 @@ impl VirtioPf {
         };
         vf.set_bar0(self.sriov.vf_bar0_address(self.dev.pci_config(), n));
         vf.set_progress_event(self.progress.clone());
+        vf.set_active_after_flr(self.dev.device().admin.dialect() == Dialect::V14);
         let shared = SharedVf(Arc::new(Mutex::new(vf)));
         Some((bdf, Member::new(shared, recorder)))
     }
@@ -1015,6 +1060,7 @@ impl VirtioPf {
             }
             Some(VfEnableChange::Disabled { .. }) => {
                 event_monitor::event("virtio-pf", "vf-disable", &[("pf", pf.clone())]);
+                self.dev.device_mut().admin.v14.forget_members_above(0);
                 let members = std::mem::take(&mut self.dev.device_mut().table.members);
                 for m in members.into_iter().flatten() {
                     let vf = m.device.lock();

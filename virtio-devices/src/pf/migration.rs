@@ -16,6 +16,7 @@ use super::admin::{
 use super::context::{
     encode_supported_fields, ContextDecoder, ContextError, ContextLimits, MemberContext,
 };
+use super::v14::V14State;
 
 /// Migration mode of a member (spec §4.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -86,6 +87,11 @@ pub trait MemberDevice {
     /// Virtio device reset / function level reset of the member's virtio
     /// state (R-MODE-7). Mode, streams and recording are not the device's.
     fn reset(&mut self);
+    /// Whether the device went back to Active through an FLR since the
+    /// last call (virtio 1.4 dialect); clears the flag.
+    fn take_reset(&mut self) -> bool {
+        false
+    }
 }
 
 /// Errors restoring migration state.
@@ -123,6 +129,10 @@ pub struct MigrationSnapshot {
     pub write_partial: Vec<u8>,
     /// Complete written context awaiting Freeze→Stop/Active, encoded.
     pub pending_context: Option<Vec<u8>>,
+    /// Queues of the pending context that continue from the used index
+    /// (staged by virtio 1.4 device parts; the TLV encoding has no room
+    /// for it).
+    pub pending_follows_used: Vec<u16>,
     /// Write recording.
     pub records: RecorderState,
 }
@@ -186,6 +196,13 @@ impl MigrationState {
         self.pending_mode
     }
 
+    /// Stage a validated context, applied when the member next becomes
+    /// Active (or leaves Freeze): what a complete DEV_CTX_WRITE stream or a
+    /// virtio 1.4 DEV_PARTS_SET leaves.
+    pub fn stage_context(&mut self, ctx: MemberContext) {
+        self.pending_ctx = Some(ctx);
+    }
+
     fn enter(&mut self, mode: Mode) {
         if self.mode != mode {
             self.read_snapshot = None;
@@ -193,6 +210,13 @@ impl MigrationState {
         }
         self.mode = mode;
         self.pending_mode = None;
+    }
+
+    /// The member was reset back to running (virtio 1.4: FLR): Active,
+    /// nothing staged, no mode change waiting. Write recording stays.
+    pub fn member_reset(&mut self) {
+        self.enter(Mode::Active);
+        self.pending_ctx = None;
     }
 
     /// Snapshot for the VMM's own migration (spec §6).
@@ -207,6 +231,13 @@ impl MigrationState {
                 Vec::new()
             },
             pending_context: self.pending_ctx.as_ref().map(|c| c.to_bytes()),
+            pending_follows_used: self
+                .pending_ctx
+                .iter()
+                .flat_map(|c| c.queues.iter())
+                .filter(|q| q.avail_follows_used)
+                .map(|q| q.index)
+                .collect(),
             records: self.recorder.state(),
         }
     }
@@ -225,7 +256,13 @@ impl MigrationState {
             }
         }
         let pending = match &s.pending_context {
-            Some(b) => Some(MemberContext::decode(b, &limits)?),
+            Some(b) => {
+                let mut c = MemberContext::decode(b, &limits)?;
+                for q in &mut c.queues {
+                    q.avail_follows_used = s.pending_follows_used.contains(&q.index);
+                }
+                Some(c)
+            }
             None => None,
         };
         let mut write = ContextDecoder::new(limits);
@@ -326,22 +363,51 @@ fn record_error(e: RecordError) -> Execution {
     }
 }
 
-/// The admin command executor's own state: the list of commands in use.
+/// The admin command set a PF speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Dialect {
+    /// The v2 draft the seeds describe (`shared/spec/virtio-pf.md`).
+    #[default]
+    Draft,
+    /// The published virtio 1.4 device parts commands ([`super::v14`]).
+    V14,
+}
+
+/// The admin command executor's own state: the dialect, the list of
+/// commands in use, and the virtio 1.4 dialect's capability and objects.
 #[derive(Debug, Default)]
 pub struct AdminState {
+    dialect: Dialect,
     in_use: u64,
+    /// State of the virtio 1.4 dialect (unused by the draft).
+    pub v14: V14State,
     scratch: Vec<u64>,
 }
 
 impl AdminState {
-    /// State after reset: only LIST_QUERY and LIST_USE usable.
+    /// State after reset, draft dialect: only LIST_QUERY and LIST_USE
+    /// usable.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// PF reset (R-ADM-3).
+    /// State after reset, speaking `dialect`.
+    pub fn with_dialect(dialect: Dialect) -> Self {
+        AdminState {
+            dialect,
+            ..Self::default()
+        }
+    }
+
+    /// The dialect.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// PF reset (R-ADM-3, R14-GRP-8, R14-CAP-8, R14-OBJ-11).
     pub fn reset(&mut self) {
         self.in_use = 0;
+        self.v14.reset();
     }
 
     /// The list in use (LIST_USE), for the VMM's snapshot (§6).
@@ -368,6 +434,9 @@ impl AdminState {
         result: &mut Vec<u8>,
         cap: usize,
     ) -> Execution {
+        if self.dialect == Dialect::V14 {
+            return self.v14.execute(table, cmd, result, cap);
+        }
         result.clear();
         // R-ADM-1 validation order.
         if cmd.group_type != GROUP_TYPE_SRIOV {
@@ -568,7 +637,10 @@ fn member_command<D: MemberDevice>(
     }
 }
 
-fn set_mode<D: MemberDevice>(m: &mut Member<D>, id: u16, new: Mode) -> Execution {
+/// Change the mode of member `id` (both dialects): a staged context is
+/// applied on leaving Freeze or on becoming Active; Stop and Freeze wait for
+/// the device to quiesce.
+pub(super) fn set_mode<D: MemberDevice>(m: &mut Member<D>, id: u16, new: Mode) -> Execution {
     let st = &mut m.migration;
     let cur = st.mode;
     if new == cur {
@@ -580,7 +652,7 @@ fn set_mode<D: MemberDevice>(m: &mut Member<D>, id: u16, new: Mode) -> Execution
             qualifier::INVALID_COMMAND,
         ));
     }
-    if cur == Mode::Freeze {
+    if cur == Mode::Freeze || new == Mode::Active {
         if let Some(ctx) = st.pending_ctx.take() {
             if let Err(e) = m.device.apply_context(&ctx) {
                 log::warn!("member {id}: {e}");

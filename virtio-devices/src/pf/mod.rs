@@ -18,8 +18,10 @@ pub mod admin;
 pub mod context;
 pub mod device;
 pub mod migration;
+pub mod parts;
 pub mod reference;
 pub mod transport_map;
+pub mod v14;
 pub mod vf;
 
 #[cfg(test)]
@@ -37,6 +39,6 @@ pub use context::{
     CommonCfg, ContextDecoder, ContextError, ContextLimits, MemberContext, QueueContext,
 };
 pub use migration::{
-    AdminState, Member, MemberDevice, MemberDeviceError, MemberTable, Members, MigrationSnapshot,
-    MigrationState, Mode, Quiesce,
+    AdminState, Dialect, Member, MemberDevice, MemberDeviceError, MemberTable, Members,
+    MigrationSnapshot, MigrationState, Mode, Quiesce,
 };

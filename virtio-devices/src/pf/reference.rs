@@ -8,6 +8,7 @@ use super::context::{
     FIELD_VQ_SPLIT_DEV_OWN_DESC, FIELD_VQ_SPLIT_RUNTIME_CFG, MAX_FEATURE_WORDS, VQ_CFG_LEN,
     VQ_RUNTIME_LEN,
 };
+use super::{parts, v14};
 
 /// One command's documentation.
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +135,131 @@ pub const COMMANDS: [CommandDoc; 13] = [
     },
 ];
 
+/// Every command of the `virtio-1.4` dialect ([`super::v14`]).
+pub const COMMANDS_V14: [CommandDoc; 13] = [
+    CommandDoc {
+        opcode: v14::opcode::LIST_QUERY,
+        member: false,
+        data: "none",
+        output: "none",
+        result: "`le64` bitmap: SR-IOV group 0x3ff83, self group 0x383",
+        errors: "none",
+    },
+    CommandDoc {
+        opcode: v14::opcode::LIST_USE,
+        member: false,
+        data: "`le64[]` bitmap of the opcodes the driver will use in this group (exactly this list afterwards; it may leave out 0x0/0x1, as Linux does)",
+        output: "none",
+        result: "none",
+        errors: "EINVAL/Q_INVALID_FIELD for an opcode the group does not support",
+    },
+    CommandDoc {
+        opcode: v14::opcode::CAP_ID_LIST_QUERY,
+        member: false,
+        data: "none (self group; the SR-IOV group is taken as self, as older Linux sends it)",
+        output: "none",
+        result: "`le64` bitmap of capability ids: 0x1 (VIRTIO_DEV_PARTS_CAP)",
+        errors: "none",
+    },
+    CommandDoc {
+        opcode: v14::opcode::DEVICE_CAP_GET,
+        member: false,
+        data: "`le16 id; u8 reserved[6]`",
+        output: "none",
+        result: "id 0: `u8 get_parts_resource_objects_limit; u8 set_parts_resource_objects_limit` (128, 128)",
+        errors: "ENXIO/Q_INVALID_FIELD for an id other than 0",
+    },
+    CommandDoc {
+        opcode: v14::opcode::DRIVER_CAP_SET,
+        member: false,
+        data: "`le16 id; u8 reserved[6]` + id 0: `u8 get_limit; u8 set_limit`",
+        output: "none",
+        result: "none",
+        errors: "ENXIO/Q_INVALID_FIELD for an id other than 0; EINVAL/Q_INVALID_FIELD above the device's limits; EBUSY/Q_INVALID_COMMAND below the id of an existing object",
+    },
+    CommandDoc {
+        opcode: v14::opcode::RESOURCE_OBJ_CREATE,
+        member: true,
+        data: "`le16 type (0 = device parts); u8 reserved[2]; le32 id; le64 flags (0); u8 purpose (0 GET, 1 SET); u8 reserved[7]`",
+        output: "none",
+        result: "none",
+        errors: "EEXIST(17)/Q_INVALID_FIELD if the id exists; EINVAL/Q_INVALID_FIELD for another type, flags, purpose, or an id not below the driver's limit for the purpose (0 until DRIVER_CAP_SET); ENOSPC/Q_NORESOURCE when that many objects of the purpose exist",
+    },
+    CommandDoc {
+        opcode: v14::opcode::RESOURCE_OBJ_QUERY,
+        member: true,
+        data: "`le16 type; u8 reserved[2]; le32 id; le64 flags`",
+        output: "none",
+        result: "`u8 purpose; u8 reserved[7]`",
+        errors: "ENXIO/Q_INVALID_FIELD if the member has no such object",
+    },
+    CommandDoc {
+        opcode: v14::opcode::RESOURCE_OBJ_MODIFY,
+        member: true,
+        data: "as RESOURCE_OBJ_CREATE",
+        output: "none",
+        result: "none",
+        errors: "ENXIO/Q_INVALID_FIELD if the member has no such object; as RESOURCE_OBJ_CREATE for the new values (the object is unchanged on failure)",
+    },
+    CommandDoc {
+        opcode: v14::opcode::RESOURCE_OBJ_DESTROY,
+        member: true,
+        data: "`le16 type; u8 reserved[2]; le32 id`",
+        output: "none",
+        result: "none",
+        errors: "ENXIO/Q_INVALID_FIELD if the member has no such object",
+    },
+    CommandDoc {
+        opcode: v14::opcode::DEV_PARTS_METADATA_GET,
+        member: true,
+        data: "object header (a GET object) + `u8 type (0 SIZE, 1 COUNT, 2 LIST); u8 reserved[7]`",
+        output: "none",
+        result: "`le32 size|count; u8 reserved[4]` + for LIST the part headers",
+        errors: "ENXIO for no such object, EINVAL/Q_INVALID_FIELD for a SET object or another type; ENOMEM/Q_NORESOURCE if the LIST does not fit",
+    },
+    CommandDoc {
+        opcode: v14::opcode::DEV_PARTS_GET,
+        member: true,
+        data: "object header (a GET object) + `u8 type (0 SELECTED, 1 ALL); u8 reserved[7]` + for SELECTED the part headers wanted",
+        output: "none",
+        result: "the parts, in mandatory order (allowed while running)",
+        errors: "as METADATA_GET; ENOMEM/Q_NORESOURCE if the parts do not fit (never half a part)",
+    },
+    CommandDoc {
+        opcode: v14::opcode::DEV_PARTS_SET,
+        member: true,
+        data: "object header (a SET object) + parts",
+        output: "none",
+        result: "none",
+        errors: "EINVAL/Q_INVALID_COMMAND unless stopped; EINVAL/Q_INVALID_FIELD for a part cut short, a length not the device's, an unknown mandatory part, a duplicate, DEV_FEATURES/num_queues/notify values not the device's, features not offered, a bad queue size or vector (nothing staged)",
+    },
+    CommandDoc {
+        opcode: v14::opcode::DEV_MODE_SET,
+        member: true,
+        data: "`u8 flags`: 0x01 stop, 0x00 run",
+        output: "none",
+        result: "none",
+        errors: "EINVAL/Q_INVALID_FIELD for other bits; EINVAL/Q_INVALID_FIELD if the member cannot apply the staged parts (it stays stopped). A stop completes once the member's requests in flight have; meanwhile that member's commands get EAGAIN/Q_TRYAGAIN",
+    },
+];
+
+fn table(s: &mut String, commands: &[CommandDoc], name: fn(u16) -> &'static str) {
+    s.push_str("| opcode | name | member | data | output | result | errors |\n");
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    for c in commands {
+        s.push_str(&format!(
+            "| {:#04x} | {} | {} | {} | {} | {} | {} |\n",
+            c.opcode,
+            name(c.opcode),
+            if c.member { "yes" } else { "no" },
+            c.data,
+            c.output,
+            c.result,
+            c.errors
+        ));
+    }
+}
+
 /// The reference as Markdown.
 pub fn markdown() -> String {
     let mut s = String::new();
@@ -158,20 +284,7 @@ pub fn markdown() -> String {
          EINVAL/Q_INVALID_GROUP; member id outside 1..NumVFs → EINVAL/Q_INVALID_MEMBER. \
          A command failing with EINVAL changes nothing.\n\n",
     );
-    s.push_str("| opcode | name | member | data | output | result | errors |\n");
-    s.push_str("|---|---|---|---|---|---|---|\n");
-    for c in COMMANDS {
-        s.push_str(&format!(
-            "| {:#04x} | {} | {} | {} | {} | {} | {} |\n",
-            c.opcode,
-            opcode::name(c.opcode).unwrap_or("?"),
-            if c.member { "yes" } else { "no" },
-            c.data,
-            c.output,
-            c.result,
-            c.errors
-        ));
-    }
+    table(&mut s, &COMMANDS, |op| opcode::name(op).unwrap_or("?"));
     s.push_str("\n## Device context fields (DEV_CTX_READ / DEV_CTX_WRITE)\n\n");
     s.push_str("Stream: `le32 field_count` then `{le16 type; u8 reserved[6]; le64 length; u8 value[length]}`.\n\n");
     s.push_str("| type | name | length |\n|---|---|---|\n");
@@ -210,6 +323,83 @@ pub fn markdown() -> String {
     for (ty, name, len) in rows {
         s.push_str(&format!("| {ty:#x} | {name} | {len} |\n"));
     }
+    s.push_str("\n# The virtio-1.4 dialect (`admin=virtio-1.4`)\n\n");
+    s.push_str(
+        "The published virtio 1.4 commands on the same opcodes 0x7..0x11, as Linux's \
+         virtio_vfio_pci sends them; the requirements are in `docs/virtio-1.4-contract.md` \
+         (R14-*). Status values add ENXIO 6 and EEXIST 17; the writable part has no output \
+         field (bytes 4..8 are reserved, written 0).\n\n",
+    );
+    s.push_str(
+        "Checks, in order (R14-GRP-1): group_type not 0 (self) or 1 (SR-IOV) → \
+         EINVAL/Q_INVALID_GROUP; opcode not supported by the group or not in its list in use \
+         (after reset: LIST_QUERY, LIST_USE) → EINVAL/Q_INVALID_OPCODE; for member commands \
+         (0xa..0x11, SR-IOV group): VF Enable clear → EINVAL/Q_INVALID_GROUP; member id \
+         outside 1..NumVFs → EINVAL/Q_INVALID_MEMBER. LIST_QUERY and LIST_USE take any member \
+         id and work before VF Enable (Linux sends them at DRIVER_OK). The self group's list \
+         in use, until a self-group LIST_USE, is LIST_QUERY, LIST_USE and what the SR-IOV \
+         list names. RESOURCE_OBJ_QUERY is 0xb and MODIFY 0xc (the specification's table). \
+         PF reset destroys every object and clears the driver limits; VF Enable cleared \
+         destroys the VFs' objects; a VF's FLR makes it running again, drops staged parts and \
+         keeps its objects.\n\n",
+    );
+    table(&mut s, &COMMANDS_V14, v14::opcode::name);
+    s.push_str("\n## Device parts (DEV_PARTS_GET / DEV_PARTS_SET)\n\n");
+    s.push_str(
+        "Part: `le16 type; u8 flags (0x1 optional); u8 reserved; u8 selector[8]; le32 length` \
+         + value, packed. A blk VF with N queues has these parts, in this order; SIZE is \
+         159 + 72 × N bytes. No part carries ring positions: a stopped member has completed \
+         every request it took, and on resume each enabled queue continues from the used \
+         index in guest memory.\n\n",
+    );
+    s.push_str("| type | name | selector | length | on SET |\n|---|---|---|---|---|\n");
+    let parts_rows: [(u16, &str, &str, String, &str); 6] = [
+        (
+            parts::PART_DEV_FEATURES,
+            "DEV_FEATURES (optional)",
+            "0",
+            "8".into(),
+            "must equal the device's; not applied",
+        ),
+        (
+            parts::PART_DRV_FEATURES,
+            "DRV_FEATURES",
+            "0",
+            "8".into(),
+            "applied; only offered bits",
+        ),
+        (
+            parts::PART_PCI_COMMON_CFG,
+            "PCI_COMMON_CFG",
+            "offset 0x0, 0x8, 0x10, 0x12, 0x16",
+            "the field's size (4, 4, 2, 2, 2)".into(),
+            "applied; num_queues (0x12) must equal the device's",
+        ),
+        (
+            parts::PART_DEVICE_STATUS,
+            "DEVICE_STATUS",
+            "0",
+            "1".into(),
+            "applied",
+        ),
+        (
+            parts::PART_VQ_CFG,
+            "VQ_CFG (per queue)",
+            "queue index",
+            parts::VQ_CFG_LEN.to_string(),
+            "applied; power-of-two size up to the maximum, vector below the member's",
+        ),
+        (
+            parts::PART_VQ_NOTIFY_CFG,
+            "VQ_NOTIFY_CFG (per queue)",
+            "queue index",
+            parts::VQ_NOTIFY_LEN.to_string(),
+            "must equal the device's (notify_off = notif_config_data = the queue index)",
+        ),
+    ];
+    for (ty, name, sel, len, set) in parts_rows {
+        s.push_str(&format!("| {ty:#x} | {name} | {sel} | {len} | {set} |\n"));
+    }
     s
 }
 
@@ -226,6 +416,12 @@ mod tests {
             bits |= 1 << c.opcode;
         }
         assert_eq!(bits, SUPPORTED_OPCODES);
+        let mut bits = 0u64;
+        for c in COMMANDS_V14 {
+            assert_ne!(v14::opcode::name(c.opcode), "unknown");
+            bits |= 1 << c.opcode;
+        }
+        assert_eq!(bits, v14::SRIOV_OPCODES);
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub fn context_from_transport(
             avail_idx: if q.enabled { q.next_avail } else { 0 },
             enabled: q.enabled,
             device_owned: device_owned.get(i).cloned().unwrap_or_default(),
+            avail_follows_used: false,
         })
         .collect();
     MemberContext {
@@ -124,7 +125,11 @@ pub fn transport_from_context(
             desc_table: q.desc,
             avail_ring: q.driver,
             used_ring: q.device,
-            next_avail: if q.enabled { q.avail_idx } else { 0 },
+            next_avail: match (q.enabled, q.avail_follows_used) {
+                (false, _) => 0,
+                (true, true) => next_used,
+                (true, false) => q.avail_idx,
+            },
             next_used,
         };
         device_owned[i] = q.device_owned.clone();

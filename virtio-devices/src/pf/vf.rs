@@ -63,6 +63,12 @@ pub struct VfFunction<D: VirtioDevice> {
     /// Signalled when a quiesce can finish, so that the PF completes the
     /// admin command waiting on it.
     progress: Option<Arc<EventFd>>,
+    /// FLR makes the member Active again (the virtio 1.4 dialect: Linux
+    /// takes a reset VF as running); the draft keeps the mode (R-MODE-7).
+    active_after_flr: bool,
+    /// An FLR happened that the owner's migration state has not seen yet
+    /// ([`MemberDevice::take_reset`]).
+    flr_seen: bool,
 }
 
 impl<D: VirtioDevice> VfFunction<D> {
@@ -94,7 +100,14 @@ impl<D: VirtioDevice> VfFunction<D> {
             adopted: vec![Vec::new(); nq],
             quiescing: None,
             progress: None,
+            active_after_flr: false,
+            flr_seen: false,
         })
+    }
+
+    /// Make an FLR return the member to Active (virtio 1.4 dialect).
+    pub fn set_active_after_flr(&mut self, on: bool) {
+        self.active_after_flr = on;
     }
 
     /// The VF number (1-based, the admin commands' member id).
@@ -389,6 +402,12 @@ impl<D: VirtioDevice> PciDevice for VfFunction<D> {
                 ],
             );
             self.forget_adopted();
+            if self.active_after_flr {
+                self.quiescing = None;
+                self.dev.hold_requests(false);
+                self.dev.set_mode(TransportMode::Active);
+                self.flr_seen = true;
+            }
         }
         self.dev.config_write(offset, data)
     }
@@ -539,6 +558,10 @@ impl<D: VirtioDevice> MemberDevice for VfFunction<D> {
         self.dev.reset();
         self.forget_adopted();
     }
+
+    fn take_reset(&mut self) -> bool {
+        std::mem::take(&mut self.flr_seen)
+    }
 }
 
 /// The member table's handle on a VF: the same `Arc` the bus holds.
@@ -579,5 +602,8 @@ impl<D: VirtioDevice> MemberDevice for SharedVf<D> {
     }
     fn reset(&mut self) {
         self.lock().reset()
+    }
+    fn take_reset(&mut self) -> bool {
+        self.lock().take_reset()
     }
 }

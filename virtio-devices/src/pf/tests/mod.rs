@@ -9,6 +9,7 @@ mod context_tests;
 mod mode_tests;
 mod prop_tests;
 mod record_tests;
+mod v14_tests;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -190,6 +191,7 @@ pub(crate) fn sample_context(num_queues: u16, seed: u64) -> MemberContext {
                 avail_idx: (seed as u16).wrapping_add(i),
                 enabled: true,
                 device_owned: if i == 0 { vec![3, 7] } else { vec![] },
+                avail_follows_used: false,
             })
             .collect(),
         device_config: Some((0..60).map(|b| b as u8 ^ seed as u8).collect()),
@@ -210,6 +212,8 @@ pub(crate) struct FakeDevice {
     pub resets: u32,
     pub quiesced: Option<Mode>,
     pub fail_apply: bool,
+    /// An FLR returned the device to running (virtio 1.4 dialect).
+    pub flr: bool,
 }
 
 impl FakeDevice {
@@ -228,6 +232,7 @@ impl FakeDevice {
             resets: 0,
             quiesced: None,
             fail_apply: false,
+            flr: false,
         }
     }
 
@@ -284,6 +289,9 @@ impl MemberDevice for FakeDevice {
         self.quiesced = None;
         self.resumes += 1;
     }
+    fn take_reset(&mut self) -> bool {
+        std::mem::take(&mut self.flr)
+    }
     fn reset(&mut self) {
         self.log.push("reset".into());
         self.resets += 1;
@@ -315,6 +323,7 @@ pub(crate) enum Layout {
     Indirect,
 }
 
+#[derive(Debug)]
 pub(crate) struct Response {
     pub used: u32,
     pub status: u16,
@@ -355,6 +364,14 @@ impl Harness {
         let mut h = Self::bare(n);
         let r = h.cmd(opcode::LIST_USE, 0, &SUPPORTED_OPCODES.to_le_bytes(), 0);
         assert!(r.ok());
+        h
+    }
+
+    /// `n` members speaking the virtio 1.4 dialect, VF Enable set, no
+    /// command sent yet.
+    pub fn v14(n: u16) -> Self {
+        let mut h = Self::bare(n);
+        h.admin = AdminState::with_dialect(super::migration::Dialect::V14);
         h
     }
 
