@@ -110,9 +110,13 @@ fn a_restored_snapshot_carries_on_with_its_counter_disk_data_and_vfs() {
         assert!(files.contains(f), "{f} in {files}");
     }
     // Damaged snapshots: status 1, one error line saying what is wrong.
+    let version = format!(
+        "format version 9, this VMM reads version {}",
+        vm_migration::state::STATE_VERSION
+    );
     for (k, why) in [
         ("BAD-TRUNCATED", "state.bin: truncated"),
-        ("BAD-VERSION", "format version 9, this VMM reads version 1"),
+        ("BAD-VERSION", version.as_str()),
         (
             "BAD-MISMATCH",
             "the configuration has 268435456 bytes of memory, the state 536870912",
