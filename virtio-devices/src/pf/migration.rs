@@ -461,20 +461,10 @@ impl AdminState {
             }
             _ => {}
         }
-        if !table.vf_enabled() {
-            return einval(qualifier::INVALID_GROUP);
-        }
-        let num_vfs = table.num_vfs();
-        let id = match u16::try_from(cmd.member_id) {
-            Ok(id) if id >= 1 && id <= num_vfs => id,
-            _ => return einval(qualifier::INVALID_MEMBER),
+        let (id, m) = match addressed_member(table, cmd) {
+            Ok(x) => x,
+            Err(e) => return e,
         };
-        let Some(m) = table.member_mut(id) else {
-            return einval(qualifier::INVALID_MEMBER);
-        };
-        if m.migration.pending_mode.is_some() {
-            return Execution::Done(AdminCompletion::err(status::EAGAIN, qualifier::TRYAGAIN));
-        }
         member_command(m, id, cmd, result, cap, &mut self.scratch)
     }
 
@@ -491,6 +481,36 @@ impl AdminState {
             Quiesce::InProgress => None,
         }
     }
+}
+
+/// The member a command addresses, as both dialects check it (R-ADM-1,
+/// R14-GRP-13/14): VF Enable set, id in 1..NumVFs, no mode change of that
+/// member waiting (EAGAIN/Q_TRYAGAIN meanwhile).
+pub(super) fn addressed_member<'t, T: MemberTable>(
+    table: &'t mut T,
+    cmd: &AdminCommand<'_>,
+) -> Result<(u16, &'t mut Member<T::Device>), Execution> {
+    if !table.vf_enabled() {
+        return Err(einval(qualifier::INVALID_GROUP));
+    }
+    let num_vfs = table.num_vfs();
+    let id = match u16::try_from(cmd.member_id) {
+        Ok(id) if id >= 1 && id <= num_vfs => id,
+        _ => return Err(einval(qualifier::INVALID_MEMBER)),
+    };
+    let Some(m) = table.member_mut(id) else {
+        return Err(einval(qualifier::INVALID_MEMBER));
+    };
+    if m.device.take_reset() {
+        m.migration.member_reset();
+    }
+    if m.migration.pending_mode.is_some() {
+        return Err(Execution::Done(AdminCompletion::err(
+            status::EAGAIN,
+            qualifier::TRYAGAIN,
+        )));
+    }
+    Ok((id, m))
 }
 
 fn member_command<D: MemberDevice>(

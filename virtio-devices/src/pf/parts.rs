@@ -21,7 +21,10 @@
 //! enabled queue continues from the used index in guest memory
 //! ([`QueueContext::avail_follows_used`]).
 
-use super::context::{CommonCfg, ContextError, ContextLimits, MemberContext, QueueContext};
+use super::context::{
+    CommonCfg, ContextError, ContextLimits, MemberContext, QueueContext, NO_VECTOR,
+};
+use crate::transport::state::common_offset as co;
 
 /// DEV_FEATURES: the device's offered features (optional; verified, never
 /// applied, R14-PARTS-7).
@@ -50,11 +53,11 @@ pub const VQ_NOTIFY_LEN: usize = 8;
 /// length). Per-queue registers travel in VQ_CFG / VQ_NOTIFY_CFG, the device
 /// status in DEVICE_STATUS, features in the feature parts.
 pub const COMMON_FIELDS: [(u32, usize); 5] = [
-    (0x00, 4), // device_feature_select
-    (0x08, 4), // driver_feature_select
-    (0x10, 2), // config_msix_vector
-    (0x12, 2), // num_queues (read-only: verified)
-    (0x16, 2), // queue_select
+    (co::DEVICE_FEATURE_SELECT as u32, 4),
+    (co::DRIVER_FEATURE_SELECT as u32, 4),
+    (co::CONFIG_MSIX_VECTOR as u32, 2),
+    (co::NUM_QUEUES as u32, 2), // read-only: verified
+    (co::QUEUE_SELECT as u32, 2),
 ];
 
 /// A part header (`struct virtio_dev_part_hdr`).
@@ -271,8 +274,6 @@ pub fn parts_of(ctx: &MemberContext, limits: &ContextLimits) -> Vec<(PartHeader,
     out
 }
 
-const NO_VECTOR: u16 = 0xffff;
-
 /// VQ_NOTIFY_CFG of queue `i` on this transport: `queue_notify_off` and
 /// `queue_notif_config_data` both read as the queue index.
 fn notify_value(i: u16) -> [u8; VQ_NOTIFY_LEN] {
@@ -400,7 +401,7 @@ pub fn decode(data: &[u8], limits: &ContextLimits) -> Result<PartsImage, PartsEr
                 };
                 expect_len(flen)?;
                 let v = le_value(value);
-                if off == 0x12 && v != u64::from(limits.num_queues) {
+                if u64::from(off) == co::NUM_QUEUES && v != u64::from(limits.num_queues) {
                     return Err(PartsError::ReadOnly {
                         ty: h.part_type,
                         selector: h.selector,
@@ -479,7 +480,7 @@ pub fn decode(data: &[u8], limits: &ContextLimits) -> Result<PartsImage, PartsEr
         ctx.validate(limits)?;
     }
     for (off, v) in &img.common {
-        if *off == 0x10 {
+        if u64::from(*off) == co::CONFIG_MSIX_VECTOR {
             limits.check_vector(*v as u16)?;
         }
     }
@@ -497,11 +498,11 @@ impl PartsImage {
         }
         let mut common: CommonCfg = ctx.common.unwrap_or_default();
         for (off, v) in &self.common {
-            match off {
-                0x00 => common.device_feature_select = *v as u32,
-                0x08 => common.driver_feature_select = *v as u32,
-                0x10 => common.config_msix_vector = *v as u16,
-                0x16 => common.queue_select = *v as u16,
+            match u64::from(*off) {
+                co::DEVICE_FEATURE_SELECT => common.device_feature_select = *v as u32,
+                co::DRIVER_FEATURE_SELECT => common.driver_feature_select = *v as u32,
+                co::CONFIG_MSIX_VECTOR => common.config_msix_vector = *v as u16,
+                co::QUEUE_SELECT => common.queue_select = *v as u16,
                 _ => {}
             }
         }

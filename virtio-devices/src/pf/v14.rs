@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 
 use super::admin::{qualifier, status, AdminCommand, AdminCompletion, Execution};
-use super::migration::{set_mode, Member, MemberDevice, MemberTable, Mode};
+use super::migration::{addressed_member, set_mode, Member, MemberDevice, MemberTable, Mode};
 use super::parts::{self, PartHeader, PART_HEADER_LEN};
 
 /// Opcodes of the virtio 1.4 table.
@@ -297,23 +297,10 @@ impl V14State {
             _ => {}
         }
         // Commands that address a member (R14-GRP-13/14).
-        if !table.vf_enabled() {
-            return einval(qualifier::INVALID_GROUP);
-        }
-        let id = match u16::try_from(cmd.member_id) {
-            Ok(id) if id >= 1 && id <= table.num_vfs() => id,
-            _ => return einval(qualifier::INVALID_MEMBER),
+        let (id, m) = match addressed_member(table, cmd) {
+            Ok(x) => x,
+            Err(e) => return e,
         };
-        let Some(m) = table.member_mut(id) else {
-            return einval(qualifier::INVALID_MEMBER);
-        };
-        if m.device.take_reset() {
-            m.migration.member_reset();
-        }
-        if m.migration.pending_mode().is_some() {
-            // A stop waiting for in-flight requests (R14-MODE-2).
-            return fail(status::EAGAIN, qualifier::TRYAGAIN);
-        }
         match cmd.opcode {
             opcode::RESOURCE_OBJ_CREATE => self.create(id, cmd),
             opcode::RESOURCE_OBJ_QUERY => match self.object(id, cmd) {
