@@ -339,6 +339,10 @@ while :; do echo "@@T:MODES=$(mode 1) $(mode 2)@@"; sleep 0.5; done
 /// ping, pause, resume, reboot (which ends the VMM with status 0, as a
 /// guest reboot does).
 const MODES_DURING: &str = r#"S=api.sock
+n=0
+until [ -S $S ]; do
+  n=$((n + 1)); [ $n -gt 100 ] && { echo "@@T:PING=no socket bound by fd-launch@@"; exit 1; }; sleep 0.1
+done
 ch-remote --api-socket $S ping > ping.json; echo "@@T:PING=$? $(cat ping.json)@@"
 n=0
 until grep -q GUEST-UP up.img 2> /dev/null; do

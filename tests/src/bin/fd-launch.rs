@@ -2,7 +2,8 @@
 //! descriptors for a program to inherit, then executes it (same process).
 //!
 //! `--listen N=PATH` binds and listens on a Unix socket at PATH (an old
-//! socket file there is removed) as descriptor N; `--file N=PATH` creates
+//! socket file there is replaced; PATH appears only once it listens) as
+//! descriptor N; `--file N=PATH` creates
 //! or truncates PATH for writing as descriptor N. The tests start the VMM
 //! through it to check `--api-socket fd=N` and `--event-monitor fd=N`
 //! ([`tests::Scenario::launcher`]).
@@ -69,10 +70,16 @@ fn main() {
         }
         let fd: OwnedFd = match args[i].as_str() {
             "--listen" => {
-                let _ = std::fs::remove_file(path);
-                UnixListener::bind(path)
-                    .unwrap_or_else(|e| fail(format!("cannot listen on {path}: {e}")))
-                    .into()
+                // Bound and listening under a temporary name, then renamed:
+                // PATH appears only once a connect to it succeeds, so a
+                // client may wait for the file and connect once.
+                let tmp = format!("{path}.binding");
+                let _ = std::fs::remove_file(&tmp);
+                let listener = UnixListener::bind(&tmp)
+                    .unwrap_or_else(|e| fail(format!("cannot listen on {tmp}: {e}")));
+                std::fs::rename(&tmp, path)
+                    .unwrap_or_else(|e| fail(format!("cannot rename {tmp} to {path}: {e}")));
+                listener.into()
             }
             "--file" => std::fs::File::create(path)
                 .unwrap_or_else(|e| fail(format!("cannot create {path}: {e}")))
