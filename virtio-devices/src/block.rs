@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use log::debug;
 use virtio_queue::Queue;
-use vm_migration::GuestMemoryMmap;
+use vm_migration::DmaMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use crate::block_io::{Completion, DiskBackend};
@@ -275,7 +275,7 @@ impl VirtioDevice for Block {
         &mut self,
         index: u16,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
     ) -> crate::device::Result<Served> {
         if index != 0 {
             return Err(DeviceError::NoSuchQueue(index));

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, warn};
-use vm_migration::GuestMemoryMmap;
+use vm_migration::DmaMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::block::{
@@ -110,7 +110,7 @@ impl RequestContext {
     /// requests never fail the queue: a chain without a writable byte
     /// completes with length 0, anything else wrong with `IOERR` or
     /// `UNSUPP` in its status byte.
-    pub fn execute(&self, bufs: &ChainBuffers, mem: &GuestMemoryMmap, bounce: &mut [u8]) -> u32 {
+    pub fn execute(&self, bufs: &ChainBuffers, mem: &DmaMemory, bounce: &mut [u8]) -> u32 {
         let writable = bufs.writable_len();
         if writable == 0 {
             warn!(
@@ -138,7 +138,7 @@ impl RequestContext {
     fn run_request(
         &self,
         bufs: &ChainBuffers,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
         data_cap: u64,
         bounce: &mut [u8],
     ) -> (u8, u64) {
@@ -232,7 +232,7 @@ impl RequestContext {
     fn read_request(
         &self,
         bufs: &ChainBuffers,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
         sector: u64,
         len: u64,
         bounce: &mut [u8],
@@ -265,7 +265,7 @@ impl RequestContext {
     fn write_request(
         &self,
         bufs: &ChainBuffers,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
         sector: u64,
         bounce: &mut [u8],
     ) -> u8 {
@@ -305,7 +305,7 @@ impl RequestContext {
 struct Job {
     queue: u16,
     bufs: ChainBuffers,
-    mem: GuestMemoryMmap,
+    mem: DmaMemory,
 }
 
 /// What the worker hands back.
@@ -400,7 +400,7 @@ impl IoWorker {
     /// Hands a request to the worker (in submission order). If the worker
     /// is gone (it cannot be, short of a bug), the request runs here so it
     /// still completes.
-    pub fn submit(&mut self, queue: u16, bufs: ChainBuffers, mem: &GuestMemoryMmap) {
+    pub fn submit(&mut self, queue: u16, bufs: ChainBuffers, mem: &DmaMemory) {
         self.in_flight += 1;
         let job = Job {
             queue,

@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use crate::block_io::Completion;
 use crate::chain::ChainBuffers;
 
-use vm_migration::GuestMemoryMmap;
+use vm_migration::DmaMemory;
 
 /// virtio device type of a network device.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -157,12 +157,7 @@ pub trait VirtioDevice: Send {
     /// was written (the transport then decides, from the queue's
     /// suppression state, whether to interrupt the driver) and whether the
     /// budget ran out.
-    fn process_queue(
-        &mut self,
-        index: u16,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Served>;
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &DmaMemory) -> Result<Served>;
 
     /// Admin queue `admin_index` (0 for the first admin queue) was
     /// notified. Same contract as [`VirtioDevice::process_queue`]. Devices
@@ -171,7 +166,7 @@ pub trait VirtioDevice: Send {
         &mut self,
         admin_index: u16,
         _queue: &mut Queue,
-        _mem: &GuestMemoryMmap,
+        _mem: &DmaMemory,
     ) -> Result<Served> {
         Err(DeviceError::NoSuchQueue(admin_index))
     }
@@ -234,19 +229,14 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
     fn queue_reset(&mut self, index: u16) {
         (**self).queue_reset(index)
     }
-    fn process_queue(
-        &mut self,
-        index: u16,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Served> {
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, mem: &DmaMemory) -> Result<Served> {
         (**self).process_queue(index, queue, mem)
     }
     fn process_admin_queue(
         &mut self,
         admin_index: u16,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
     ) -> Result<Served> {
         (**self).process_admin_queue(admin_index, queue, mem)
     }
@@ -291,7 +281,7 @@ pub fn read_config_bytes(src: &[u8], offset: u64, data: &mut [u8]) {
 pub fn serve_queue<F>(
     index: u16,
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &DmaMemory,
     budget: usize,
     mut serve: F,
 ) -> Result<Served>

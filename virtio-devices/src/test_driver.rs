@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use pci::{Bdf, InterruptManager, InterruptSourceGroup, MsiMessage, PciDevice};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
-use vm_migration::GuestMemoryMmap;
+use vm_migration::{DmaMemory, GuestMemoryMmap};
 
 use crate::transport::caps::*;
 use crate::transport::state::common_offset as co;
@@ -315,6 +315,12 @@ impl TestDriver {
     /// give to a device.
     pub fn mem_atomic(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
         GuestMemoryAtomic::new(self.mem.clone())
+    }
+
+    /// The same memory as a device without an IOMMU reaches it by DMA, to
+    /// give to a transport.
+    pub fn dma_atomic(&self) -> GuestMemoryAtomic<DmaMemory> {
+        GuestMemoryAtomic::new(DmaMemory::direct(self.mem.clone()))
     }
 
     /// The interrupt recorder, to give to a device.

@@ -480,8 +480,8 @@ mod tests {
     use virtio_devices::pf::device::{PfConfig, VirtioPf, SRIOV_CAP_OFFSET};
     use virtio_devices::test_driver::NoInterrupts;
     use virtio_devices::transport::{VirtioPciDevice, VirtioPciOptions};
-    use vm_memory::{GuestAddress, GuestMemoryAtomic};
-    use vm_migration::GuestMemoryMmap;
+    use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+    use vm_migration::{DmaMemory, GuestMemoryMmap};
 
     use super::*;
 
@@ -554,7 +554,7 @@ mod tests {
         let block = Block::new(&BlockConfig::new(dir.file(name, 1 << 16))).unwrap();
         let dev = VirtioPciDevice::new(
             block,
-            mem(),
+            GuestMemoryAtomic::new(DmaMemory::direct((*mem().memory()).clone())),
             Arc::new(NoInterrupts),
             VirtioPciOptions::default(),
         )
@@ -888,7 +888,7 @@ mod tests {
         let block = Block::new(&BlockConfig::new(dir.file("d.img", 1 << 20))).unwrap();
         let dev = VirtioPciDevice::new(
             block,
-            t.mem_atomic(),
+            t.dma_atomic(),
             Arc::new(NoInterrupts),
             VirtioPciOptions::default(),
         )

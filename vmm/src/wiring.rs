@@ -7,8 +7,9 @@ use virtio_devices::block::{Block, BlockConfig};
 use virtio_devices::pf::device::{PfConfig, VirtioPf};
 use virtio_devices::pf::Dialect;
 use virtio_devices::transport::{required_msix_vectors, VirtioPciDevice, VirtioPciOptions};
+use vm_memory::GuestAddressSpace;
 use vm_memory::GuestMemoryAtomic;
-use vm_migration::GuestMemoryMmap;
+use vm_migration::{DmaMemory, GuestMemoryMmap};
 
 use crate::config::{AdminDialect, DiskConfig, VirtioPfConfig};
 use crate::device_manager::DeviceManager;
@@ -43,7 +44,8 @@ pub fn add_disks(
         let irq = msi
             .create_group(bdf, required_msix_vectors(&block))
             .map_err(|e| disk_err(format!("interrupts: {e}")))?;
-        let mut dev = VirtioPciDevice::new(block, mem.clone(), irq, VirtioPciOptions::default())
+        let dma = GuestMemoryAtomic::new(DmaMemory::direct((*mem.memory()).clone()));
+        let mut dev = VirtioPciDevice::new(block, dma, irq, VirtioPciOptions::default())
             .map_err(|e| disk_err(e.to_string()))?;
         dev.set_label(bdf.to_string());
         let dev = Arc::new(Mutex::new(dev));

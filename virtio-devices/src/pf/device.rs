@@ -36,7 +36,7 @@ use pci::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vm_migration::dirty::{WriteRecorder, DEFAULT_SUPPORTED_RANGES};
-use vm_migration::GuestMemoryMmap;
+use vm_migration::{DmaIommu, DmaMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::admin::{
@@ -127,6 +127,8 @@ pub enum PfError {
     RestoreMissingVf(u16),
     #[error("cannot create the member progress eventfd: {0}")]
     Event(#[source] std::io::Error),
+    #[error("the IOMMU does not manage {0} (its VIOT range does not cover it)")]
+    NotBehindIommu(Bdf),
     #[error("SR-IOV capability landed at {0:#x}, not at 0x100 (another extended capability precedes it)")]
     SriovOffset(u16),
 }
@@ -208,6 +210,25 @@ pub struct PfConfig {
     pub vf_backend: Option<VfBackendFn>,
     /// The admin command set.
     pub dialect: Dialect,
+    /// The IOMMU that translates the DMA of the PF and its VFs
+    /// (`iommu=on`); `None`: they reach guest physical memory directly.
+    pub iommu: Option<Arc<dyn DmaIommu>>,
+}
+
+/// The memory function `bdf` reaches by DMA over `phys`: through `iommu`'s
+/// translator for its routing ID, or directly without an IOMMU.
+pub fn dma_memory(
+    iommu: Option<&Arc<dyn DmaIommu>>,
+    bdf: Bdf,
+    phys: GuestMemoryMmap,
+) -> Result<DmaMemory, PfError> {
+    match iommu {
+        None => Ok(DmaMemory::direct(phys)),
+        Some(i) => i
+            .endpoint(u32::from(bdf.rid()))
+            .map(|t| DmaMemory::translated(phys, t))
+            .ok_or(PfError::NotBehindIommu(bdf)),
+    }
 }
 
 impl PfConfig {
@@ -233,6 +254,7 @@ impl PfConfig {
             admin_queue_size: DEFAULT_ADMIN_QUEUE_SIZE,
             vf_backend: None,
             dialect: Dialect::Draft,
+            iommu: None,
         })
     }
 }
@@ -417,11 +439,7 @@ impl PfDevice {
     /// Completes deferred commands whose member is ready (R-ADM-4): they
     /// go on the used ring in the order they become ready, whatever order
     /// they arrived in.
-    fn complete_ready(
-        &mut self,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-    ) -> Result<bool, DeviceError> {
+    fn complete_ready(&mut self, queue: &mut Queue, mem: &DmaMemory) -> Result<bool, DeviceError> {
         self.poll_orphans();
         let mut used = false;
         let mut i = 0;
@@ -499,7 +517,7 @@ impl VirtioDevice for PfDevice {
         &mut self,
         index: u16,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
     ) -> crate::device::Result<Served> {
         self.block.process_queue(index, queue, mem)
     }
@@ -528,7 +546,7 @@ impl VirtioDevice for PfDevice {
         &mut self,
         admin_index: u16,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
     ) -> crate::device::Result<Served> {
         if admin_index != 0 {
             return Err(DeviceError::NoSuchQueue(admin_index));
@@ -637,6 +655,7 @@ pub struct VirtioPf {
     sriov: SriovCapability,
     bdf: Bdf,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    iommu: Option<Arc<dyn DmaIommu>>,
     interrupts: Arc<dyn InterruptManager>,
     vf_disk: VfDiskFn,
     vf_backend: Option<VfBackendFn>,
@@ -701,9 +720,10 @@ impl VirtioPf {
                 bdf: cfg.bdf,
                 source,
             })?;
+        let pf_mem = dma_memory(cfg.iommu.as_ref(), cfg.bdf, (*mem.memory()).clone())?;
         let mut dev = VirtioPciDevice::new(
             pfdev,
-            mem.clone(),
+            GuestMemoryAtomic::new(pf_mem),
             irq,
             VirtioPciOptions {
                 function: FunctionKind::Physical,
@@ -747,6 +767,7 @@ impl VirtioPf {
             sriov,
             bdf: cfg.bdf,
             mem,
+            iommu: cfg.iommu,
             interrupts,
             vf_disk: cfg.vf_disk,
             vf_backend: cfg.vf_backend,
@@ -1014,6 +1035,13 @@ impl VirtioPf {
             }
         };
         let view = match recorder.member_view(view_src) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("virtio-pf: VF {n} not created: {e}");
+                return None;
+            }
+        };
+        let view = match dma_memory(self.iommu.as_ref(), bdf, view) {
             Ok(v) => v,
             Err(e) => {
                 warn!("virtio-pf: VF {n} not created: {e}");

@@ -33,7 +33,8 @@ use log::{debug, warn};
 use pci::{BarRange, Doorbell, FunctionChange, InterruptSourceGroup, PciDevice, WorkEvent};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
-use vm_migration::{GuestMemoryMmap, GuestRegionMmap};
+use vm_migration::dma::MSI_WINDOW_START;
+use vm_migration::{DmaMemory, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::context::{ContextLimits, MemberContext};
@@ -48,6 +49,7 @@ use crate::transport::{
 
 /// Bytes of the scratch ring used to serve adopted device-owned heads.
 const SCRATCH_RING_LEN: usize = 0x4_0000;
+const _: () = assert!(SCRATCH_RING_LEN as u64 <= vm_migration::dma::MSI_WINDOW_LEN);
 
 /// One VF of the PF: its virtio-pci function and what it adopted from a
 /// written device context.
@@ -80,7 +82,7 @@ impl<D: VirtioDevice> VfFunction<D> {
         number: u16,
         bdf: pci::Bdf,
         device: D,
-        view: GuestMemoryMmap,
+        view: DmaMemory,
         interrupts: Arc<dyn InterruptSourceGroup>,
     ) -> Result<Self, TransportError> {
         let options = VirtioPciOptions {
@@ -217,12 +219,19 @@ impl<D: VirtioDevice> VfFunction<D> {
             return Vec::new();
         }
         let mem = self.dev.memory().memory();
-        // Scratch ring above guest memory, in a private mapping.
-        let base = mem
-            .last_addr()
-            .0
-            .checked_add(1)
-            .and_then(|a| a.checked_next_multiple_of(1 << 21));
+        // Scratch ring in a private mapping: above guest memory, or, when
+        // an IOMMU translates the member's DMA (any address may be an
+        // IOVA), in the MSI window, which is never translated and holds no
+        // guest memory.
+        let base = if mem.is_translated() {
+            Some(MSI_WINDOW_START)
+        } else {
+            mem.physical()
+                .last_addr()
+                .0
+                .checked_add(1)
+                .and_then(|a| a.checked_next_multiple_of(1 << 21))
+        };
         let Some(base) = base else {
             return Vec::new();
         };
@@ -233,8 +242,8 @@ impl<D: VirtioDevice> VfFunction<D> {
                 return Vec::new();
             }
         };
-        let combined = match mem.insert_region(Arc::new(region)) {
-            Ok(m) => m,
+        let combined = match mem.physical().insert_region(Arc::new(region)) {
+            Ok(m) => mem.with_physical(m),
             Err(e) => {
                 warn!("virtio-pf: scratch ring for adopted heads: {e}");
                 return Vec::new();

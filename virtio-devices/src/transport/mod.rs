@@ -63,7 +63,7 @@ use pci::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
-use vm_migration::GuestMemoryMmap;
+use vm_migration::DmaMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
@@ -210,7 +210,7 @@ fn class_of(device_type: u32) -> (u8, u8) {
 /// A virtio device behind the modern virtio-pci transport.
 pub struct VirtioPciDevice<D: VirtioDevice> {
     device: D,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<DmaMemory>,
     options: VirtioPciOptions,
     config: PciConfiguration,
     pcie: PcieCapability,
@@ -250,7 +250,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// guest memory through `mem`.
     pub fn new(
         device: D,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryAtomic<DmaMemory>,
         interrupts: Arc<dyn InterruptSourceGroup>,
         options: VirtioPciOptions,
     ) -> Result<Self, TransportError> {
@@ -422,12 +422,12 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     }
 
     /// Replaces the guest memory the queues are served from.
-    pub fn set_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
+    pub fn set_memory(&mut self, mem: GuestMemoryAtomic<DmaMemory>) {
         self.mem = mem;
     }
 
     /// The guest memory the queues are served from.
-    pub fn memory(&self) -> &GuestMemoryAtomic<GuestMemoryMmap> {
+    pub fn memory(&self) -> &GuestMemoryAtomic<DmaMemory> {
         &self.mem
     }
 
@@ -1061,7 +1061,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 /// ring: `used_event` with EVENT_IDX (virtio-queue's check), else the
 /// available ring's `VIRTQ_AVAIL_F_NO_INTERRUPT` flag. When the rings
 /// cannot be read, interrupt.
-fn driver_wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+fn driver_wants_interrupt(queue: &mut Queue, mem: &DmaMemory) -> bool {
     let wanted = queue.needs_notification(mem).unwrap_or(true);
     if !wanted || queue.event_idx_enabled() {
         return wanted;

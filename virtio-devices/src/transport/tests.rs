@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use pci::PciDevice;
 use virtio_queue::{Queue, QueueT};
-use vm_migration::GuestMemoryMmap;
+use vm_migration::DmaMemory;
 
 use super::*;
 use crate::block::*;
@@ -61,7 +61,7 @@ fn block_device(
     cfg.serial = Some("test-serial-0123".into());
     cfg.queue_size = 16;
     let blk = Block::new(&cfg).unwrap();
-    VirtioPciDevice::new(blk, drv.mem_atomic(), drv.interrupt_group(), options).unwrap()
+    VirtioPciDevice::new(blk, drv.dma_atomic(), drv.interrupt_group(), options).unwrap()
 }
 
 /// A probed, negotiated, running block device.
@@ -154,7 +154,7 @@ impl VirtioDevice for MockDevice {
         &mut self,
         index: u16,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
     ) -> crate::device::Result<Served> {
         let served = serve_queue(index, queue, mem, QUEUE_BUDGET, |_| Some(0))?;
         if served.used {
@@ -166,7 +166,7 @@ impl VirtioDevice for MockDevice {
         &mut self,
         admin_index: u16,
         queue: &mut Queue,
-        mem: &GuestMemoryMmap,
+        mem: &DmaMemory,
     ) -> crate::device::Result<Served> {
         if self.defer_admin {
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -185,7 +185,7 @@ impl VirtioDevice for MockDevice {
 fn mock_device(drv: &mut TestDriver) -> VirtioPciDevice<MockDevice> {
     let mut dev = VirtioPciDevice::new(
         MockDevice::default(),
-        drv.mem_atomic(),
+        drv.dma_atomic(),
         drv.interrupt_group(),
         VirtioPciOptions::default(),
     )
@@ -1102,7 +1102,7 @@ fn a_full_queue_is_served_in_budgeted_turns_with_a_rekick() {
     let blk = Block::new(&cfg).unwrap();
     let mut dev = VirtioPciDevice::new(
         blk,
-        drv.mem_atomic(),
+        drv.dma_atomic(),
         drv.interrupt_group(),
         VirtioPciOptions::default(),
     )
