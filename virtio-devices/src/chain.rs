@@ -80,6 +80,19 @@ impl ChainBuffers {
         bufs
     }
 
+    /// Buffers recorded earlier (a device that holds chains across a
+    /// snapshot keeps their segments and rebuilds them here).
+    pub fn from_segments(head_index: u16, readable: Vec<Segment>, writable: Vec<Segment>) -> Self {
+        ChainBuffers {
+            head_index,
+            readable_len: readable.iter().map(|s| u64::from(s.len)).sum(),
+            writable_len: writable.iter().map(|s| u64::from(s.len)).sum(),
+            readable,
+            writable,
+            order_violation: false,
+        }
+    }
+
     /// Index of the chain's head descriptor (the id of its used element).
     pub fn head_index(&self) -> u16 {
         self.head_index

@@ -37,6 +37,10 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 
 /// Feature bit: the device complies with virtio 1.0 or later.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: the device's DMA goes through the platform's IOMMU (its
+/// addresses are bus addresses, which the driver maps), offered by the
+/// transport of a function behind the virtio-iommu.
+pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 /// Feature bit: the device supports the packed virtqueue layout.
 pub const VIRTIO_F_RING_PACKED: u32 = 34;
 /// Feature bit: the device is an SR-IOV physical function.

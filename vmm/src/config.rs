@@ -220,15 +220,19 @@ pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
     pub id: Option<String>,
+    /// Behind the virtio-iommu (older snapshots: off).
+    #[serde(default)]
+    pub iommu: bool,
 }
 
 impl DiskConfig {
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let p = OptionParser::parse("--disk", s, &["path", "readonly", "id"], None)?;
+        let p = OptionParser::parse("--disk", s, &["path", "readonly", "id", "iommu"], None)?;
         Ok(DiskConfig {
             path: PathBuf::from(p.required("path")?),
             readonly: p.toggle("readonly", false)?,
             id: p.get("id").map(str::to_string),
+            iommu: p.toggle("iommu", false)?,
         })
     }
 }
@@ -322,6 +326,9 @@ mod tests {
         assert_eq!(d.path, PathBuf::from("/a.img"));
         assert!(d.readonly);
         assert_eq!(d.id.as_deref(), Some("d0"));
+        assert!(!d.iommu);
+        assert!(DiskConfig::parse("path=/a,iommu=on").unwrap().iommu);
+        assert!(DiskConfig::parse("path=/a,iommu=yes").is_err());
         assert!(matches!(
             DiskConfig::parse("path=/a,bogus=1"),
             Err(ConfigError::UnknownKey { .. })
@@ -405,6 +412,9 @@ pub struct VirtioPfConfig {
     /// Older snapshots have no `admin` and spoke the draft.
     #[serde(default)]
     pub admin: AdminDialect,
+    /// The PF and its VFs behind the virtio-iommu (older snapshots: off).
+    #[serde(default)]
+    pub iommu: bool,
 }
 
 impl VirtioPfConfig {
@@ -446,6 +456,7 @@ impl DeviceConfig {
                 "vf_disk",
                 "readonly",
                 "admin",
+                "iommu",
             ],
             None,
         )?;
@@ -482,6 +493,7 @@ impl DeviceConfig {
             vf_disk,
             readonly: p.toggle("readonly", false)?,
             admin,
+            iommu: p.toggle("iommu", false)?,
         })
     }
 }
@@ -502,6 +514,10 @@ mod device_tests {
         let DeviceConfig::VirtioPf(shared) =
             DeviceConfig::parse("virtio-pf,disk=a,vf_disk=shared.img").unwrap();
         assert_eq!(shared.vf_disk_path(1), shared.vf_disk_path(2));
+        assert!(!shared.iommu);
+        let DeviceConfig::VirtioPf(behind) =
+            DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,iommu=on").unwrap();
+        assert!(behind.iommu);
         assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,total_vfs=0").is_err());
         assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,total_vfs=65").is_err());
         assert!(DeviceConfig::parse("virtio-pf,disk=a,vf_disk=b,colour=red").is_err());

@@ -55,16 +55,21 @@ struct Cli {
     #[arg(long, value_name = "size=SIZE", default_value = "size=512M")]
     memory: String,
 
-    /// virtio-blk disk: "path=<file>[,readonly=on|off][,id=<name>]".
-    /// Repeatable; one option may also list several disks.
-    #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME]", num_args = 1.., action = clap::ArgAction::Append)]
+    /// virtio-blk disk: "path=<file>[,readonly=on|off][,id=<name>]
+    /// [,iommu=on|off]". With iommu=on its DMA goes through the machine's
+    /// virtio-iommu (00:01.0, described by ACPI VIOT). Repeatable; one
+    /// option may also list several disks.
+    #[arg(long, value_name = "path=FILE[,readonly=on][,id=NAME][,iommu=on]", num_args = 1.., action = clap::ArgAction::Append)]
     disk: Vec<String>,
 
     /// Extra device. "virtio-pf,id=<name>,member=blk,total_vfs=<1..64>,
     /// disk=<PF backing file>,vf_disk=<VF backing file; %n is the VF number>
-    /// [,readonly=on][,admin=draft|virtio-1.4]": a virtio-blk SR-IOV
-    /// physical function with an admin virtqueue speaking the v2 draft's
-    /// commands (default) or virtio 1.4's device parts commands. Repeatable.
+    /// [,readonly=on][,admin=draft|virtio-1.4][,iommu=on|off]": a
+    /// virtio-blk SR-IOV physical function with an admin virtqueue speaking
+    /// the v2 draft's commands (default) or virtio 1.4's device parts
+    /// commands. With iommu=on the DMA of the PF and of every VF goes
+    /// through the virtio-iommu (so a VF can be bound to vfio-pci in the
+    /// guest). Repeatable.
     #[arg(long, value_name = "virtio-pf,...", num_args = 1.., action = clap::ArgAction::Append)]
     device: Vec<String>,
 

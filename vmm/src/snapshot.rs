@@ -25,6 +25,7 @@ use pci::Bdf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_devices::block::Block;
+use virtio_devices::iommu::{IommuSnapshot, VirtioIommu};
 use virtio_devices::pf::device::{PfSnapshot, VirtioPf};
 use virtio_devices::pf::vf::FunctionSnapshot;
 use virtio_devices::transport::VirtioPciDevice;
@@ -82,12 +83,13 @@ pub fn url_to_dir(url: &str) -> Result<PathBuf, SnapshotError> {
 pub enum Persistent {
     Disk(Bdf, Arc<Mutex<VirtioPciDevice<Block>>>),
     Pf(Bdf, Arc<Mutex<VirtioPf>>),
+    Iommu(Bdf, Arc<Mutex<VirtioPciDevice<VirtioIommu>>>),
 }
 
 impl Persistent {
     pub fn bdf(&self) -> Bdf {
         match self {
-            Persistent::Disk(b, _) | Persistent::Pf(b, _) => *b,
+            Persistent::Disk(b, _) | Persistent::Pf(b, _) | Persistent::Iommu(b, _) => *b,
         }
     }
 
@@ -95,6 +97,7 @@ impl Persistent {
         match self {
             Persistent::Disk(..) => "disk",
             Persistent::Pf(..) => "virtio-pf",
+            Persistent::Iommu(..) => "virtio-iommu",
         }
     }
 }
@@ -110,6 +113,10 @@ pub enum DeviceState {
         bdf: String,
         state: PfSnapshot,
     },
+    Iommu {
+        bdf: String,
+        state: IommuSnapshot,
+    },
 }
 
 impl DeviceState {
@@ -117,6 +124,7 @@ impl DeviceState {
         match self {
             DeviceState::Disk { bdf, .. } => format!("disk at {bdf}"),
             DeviceState::Pf { bdf, .. } => format!("virtio-pf at {bdf}"),
+            DeviceState::Iommu { bdf, .. } => format!("virtio-iommu at {bdf}"),
         }
     }
 }
@@ -138,6 +146,10 @@ pub fn snapshot_devices(devices: &[Persistent]) -> Result<Vec<DeviceState>, Migr
                 Persistent::Pf(bdf, pf) => DeviceState::Pf {
                     bdf: bdf.to_string(),
                     state: Snapshottable::snapshot(&*lock(pf))?,
+                },
+                Persistent::Iommu(bdf, dev) => DeviceState::Iommu {
+                    bdf: bdf.to_string(),
+                    state: virtio_devices::iommu::snapshot(&lock(dev)),
                 },
             })
         })
@@ -165,6 +177,10 @@ pub fn restore_devices(
             }
             (Persistent::Pf(_, pf), DeviceState::Pf { bdf, state }) if *bdf == here => {
                 Snapshottable::restore(&mut *lock(pf), state)?;
+            }
+            (Persistent::Iommu(_, dev), DeviceState::Iommu { bdf, state }) if *bdf == here => {
+                virtio_devices::iommu::restore(&mut lock(dev), state)
+                    .map_err(|e| MigratableError::restore("the virtio-iommu", e))?;
             }
             _ => {
                 return Err(SnapshotError::Mismatch(format!(

@@ -135,6 +135,8 @@ pub enum VmError {
     VirtioPf { name: String, reason: String },
     #[error("disk {path}: {reason}")]
     Disk { path: String, reason: String },
+    #[error("virtio-iommu: {0}")]
+    Iommu(String),
     #[error("cannot create eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("cannot register the irqfd of {what}: {source}")]
@@ -478,8 +480,6 @@ impl Vm {
         )?;
         let devices = DeviceManager::new(vm.clone(), allocator)?;
         let mut persistent = Vec::new();
-        let next =
-            crate::wiring::add_disks(&devices, &mem_atomic, &msi, &cfg.disks, &mut persistent)?;
         let pfs: Vec<_> = cfg
             .devices
             .iter()
@@ -487,7 +487,30 @@ impl Vm {
                 DeviceConfig::VirtioPf(p) => p.clone(),
             })
             .collect();
-        crate::wiring::add_virtio_pfs(&devices, &mem_atomic, &msi, &pfs, next, &mut persistent)?;
+        let totals: Vec<u16> = pfs.iter().map(|p| p.total_vfs).collect();
+        let pf_slots =
+            crate::wiring::plan_pf_slots(cfg.disks.len(), &totals).map_err(VmError::Iommu)?;
+        let iommu_ranges =
+            crate::wiring::iommu_ranges(&cfg.disks, &pfs, &pf_slots).map_err(VmError::Iommu)?;
+        let iommu =
+            crate::wiring::add_iommu(&devices, &mem_atomic, &msi, &iommu_ranges, &mut persistent)?;
+        let next = crate::wiring::add_disks(
+            &devices,
+            &mem_atomic,
+            &msi,
+            &cfg.disks,
+            iommu.as_ref(),
+            &mut persistent,
+        )?;
+        crate::wiring::add_virtio_pfs(
+            &devices,
+            &mem_atomic,
+            &msi,
+            &pfs,
+            next,
+            iommu.as_ref(),
+            &mut persistent,
+        )?;
 
         let entry = match payload {
             Payload::Boot => {
@@ -496,6 +519,8 @@ impl Vm {
                     &acpi::AcpiConfig {
                         cpus: cfg.cpus.boot,
                         mmio64,
+                        viot: (!iommu_ranges.is_empty())
+                            .then(|| (crate::wiring::IOMMU_BDF, iommu_ranges.clone())),
                     },
                 )?;
                 Some(boot::load_linux(

@@ -1,15 +1,17 @@
 //! Creating the machine's PCI functions from the configuration.
 
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
 use pci::{Bdf, InterruptManager};
 use virtio_devices::block::{Block, BlockConfig};
-use virtio_devices::pf::device::{PfConfig, VirtioPf};
+use virtio_devices::iommu::{IommuHandle, VirtioIommu};
+use virtio_devices::pf::device::{vf_layout, PfConfig, VirtioPf};
 use virtio_devices::pf::Dialect;
 use virtio_devices::transport::{required_msix_vectors, VirtioPciDevice, VirtioPciOptions};
 use vm_memory::GuestAddressSpace;
 use vm_memory::GuestMemoryAtomic;
-use vm_migration::{DmaMemory, GuestMemoryMmap};
+use vm_migration::{DmaIommu, DmaMemory, GuestMemoryMmap};
 
 use crate::config::{AdminDialect, DiskConfig, VirtioPfConfig};
 use crate::device_manager::DeviceManager;
@@ -18,8 +20,94 @@ use crate::snapshot::Persistent;
 use crate::vm::VmError;
 
 /// The first device number used for the configured functions (00:00.0 is
-/// left free, as a host bridge would have it; 00:01.0 too).
+/// left free, as a host bridge would have it; 00:01.0 is the virtio-iommu's
+/// when a function is placed behind it).
 pub const FIRST_DEVICE: u8 = 2;
+
+/// Where the virtio-iommu sits (only when some function has `iommu=on`).
+pub const IOMMU_BDF: Bdf = Bdf::new(0, 1, 0);
+
+/// The routing IDs the virtio-iommu manages, as `(first, last)` ranges:
+/// each `iommu=on` disk, and for each `iommu=on` PF the PF and every VF it
+/// may create. `pf_slots` is [`plan_pf_slots`]'s answer. Empty when no
+/// function is behind the IOMMU.
+pub fn iommu_ranges(
+    disks: &[DiskConfig],
+    pfs: &[VirtioPfConfig],
+    pf_slots: &[u8],
+) -> Result<Vec<(Bdf, Bdf)>, String> {
+    let mut out = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        if d.iommu {
+            let bdf = Bdf::new(0, FIRST_DEVICE + i as u8, 0);
+            out.push((bdf, bdf));
+        }
+    }
+    for (p, &slot) in pfs.iter().zip(pf_slots) {
+        if p.iommu {
+            let bdf = Bdf::new(0, slot, 0);
+            let layout = vf_layout(bdf, p.total_vfs).map_err(|e| e.to_string())?;
+            let last = layout.vf_bdfs.last().copied().unwrap_or(bdf);
+            out.push((bdf, last));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds the virtio-iommu at [`IOMMU_BDF`] managing `ranges` (also to
+/// `persistent`) and returns the handle the functions behind it take their
+/// translators from; `None` (and nothing added) when `ranges` is empty.
+pub fn add_iommu(
+    devices: &DeviceManager,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    msi: &Arc<MsiManager>,
+    ranges: &[(Bdf, Bdf)],
+    persistent: &mut Vec<Persistent>,
+) -> Result<Option<IommuHandle>, VmError> {
+    if ranges.is_empty() {
+        return Ok(None);
+    }
+    let err = |reason: String| VmError::Iommu(reason);
+    let ids: Vec<RangeInclusive<u32>> = ranges
+        .iter()
+        .map(|(a, b)| u32::from(a.rid())..=u32::from(b.rid()))
+        .collect();
+    let own = DmaMemory::direct((*mem.memory()).clone());
+    let iommu = VirtioIommu::new(ids, own.clone()).map_err(|e| err(e.to_string()))?;
+    let handle = iommu.handle();
+    let irq = msi
+        .create_group(IOMMU_BDF, required_msix_vectors(&iommu))
+        .map_err(|e| err(format!("interrupts: {e}")))?;
+    let mut dev = VirtioPciDevice::new(
+        iommu,
+        GuestMemoryAtomic::new(own),
+        irq,
+        VirtioPciOptions::default(),
+    )
+    .map_err(|e| err(e.to_string()))?;
+    dev.set_label(IOMMU_BDF.to_string());
+    let dev = Arc::new(Mutex::new(dev));
+    devices.add_function(IOMMU_BDF, dev.clone())?;
+    persistent.push(Persistent::Iommu(IOMMU_BDF, dev));
+    log::info!("virtio-iommu at {IOMMU_BDF} managing {ranges:?}");
+    Ok(Some(handle))
+}
+
+/// The memory function `bdf` reaches by DMA: through `iommu` when given.
+fn dma_for(
+    iommu: Option<&IommuHandle>,
+    bdf: Bdf,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+) -> Result<DmaMemory, String> {
+    let phys = (*mem.memory()).clone();
+    match iommu {
+        None => Ok(DmaMemory::direct(phys)),
+        Some(i) => i
+            .endpoint(u32::from(bdf.rid()))
+            .map(|t| DmaMemory::translated(phys, t))
+            .ok_or_else(|| format!("the virtio-iommu does not manage {bdf}")),
+    }
+}
 
 /// Adds one virtio-blk function per disk at 00:02.0, 00:03.0, ... (each
 /// also to `persistent`) and returns the next free device number.
@@ -28,6 +116,7 @@ pub fn add_disks(
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     msi: &Arc<MsiManager>,
     disks: &[DiskConfig],
+    iommu: Option<&IommuHandle>,
     persistent: &mut Vec<Persistent>,
 ) -> Result<u8, VmError> {
     let mut slot = FIRST_DEVICE;
@@ -44,7 +133,8 @@ pub fn add_disks(
         let irq = msi
             .create_group(bdf, required_msix_vectors(&block))
             .map_err(|e| disk_err(format!("interrupts: {e}")))?;
-        let dma = GuestMemoryAtomic::new(DmaMemory::direct((*mem.memory()).clone()));
+        let behind = if d.iommu { iommu } else { None };
+        let dma = GuestMemoryAtomic::new(dma_for(behind, bdf, mem).map_err(disk_err)?);
         let mut dev = VirtioPciDevice::new(block, dma, irq, VirtioPciOptions::default())
             .map_err(|e| disk_err(e.to_string()))?;
         dev.set_label(bdf.to_string());
@@ -88,6 +178,7 @@ pub fn add_virtio_pfs(
     msi: &Arc<MsiManager>,
     pfs: &[VirtioPfConfig],
     mut slot: u8,
+    iommu: Option<&IommuHandle>,
     persistent: &mut Vec<Persistent>,
 ) -> Result<u8, VmError> {
     for c in pfs {
@@ -118,6 +209,11 @@ pub fn add_virtio_pfs(
             AdminDialect::Draft => Dialect::Draft,
             AdminDialect::V14 => Dialect::V14,
         };
+        if c.iommu {
+            let handle =
+                iommu.ok_or_else(|| err("iommu=on, but the VM has no virtio-iommu".into()))?;
+            cfg.iommu = Some(Arc::new(handle.clone()) as Arc<dyn DmaIommu>);
+        }
         let manager: Arc<dyn InterruptManager> = msi.clone();
         let pf = VirtioPf::new(cfg, mem.clone(), manager).map_err(|e| err(e.to_string()))?;
         devices.add_function(bdf, pf.clone())?;

@@ -67,8 +67,8 @@ use vm_migration::DmaMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    VirtioDevice, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
-    VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_RING_RESET,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_RING_F_EVENT_IDX,
 };
 use caps::*;
 pub use state::*;
@@ -454,6 +454,13 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             f |= 1u64 << VIRTIO_F_RING_RESET;
         } else {
             f &= !(1u64 << VIRTIO_F_RING_RESET);
+        }
+        // Behind an IOMMU the driver must hand the device bus addresses it
+        // mapped (Linux's virtio core uses the DMA API only then).
+        if self.mem.memory().is_translated() {
+            f |= 1u64 << VIRTIO_F_ACCESS_PLATFORM;
+        } else {
+            f &= !(1u64 << VIRTIO_F_ACCESS_PLATFORM);
         }
         f
     }

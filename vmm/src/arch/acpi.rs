@@ -10,6 +10,7 @@ use acpi_tables::madt::{
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
+use acpi_tables::viot::{PciDevice, PciRange, VirtIoPciIommu, VIOT};
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use thiserror::Error;
@@ -35,6 +36,9 @@ pub struct AcpiConfig {
     pub cpus: u8,
     /// End (exclusive) of the 64-bit PCI MMIO window.
     pub mmio64: (u64, u64),
+    /// A virtio-iommu (its routing ID) and the ranges of routing IDs it
+    /// translates, `(first, last)`: described by a VIOT table.
+    pub viot: Option<(pci::Bdf, Vec<(pci::Bdf, pci::Bdf)>)>,
 }
 
 fn to_bytes(t: &dyn Aml) -> Vec<u8> {
@@ -146,6 +150,18 @@ fn madt(cpus: u8) -> Vec<u8> {
     to_bytes(&m)
 }
 
+/// The VIOT: one virtio-iommu PCI node, and one PCI range node per range
+/// of endpoints it translates (endpoint ID = routing ID).
+fn viot(iommu: pci::Bdf, ranges: &[(pci::Bdf, pci::Bdf)]) -> Vec<u8> {
+    let dev = |b: pci::Bdf| PciDevice::new(0, b.bus(), b.device(), b.function());
+    let mut v = VIOT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let handle = v.add_virtio_pci_iommu(VirtIoPciIommu::new(dev(iommu)));
+    for &(first, last) in ranges {
+        v.add_pci_range(PciRange::new(dev(first), dev(last), &handle));
+    }
+    to_bytes(&v)
+}
+
 fn mcfg() -> Vec<u8> {
     let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     m.add_ecam(PCI_ECAM_START, 0, 0, (PCI_BUS_COUNT - 1) as u8);
@@ -177,6 +193,9 @@ pub fn create_acpi_tables(
     for a in [fadt_addr, madt_addr, mcfg_addr] {
         xsdt.add_entry(a.raw_value());
     }
+    if let Some((iommu, ranges)) = &cfg.viot {
+        xsdt.add_entry(place(&viot(*iommu, ranges))?.raw_value());
+    }
     let xsdt_addr = place(&to_bytes(&xsdt))?;
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr.raw_value());
     mem.write_slice(&to_bytes(&rsdp), rsdp_addr)?;
@@ -204,6 +223,7 @@ mod tests {
         let cfg = AcpiConfig {
             cpus: 2,
             mmio64: (PCI_MMIO64_START, PCI_MMIO64_START + PCI_MMIO64_SIZE),
+            viot: None,
         };
         let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
         let mut r = [0u8; 36];
@@ -267,10 +287,51 @@ mod tests {
     }
 
     #[test]
+    fn viot_describes_the_iommu_and_its_endpoint_ranges() {
+        use pci::Bdf;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let ranges = vec![
+            (Bdf::new(0, 2, 0), Bdf::new(0, 2, 0)),
+            (Bdf::new(0, 4, 0), Bdf::new(0, 5, 3)),
+        ];
+        let cfg = AcpiConfig {
+            cpus: 1,
+            mmio64: (PCI_MMIO64_START, PCI_MMIO64_START + PCI_MMIO64_SIZE),
+            viot: Some((Bdf::new(0, 1, 0), ranges)),
+        };
+        let rsdp = create_acpi_tables(&mem, &cfg).unwrap();
+        let mut r = [0u8; 36];
+        mem.read_slice(&mut r, rsdp).unwrap();
+        let xsdt = table_at(&mem, u64::from_le_bytes(r[24..32].try_into().unwrap()));
+        let last = u64::from_le_bytes(xsdt[xsdt.len() - 8..].try_into().unwrap());
+        let t = table_at(&mem, last);
+        assert_eq!(&t[0..4], b"VIOT");
+        assert!(checksum_ok(&t), "VIOT checksum");
+        let u16_at = |o: usize| u16::from_le_bytes([t[o], t[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(t[o..o + 4].try_into().unwrap());
+        assert_eq!(u16_at(36), 3, "node count");
+        let first = usize::from(u16_at(38));
+        assert_eq!(first, 48);
+        // The virtio-iommu PCI node (type 3, 16 bytes) at 00:01.0.
+        assert_eq!((t[first], u16_at(first + 2)), (3, 16));
+        assert_eq!(u16_at(first + 6), 0x08);
+        // Two PCI range nodes (type 1, 24 bytes) pointing at it.
+        for (k, (lo, hi)) in [(0x10u16, 0x10u16), (0x20, 0x2b)].into_iter().enumerate() {
+            let n = first + 16 + 24 * k;
+            assert_eq!((t[n], u16_at(n + 2)), (1, 24), "range node {k}");
+            assert_eq!(u32_at(n + 4), u32::from(lo), "endpoint start = routing ID");
+            assert_eq!((u16_at(n + 12), u16_at(n + 14)), (lo, hi));
+            assert_eq!(usize::from(u16_at(n + 16)), first, "output node");
+        }
+        assert_eq!(t.len(), first + 16 + 48);
+    }
+
+    #[test]
     fn dsdt_names_host_bridge_and_com1() {
         let cfg = AcpiConfig {
             cpus: 1,
             mmio64: (PCI_MMIO64_START, PCI_MMIO64_START + PCI_MMIO64_SIZE),
+            viot: None,
         };
         let d = dsdt(&cfg);
         let find = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
