@@ -97,7 +97,9 @@ pub fn merge_ranges(phys: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Pinned memory with known physical addresses.
+/// Pinned memory with known bus addresses: physical addresses (no IOMMU,
+/// [`DmaMem::alloc`]) or I/O virtual addresses an IOMMU maps
+/// ([`DmaMem::alloc_iova`], for VFIO).
 #[derive(Debug)]
 pub struct DmaMem {
     base: NonNull<u8>,
@@ -105,6 +107,9 @@ pub struct DmaMem {
     map_len: usize,
     phys: Vec<u64>,
     huge: bool,
+    /// Bus addresses are `iova + offset` (an IOMMU mapping the caller
+    /// makes), not physical addresses.
+    iova: Option<u64>,
 }
 
 // SAFETY: the memory is owned by this value; all accesses go through
@@ -160,6 +165,36 @@ impl DmaMem {
         Ok(NonNull::new(p.cast()))
     }
 
+    /// Allocate at least `len` bytes (rounded up to pages), zeroed and
+    /// touched, whose bus address is `iova + offset`: the caller maps
+    /// [`DmaMem::host_range`] at `iova` in an IOMMU (VFIO pins the pages).
+    pub fn alloc_iova(len: usize, iova: u64) -> Result<DmaMem> {
+        let len = len.div_ceil(PAGE).max(1) * PAGE;
+        if !iova.is_multiple_of(PAGE as u64) {
+            return Err(Error::Usage(format!("IOVA {iova:#x} is not page aligned")));
+        }
+        let base = Self::try_map(len, false)?
+            .ok_or_else(|| Error::last_os(format!("mmap of {len} bytes of DMA memory")))?;
+        let m = DmaMem {
+            base,
+            len,
+            map_len: len,
+            phys: (0..len / PAGE).map(|i| iova + (i * PAGE) as u64).collect(),
+            huge: false,
+            iova: Some(iova),
+        };
+        for off in (0..len).step_by(PAGE) {
+            m.write(off, &[0]);
+        }
+        Ok(m)
+    }
+
+    /// Host virtual address and length of the memory (what an IOMMU
+    /// mapping of [`DmaMem::alloc_iova`]'s memory covers).
+    pub fn host_range(&self) -> (u64, usize) {
+        (self.base.as_ptr() as u64, self.len)
+    }
+
     fn finish(base: NonNull<u8>, len: usize, map_len: usize, huge: bool) -> Result<DmaMem> {
         let mut m = DmaMem {
             base,
@@ -167,6 +202,7 @@ impl DmaMem {
             map_len,
             phys: Vec::new(),
             huge,
+            iova: None,
         };
         // SAFETY: locking the mapping we own, so its pages stay resident.
         if unsafe { libc::mlock(base.as_ptr().cast(), map_len) } != 0 {
@@ -201,6 +237,10 @@ impl DmaMem {
     /// Whether the physical addresses are still those found at allocation
     /// (a diagnostic: pinned pages should never move).
     pub fn check_stable(&self) -> Result<()> {
+        if self.iova.is_some() {
+            // The IOMMU mapping pins the pages; bus addresses never move.
+            return Ok(());
+        }
         let now = self.translate()?;
         match now.iter().zip(&self.phys).position(|(a, b)| a != b) {
             None => Ok(()),

@@ -17,6 +17,7 @@ pub mod json;
 pub mod migrate;
 pub mod mmio;
 pub mod pci;
+pub mod vfio;
 pub mod virtio;
 pub mod virtq;
 pub mod wire;

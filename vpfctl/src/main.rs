@@ -347,6 +347,13 @@ enum Cmd {
         /// Pattern seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Reach the VF through VFIO (bound to vfio-pci or a variant driver
+        /// such as virtio_vfio_pci; with --bind, vfio-pci) with DMA mapped
+        /// through the IOMMU. A move (STATE_DIR/moved) is then a VFIO
+        /// migration this process makes: PRE_COPY and STOP_COPY on the
+        /// source, RESUMING on the destination.
+        #[arg(long)]
+        vfio: bool,
     },
 }
 
@@ -587,6 +594,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
             after_move,
             rate,
             seed,
+            vfio,
         } => {
             let o = workload::WorkloadOpts {
                 vf: vf.clone(),
@@ -603,6 +611,7 @@ fn run(cli: &Cli) -> Result<Outcome> {
                 seed: *seed,
                 stall_timeout: Duration::from_millis(cli.timeout_ms),
                 bind: cli.bind,
+                vfio: *vfio,
             };
             let (sum, err) = match workload::run(&o) {
                 Ok(s) => (Some(s), None),

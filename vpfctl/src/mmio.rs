@@ -1,8 +1,9 @@
-//! A PCI BAR mapped from sysfs `resourceN`, accessed only with volatile
-//! loads and stores of the register's own width.
+//! A PCI BAR mapped from sysfs `resourceN` (or from a VFIO device's BAR
+//! region), accessed only with volatile loads and stores of the register's
+//! own width.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -38,20 +39,29 @@ impl Bar {
                 path.display()
             )));
         }
-        // SAFETY: a fresh shared mapping of a file we opened read/write;
-        // the kernel picks the address, so no existing memory is affected.
+        Self::map_fd(f.as_raw_fd(), 0, len, &path.display().to_string())
+    }
+
+    /// Map `len` bytes of `fd` from `offset` read/write, shared (a VFIO
+    /// device's BAR region). The mapping outlives `fd`.
+    pub fn map_fd(fd: RawFd, offset: u64, len: usize, what: &str) -> Result<Arc<Bar>> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| Error::Protocol(format!("{what}: offset {offset:#x} too large")))?;
+        // SAFETY: a fresh shared mapping of a descriptor the caller holds
+        // open; the kernel picks the address, so no existing memory is
+        // affected.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
+                fd,
+                off,
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::last_os(format!("mmap of {}", path.display())));
+            return Err(Error::last_os(format!("mmap of {what}")));
         }
         let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| Error::last_os("mmap"))?;
         Ok(Arc::new(Bar { base, len }))

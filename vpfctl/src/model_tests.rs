@@ -738,6 +738,7 @@ fn workload_opts(log: &std::path::Path) -> crate::workload::WorkloadOpts {
         seed: 5,
         stall_timeout: Duration::from_secs(20),
         bind: false,
+        vfio: false,
     }
 }
 

@@ -100,12 +100,22 @@ impl VirtioPci {
         let cfg = pci::read_config_std(bdf)?;
         let caps = pci::parse_virtio_caps(&cfg).map_err(|m| Error::device(bdf, m))?;
         pci::enable_mem_and_bus_master(bdf)?;
+        Self::from_bars(bdf, caps, |n| Bar::map(&pci::resource_path(bdf, n)))
+    }
+
+    /// The function whose capabilities are `caps`, its BARs mapped by
+    /// `map_bar` (each BAR once): sysfs `resourceN` or a VFIO region.
+    pub fn from_bars(
+        bdf: &str,
+        caps: VirtioCaps,
+        mut map_bar: impl FnMut(u8) -> Result<Arc<Bar>>,
+    ) -> Result<VirtioPci> {
         let mut bars: HashMap<u8, Arc<Bar>> = HashMap::new();
         let mut bar = |n: u8| -> Result<Arc<Bar>> {
             if let Some(b) = bars.get(&n) {
                 return Ok(b.clone());
             }
-            let b = Bar::map(&pci::resource_path(bdf, n))?;
+            let b = map_bar(n)?;
             bars.insert(n, b.clone());
             Ok(b)
         };

@@ -111,8 +111,12 @@ pub struct WorkloadOpts {
     pub seed: u64,
     /// Longest wait without any completion.
     pub stall_timeout: Duration,
-    /// Bind VFs to pci-pf-stub if a kernel driver owns them.
+    /// Bind VFs to pci-pf-stub (with `vfio`: vfio-pci) if another kernel
+    /// driver owns them.
     pub bind: bool,
+    /// Reach the VFs through VFIO ([`VfioPlatform`]); a move is then a
+    /// VFIO migration this process makes.
+    pub vfio: bool,
 }
 
 /// Final counters.
@@ -329,6 +333,12 @@ pub trait Platform {
     fn open(&self, bdf: &str) -> VResult<VirtioPci>;
     /// Allocate DMA memory.
     fn alloc(&self, len: usize) -> VResult<Box<dyn DmaBuf>>;
+    /// The member moved from `from` to `to`: with [`Sysfs`] the owner has
+    /// migrated it already (nothing to do); with [`VfioPlatform`] this
+    /// process migrates it now through VFIO. Returns what to log.
+    fn take_over(&self, _from: &str, _to: &str) -> VResult<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// The real platform: sysfs, `resourceN` mmap, pagemap.
@@ -344,6 +354,48 @@ impl Platform for Sysfs {
     }
     fn alloc(&self, len: usize) -> VResult<Box<dyn DmaBuf>> {
         Ok(Box::new(DmaMem::alloc(len)?))
+    }
+}
+
+/// VFIO: the VF bound to `vfio-pci` or a variant driver, DMA through the
+/// IOMMU, and a move is a VFIO migration this process drives
+/// ([`crate::vfio::migrate`]).
+#[derive(Debug)]
+pub struct VfioPlatform {
+    vfio: crate::vfio::Vfio,
+}
+
+impl VfioPlatform {
+    /// Opens the VFIO container.
+    pub fn open() -> VResult<VfioPlatform> {
+        Ok(VfioPlatform {
+            vfio: crate::vfio::Vfio::open()?,
+        })
+    }
+}
+
+impl Platform for VfioPlatform {
+    fn prepare(&self, bdf: &str, bind: bool) -> VResult<()> {
+        self.vfio.prepare(bdf, bind)
+    }
+    fn open(&self, bdf: &str) -> VResult<VirtioPci> {
+        self.vfio.device(bdf)?.open_virtio()
+    }
+    fn alloc(&self, len: usize) -> VResult<Box<dyn DmaBuf>> {
+        Ok(Box::new(self.vfio.alloc(len)?))
+    }
+    fn take_over(&self, from: &str, to: &str) -> VResult<Option<String>> {
+        let src = self.vfio.device(from)?;
+        let dst = self.vfio.device(to)?;
+        let m = crate::vfio::migrate(&src, &dst)?;
+        Ok(Some(format!(
+            "vfio_flags={:#x} precopy_bytes={} stop_copy_bytes={} downtime_us={} total_us={}",
+            m.flags,
+            m.precopy_bytes,
+            m.stop_copy_bytes,
+            m.downtime.as_micros(),
+            m.total.as_micros()
+        )))
     }
 }
 
@@ -438,6 +490,9 @@ fn install_signals() {
 /// verification failure or an exactly-once violation is an
 /// `Err(Verify)` after the log is complete.
 pub fn run(o: &WorkloadOpts) -> Result<Summary> {
+    if o.vfio {
+        return run_on(&VfioPlatform::open()?, o);
+    }
     run_on(&Sysfs, o)
 }
 
@@ -542,13 +597,25 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
                     let dest = pci::normalize_bdf(&s)
                         .map_err(|m| Error::Usage(format!("{}: {m}", mf.display())))?;
                     p.prepare(&dest, o.bind)?;
+                    let migration = match p.take_over(&sum.device, &dest) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            log.line(&format!(
+                                "ERROR t={} msg=\"migration to {dest}: {e}\"",
+                                mono_ns()
+                            ))?;
+                            log.flush()?;
+                            return Err(e);
+                        }
+                    };
                     let (next, desc) = attach_moved(p, &dest, mem, &q)?;
                     sum.moves += 1;
                     let done = d.join(format!("moved.{}", sum.moves));
                     std::fs::rename(&mf, &done).map_err(|e| Error::io("rename", &mf, e))?;
                     log.line(&format!(
-                        "MOVED t={} from={} to={dest} inflight={} completed={} dest_desc={desc:#x} avail_idx={} used_idx={}",
-                        mono_ns(), sum.device, q.in_flight(), sum.completed, q.next_avail(), q.last_used()
+                        "MOVED t={} from={} to={dest} inflight={} completed={} dest_desc={desc:#x} avail_idx={} used_idx={}{}",
+                        mono_ns(), sum.device, q.in_flight(), sum.completed, q.next_avail(), q.last_used(),
+                        migration.map(|m| format!(" {m}")).unwrap_or_default()
                     ))?;
                     cur = next;
                     sum.device = dest;
