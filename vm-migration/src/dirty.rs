@@ -32,6 +32,8 @@ use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
+use crate::dma_record::DmaRecords;
+
 /// Granularity of both the VMM's dirty log and the write records: 4 KiB.
 pub const DIRTY_PAGE_SHIFT: u32 = 12;
 /// Size in bytes of one tracked page.
@@ -111,6 +113,15 @@ pub enum RecordError {
         total: usize,
         /// The supported maximum.
         supported: u32,
+    },
+    /// The ranges would cover more DMA pages than the records may take
+    /// (DMA-keyed records, [`crate::dma_record::MAX_DMA_RECORD_PAGES`]).
+    #[error("write-record ranges would cover {pages} pages, more than the {max} recordable")]
+    TooLarge {
+        /// 4 KiB pages the ranges would cover.
+        pages: u64,
+        /// The limit.
+        max: u64,
     },
     /// READ while recording is not started.
     #[error("write recording is not started")]
@@ -376,6 +387,7 @@ impl Bitmap for DirtyBitmap {
         DirtySlice {
             bitmap: self,
             base: offset,
+            dma: None,
         }
     }
 }
@@ -386,16 +398,33 @@ impl NewBitmap for DirtyBitmap {
     }
 }
 
-/// A view into a [`DirtyBitmap`] starting at a region offset.
+/// A view into a [`DirtyBitmap`] starting at a region offset; for memory
+/// reached through an IOMMU by a recording member, also the member's
+/// DMA-keyed records and the DMA address of the view's first byte.
 #[derive(Clone, Copy)]
 pub struct DirtySlice<'a> {
     bitmap: &'a DirtyBitmap,
     base: usize,
+    dma: Option<(&'a DmaRecords, u64)>,
 }
 
 impl fmt::Debug for DirtySlice<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DirtySlice(+{:#x})", self.base)
+        match self.dma {
+            None => write!(f, "DirtySlice(+{:#x})", self.base),
+            Some((_, a)) => write!(f, "DirtySlice(+{:#x}, dma {a:#x})", self.base),
+        }
+    }
+}
+
+impl<'a> DirtySlice<'a> {
+    /// The same view, whose writes also go to `records` at DMA address
+    /// `addr` (of the view's first byte).
+    pub fn with_dma(self, records: &'a DmaRecords, addr: u64) -> Self {
+        DirtySlice {
+            dma: Some((records, addr)),
+            ..self
+        }
     }
 }
 
@@ -409,7 +438,10 @@ impl Bitmap for DirtySlice<'_> {
     fn mark_dirty(&self, offset: usize, len: usize) {
         // Offsets come with an access vm-memory has range-checked; wrapping
         // can at worst mark a wrong page (a false positive), never skip one.
-        self.bitmap.mark(self.base.wrapping_add(offset), len)
+        self.bitmap.mark(self.base.wrapping_add(offset), len);
+        if let Some((records, addr)) = self.dma {
+            records.mark(addr.wrapping_add(offset as u64), len);
+        }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
@@ -420,6 +452,7 @@ impl Bitmap for DirtySlice<'_> {
         DirtySlice {
             bitmap: self.bitmap,
             base: self.base.wrapping_add(offset),
+            dma: self.dma.map(|(r, a)| (r, a.wrapping_add(offset as u64))),
         }
     }
 }
@@ -478,11 +511,16 @@ struct RecordedRegion {
     rec: Arc<RegionRecord>,
 }
 
-/// A member's write recorder (spec §5): its started ranges and, per guest
-/// memory region, its record bits, which its memory view marks.
+/// A member's write recorder (spec §5): its started ranges and its record
+/// bits: per guest memory region, marked by its memory view
+/// ([`WriteRecorder::new`], DMA addresses are guest physical), or per
+/// started range by DMA address, marked by its translated
+/// [`crate::DmaMemory`] ([`WriteRecorder::for_dma`], an IOMMU translates
+/// the member's DMA).
 #[derive(Debug)]
 pub struct WriteRecorder {
     regions: Vec<RecordedRegion>,
+    dma: Option<Arc<DmaRecords>>,
     ranges: Vec<RecordRange>,
     supported_ranges: u32,
 }
@@ -521,9 +559,27 @@ impl WriteRecorder {
         regions.sort_by_key(|r| r.start);
         Ok(WriteRecorder {
             regions,
+            dma: None,
             ranges: Vec::new(),
             supported_ranges: supported_ranges.max(1),
         })
+    }
+
+    /// A recorder (not recording) whose records are DMA addresses: the
+    /// member's memory is a translated [`crate::DmaMemory`] carrying
+    /// [`WriteRecorder::dma_records`] (no member view is needed).
+    pub fn for_dma(supported_ranges: u32) -> Self {
+        WriteRecorder {
+            regions: Vec::new(),
+            dma: Some(Arc::new(DmaRecords::default())),
+            ranges: Vec::new(),
+            supported_ranges: supported_ranges.max(1),
+        }
+    }
+
+    /// The DMA-keyed records ([`WriteRecorder::for_dma`]).
+    pub fn dma_records(&self) -> Option<&Arc<DmaRecords>> {
+        self.dma.as_ref()
     }
 
     /// DEV_WRITE_RECORD_CAP_QUERY values (R-WR-1):
@@ -642,6 +698,20 @@ impl WriteRecorder {
     /// page_count)` of `page_size`. Nothing changes on error.
     pub fn start(&mut self, page_size: u64, entries: &[(u64, u64)]) -> Result<(), RecordError> {
         self.validate_start(page_size, entries)?;
+        if let Some(dma) = &self.dma {
+            let new: Vec<RecordRange> = entries
+                .iter()
+                .map(|&(addr, count)| RecordRange {
+                    addr,
+                    count,
+                    page_size,
+                })
+                .collect();
+            dma.start(&new)?;
+            self.ranges.extend(new);
+            self.ranges.sort_unstable_by_key(|r| r.addr);
+            return Ok(());
+        }
         for &(addr, count) in entries {
             let range = RecordRange {
                 addr,
@@ -675,6 +745,9 @@ impl WriteRecorder {
     /// DEV_WRITE_RECORDS_STOP (R-WR-5): drop all ranges and records. Always
     /// succeeds.
     pub fn stop(&mut self) {
+        if let Some(dma) = &self.dma {
+            dma.stop();
+        }
         for r in &self.regions {
             r.rec.on.store(false, Ordering::Release);
             if let Some(w) = r.rec.words.get() {
@@ -731,6 +804,9 @@ impl WriteRecorder {
     /// grouping 4 KiB bits into pages of `p` anchored at `s`. Returns true
     /// when `out` is full.
     fn scan(&self, lo: u64, hi: u64, s: u64, p: u64, limit: usize, out: &mut Vec<u64>) -> bool {
+        if let Some(dma) = &self.dma {
+            return dma.scan(lo, hi, s, p, limit, out);
+        }
         let mut last: Option<u64> = None;
         for r in &self.regions {
             let rend = r.start + r.len;
@@ -786,6 +862,12 @@ impl WriteRecorder {
 
     /// Snapshot (spec §6): ranges plus recorded, unread 4 KiB pages.
     pub fn state(&self) -> RecorderState {
+        if let Some(dma) = &self.dma {
+            return RecorderState {
+                ranges: self.ranges.clone(),
+                pages: dma.pages(),
+            };
+        }
         let mut pages = Vec::new();
         for r in &self.regions {
             if let Some(w) = r.rec.words.get() {
@@ -813,6 +895,12 @@ impl WriteRecorder {
                 self.stop();
                 return Err(e);
             }
+        }
+        if let Some(dma) = &self.dma {
+            for &addr in &state.pages {
+                dma.mark(addr, 1);
+            }
+            return Ok(());
         }
         for &gpa in &state.pages {
             for r in &self.regions {

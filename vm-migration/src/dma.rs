@@ -29,6 +29,7 @@ use vm_memory::{
 };
 
 use crate::dirty::{DirtyBitmap, GuestMemoryMmap};
+use crate::dma_record::DmaRecords;
 
 /// Why a DMA access was refused by the IOMMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +85,8 @@ pub const MSI_WINDOW_LEN: u64 = 0x10_0000;
 pub struct DmaMemory {
     phys: GuestMemoryMmap,
     xlate: Option<Arc<dyn DmaTranslate>>,
+    /// A recording member's DMA-keyed write records (translated memory).
+    records: Option<Arc<DmaRecords>>,
 }
 
 impl fmt::Debug for DmaMemory {
@@ -104,7 +107,11 @@ impl From<GuestMemoryMmap> for DmaMemory {
 impl DmaMemory {
     /// DMA addresses are guest physical addresses (no IOMMU).
     pub fn direct(phys: GuestMemoryMmap) -> Self {
-        DmaMemory { phys, xlate: None }
+        DmaMemory {
+            phys,
+            xlate: None,
+            records: None,
+        }
     }
 
     /// DMA addresses are translated by `xlate` into `phys`.
@@ -112,7 +119,15 @@ impl DmaMemory {
         DmaMemory {
             phys,
             xlate: Some(xlate),
+            records: None,
         }
+    }
+
+    /// The same memory, whose writes also go to a member's DMA-keyed
+    /// write records (R-WR-3 with an IOMMU: records are DMA addresses).
+    pub fn with_records(mut self, records: Arc<DmaRecords>) -> Self {
+        self.records = Some(records);
+        self
     }
 
     /// The same translation over other physical regions (a member's view
@@ -121,6 +136,7 @@ impl DmaMemory {
         DmaMemory {
             phys,
             xlate: self.xlate.clone(),
+            records: self.records.clone(),
         }
     }
 
@@ -163,6 +179,7 @@ impl GuestMemory for DmaMemory {
             count,
             access,
             run: None,
+            run_addr: addr.0,
         })
     }
 
@@ -184,6 +201,8 @@ struct DmaSlices<'a> {
     access: Permissions,
     /// Slices of the guest physical run being walked.
     run: Option<GuestMemoryBackendSliceIterator<'a, GuestMemoryMmap>>,
+    /// DMA address of the run's next slice.
+    run_addr: u64,
 }
 
 impl<'a> DmaSlices<'a> {
@@ -195,6 +214,7 @@ impl<'a> DmaSlices<'a> {
     /// Translates the next piece into `self.run`, or fails.
     fn next_run(&mut self) -> Result<(), GuestMemoryError> {
         let at = self.addr;
+        self.run_addr = at;
         let Some(xlate) = &self.mem.xlate else {
             self.run = Some(GuestMemoryBackend::get_slices(
                 &self.mem.phys,
@@ -261,6 +281,27 @@ impl<'a> DmaSlices<'a> {
     }
 }
 
+impl<'a> DmaSlices<'a> {
+    /// `s` (the next slice of the run), whose writes also go to the
+    /// member's DMA-keyed records at the slice's DMA address.
+    fn record(
+        &mut self,
+        s: VolatileSlice<'a, BS<'a, DirtyBitmap>>,
+    ) -> VolatileSlice<'a, BS<'a, DirtyBitmap>> {
+        let at = self.run_addr;
+        self.run_addr = at.wrapping_add(s.len() as u64);
+        let Some(records) = &self.mem.records else {
+            return s;
+        };
+        let bitmap = s.bitmap().with_dma(records, at);
+        // SAFETY: the same bytes as `s` (pointer and length taken from it),
+        // valid for the same lifetime `'a` (they belong to a region of
+        // `self.mem`, borrowed for `'a`); only the dirty-tracking handle
+        // differs. Non-Xen mappings carry no mmap information.
+        unsafe { VolatileSlice::with_bitmap(s.ptr_guard_mut().as_ptr(), s.len(), bitmap, None) }
+    }
+}
+
 impl<'a> Iterator for DmaSlices<'a> {
     type Item = MemResult<VolatileSlice<'a, BS<'a, DirtyBitmap>>>;
 
@@ -268,7 +309,7 @@ impl<'a> Iterator for DmaSlices<'a> {
         loop {
             if let Some(run) = &mut self.run {
                 match run.next() {
-                    Some(Ok(s)) => return Some(Ok(s)),
+                    Some(Ok(s)) => return Some(Ok(self.record(s))),
                     Some(Err(e)) => {
                         self.stop();
                         return Some(Err(e));
@@ -449,5 +490,60 @@ mod tests {
         assert!(m.read_obj::<u32>(GuestAddress(0)).is_err());
         // Zero-length accesses touch nothing.
         assert!(m.write_slice(&[], GuestAddress(0x77)).is_ok());
+    }
+
+    #[test]
+    fn r_wr_3_records_are_dma_addresses_when_translated() {
+        use crate::dirty::{RecordError, WriteRecorder};
+        // DMA 0x1000_0000.. (two pages) -> GPA 0xe000 and 0x20000.
+        let t = fixed(vec![
+            (0x1000_0000, 0x1000, 0xe000, Permissions::ReadWrite),
+            (0x1000_1000, 0x1000, 0x20000, Permissions::ReadWrite),
+        ]);
+        let mut rec = WriteRecorder::for_dma(8);
+        let m = DmaMemory::translated(phys(), t).with_records(rec.dma_records().unwrap().clone());
+        // Not recording: the shared log only.
+        m.write_obj(1u8, GuestAddress(0x1000_0010)).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(
+            rec.read(0, 1 << 40, 100, &mut out),
+            Err(RecordError::NotStarted)
+        );
+        crate::take_dirty_log(m.physical());
+        rec.start(0x1000, &[(0x1000_0000, 4)]).unwrap();
+        m.write_slice(&[7; 0x1000], GuestAddress(0x1000_0800))
+            .unwrap();
+        // The VMM's log: guest physical pages.
+        let log = crate::take_dirty_log(m.physical());
+        assert_eq!(log[0].bits[0], 1 << 14, "GPA 0xe000");
+        assert_eq!(log[1].bits[0], 1, "GPA 0x20000");
+        // The member's records: DMA pages, read back and cleared.
+        rec.read(0x1000_0000, 0x4000, 100, &mut out).unwrap();
+        assert_eq!(out, vec![0x1000_0000, 0x1000_1000]);
+        out.clear();
+        rec.read(0x1000_0000, 0x4000, 100, &mut out).unwrap();
+        assert!(out.is_empty());
+        // A page written again is recorded again; state round trip.
+        m.write_obj(2u32, GuestAddress(0x1000_1004)).unwrap();
+        let st = rec.state();
+        assert_eq!(st.pages, vec![0x1000_1000]);
+        let mut again = WriteRecorder::for_dma(8);
+        again.restore(&st).unwrap();
+        assert_eq!(again.state(), st);
+        // Outside the started range: no record.
+        let t2 = fixed(vec![(0x5000_0000, 0x1000, 0x1000, Permissions::ReadWrite)]);
+        let m2 = DmaMemory::translated(phys(), t2).with_records(rec.dma_records().unwrap().clone());
+        m2.write_obj(3u8, GuestAddress(0x5000_0000)).unwrap();
+        out.clear();
+        rec.read(0, 1 << 40, 100, &mut out).unwrap();
+        assert_eq!(out, vec![0x1000_1000]);
+        // STOP drops everything; huge ranges are refused.
+        rec.stop();
+        assert!(rec.state().pages.is_empty());
+        assert!(matches!(
+            rec.start(1 << 21, &[(0, 1 << 20)]),
+            Err(RecordError::TooLarge { .. })
+        ));
+        assert!(!rec.is_started(), "a refused START changes nothing");
     }
 }

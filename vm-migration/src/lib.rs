@@ -10,6 +10,7 @@
 
 pub mod dirty;
 pub mod dma;
+pub mod dma_record;
 pub mod protocol;
 pub mod state;
 

@@ -1027,22 +1027,31 @@ impl VirtioPf {
                 return None;
             }
         };
-        let recorder = match WriteRecorder::new(view_src, DEFAULT_SUPPORTED_RANGES) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("virtio-pf: VF {n} not created: {e}");
-                return None;
-            }
-        };
-        let view = match recorder.member_view(view_src) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!("virtio-pf: VF {n} not created: {e}");
-                return None;
+        // Behind an IOMMU the member's DMA addresses are I/O virtual
+        // addresses, and so are its write records (R-WR-3): its translated
+        // memory marks them. Without one they are guest physical, marked by
+        // the member's view of the regions.
+        let (recorder, view) = if self.iommu.is_some() {
+            (
+                WriteRecorder::for_dma(DEFAULT_SUPPORTED_RANGES),
+                view_src.clone(),
+            )
+        } else {
+            let built = WriteRecorder::new(view_src, DEFAULT_SUPPORTED_RANGES)
+                .and_then(|r| r.member_view(view_src).map(|v| (r, v)));
+            match built {
+                Ok(rv) => rv,
+                Err(e) => {
+                    warn!("virtio-pf: VF {n} not created: {e}");
+                    return None;
+                }
             }
         };
         let view = match dma_memory(self.iommu.as_ref(), bdf, view) {
-            Ok(v) => v,
+            Ok(v) => match recorder.dma_records() {
+                Some(r) => v.with_records(r.clone()),
+                None => v,
+            },
             Err(e) => {
                 warn!("virtio-pf: VF {n} not created: {e}");
                 return None;

@@ -516,6 +516,18 @@ impl Rig {
         backend: Option<VfBackendFn>,
         dialect: Dialect,
     ) -> Rig {
+        Self::build_behind(name, total, files, backend, dialect, None)
+    }
+
+    /// A rig whose PF and VFs sit behind `iommu`.
+    fn build_behind(
+        name: &str,
+        total: u16,
+        files: Files,
+        backend: Option<VfBackendFn>,
+        dialect: Dialect,
+        iommu: Option<Arc<dyn vm_migration::DmaIommu>>,
+    ) -> Rig {
         let dir = TempDir::new(name);
         std::fs::write(dir.0.join("pf.img"), vec![0u8; DISK_LEN]).unwrap();
         for n in 1..=total {
@@ -535,6 +547,7 @@ impl Rig {
         let cfg = PfConfig {
             vf_backend: backend,
             dialect,
+            iommu,
             ..cfg
         };
         let pf = VirtioPf::new(cfg, t.mem_atomic(), irqs.clone()).unwrap();
@@ -2437,4 +2450,106 @@ fn r14_parts_round_trip_of_a_real_vf_driver() {
         r.file(1, Files::Shared) == model,
         "file content is exactly what was written"
     );
+}
+
+/// R-WR-3 behind the virtio-iommu: a VF whose DMA addresses are IOVAs
+/// records IOVAs. Everything is mapped 1:1 except an alias window at
+/// 4 GiB onto the first 16 MiB; the VF reads a block into the alias of a
+/// page. The record is the alias (the DMA address), the VMM's dirty log
+/// has the guest physical page, and a range over the physical address
+/// records nothing.
+#[test]
+fn r_wr_3_a_vf_behind_the_iommu_records_its_dma_addresses() {
+    use crate::iommu::tables::{Domain, Mapping, Tables, MAP_F_READ, MAP_F_WRITE};
+    use crate::iommu::{IommuState, VirtioIommu};
+    const ALIAS: u64 = 1 << 32;
+    let dummy = TestDriver::new(4096);
+    let last_vf = Bdf::from_rid(PF_BDF.rid() + 8);
+    let mut iommu = VirtioIommu::new(
+        vec![u32::from(PF_BDF.rid())..=u32::from(last_vf.rid())],
+        vm_migration::DmaMemory::direct(dummy.mem().clone()),
+    )
+    .unwrap();
+    let rw = MAP_F_READ | MAP_F_WRITE;
+    let mut domain = Domain {
+        endpoints: 2,
+        ..Default::default()
+    };
+    domain.mappings.insert(
+        0,
+        Mapping {
+            end: MEM_LEN as u64 - 1,
+            phys: 0,
+            flags: rw,
+        },
+    );
+    domain.mappings.insert(
+        ALIAS,
+        Mapping {
+            end: ALIAS + (16 << 20) - 1,
+            phys: 0,
+            flags: rw,
+        },
+    );
+    let mut tables = Tables::new(false);
+    tables.domains.insert(1, domain);
+    tables.mapping_count = 2;
+    tables.attached.insert(u32::from(PF_BDF.rid()), 1);
+    tables.attached.insert(u32::from(last_vf.rid()), 1);
+    iommu.set_state(&IommuState {
+        tables,
+        held: Vec::new(),
+        pending_faults: Vec::new(),
+    });
+    let handle: Arc<dyn vm_migration::DmaIommu> = Arc::new(iommu.handle());
+    let mut r = Rig::build_behind(
+        "wr-iommu",
+        1,
+        Files::PerVf,
+        None,
+        Dialect::Draft,
+        Some(handle),
+    );
+    r.probe_pf();
+    r.bring_up_pf();
+    r.enable_vfs(1);
+    r.bring_up_vf(1);
+    let page = r.t.alloc_pages(1).unwrap();
+    assert!(page < 16 << 20);
+    // Records over the alias window and over the physical page.
+    let start = records_start(4096, &[(ALIAS, 4096), (page, 1)]);
+    assert!(r.admin(opcode::DEV_WRITE_RECORDS_START, 1, &start, 0).ok());
+    r.t.clear_dirty();
+    let mut segs = read_req(0, 512);
+    segs[1] = Seg::WritableAt(ALIAS + page, 512);
+    let (s, u) = r.request(1, &segs);
+    assert_eq!(u.map(|u| u.id), Some(s.head));
+    let status = s
+        .writable()
+        .last()
+        .map(|&(a, _)| r.t.read_mem(a, 1).unwrap()[0]);
+    assert_eq!(status, Some(0), "VIRTIO_BLK_S_OK");
+    assert!(
+        r.t.dirty_pages().contains(&page),
+        "the VMM's log has the GPA"
+    );
+    let rd = r.admin(
+        opcode::DEV_WRITE_RECORDS_READ,
+        1,
+        &[ALIAS.to_le_bytes(), (16u64 << 20).to_le_bytes()].concat(),
+        64,
+    );
+    assert!(rd.ok(), "{rd:?}");
+    assert_eq!(
+        rd.result,
+        (ALIAS + page).to_le_bytes().to_vec(),
+        "the DMA page"
+    );
+    let rd = r.admin(
+        opcode::DEV_WRITE_RECORDS_READ,
+        1,
+        &[page.to_le_bytes(), 4096u64.to_le_bytes()].concat(),
+        64,
+    );
+    assert!(rd.ok() && rd.result.is_empty(), "nothing by GPA: {rd:?}");
 }
