@@ -17,9 +17,13 @@
 #                       protocol). The runner appends the VMM, its libraries,
 #                       the inner kernel/initramfs and the scenario files.
 #   bzImage-7           Debian's newest Linux 7.x (trixie-backports) for the
-#                       inner guest only: boots with the inner initramfs, whose
-#                       /init skips the 6.12 modules on another kernel
-#                       ("@@CH-TEST:MODULES-SKIPPED=<release>@@").
+#                       inner guest only. The inner initramfs carries a second
+#                       module set for it in /lib/modules/7/ (INNER_MODULES_7:
+#                       Debian's modules plus virtio-vfio-pci, which
+#                       scripts/build-virtio-vfio-pci.sh builds out of tree);
+#                       /init loads the set whose release is the running
+#                       kernel's ("@@CH-TEST:MODULES-SKIPPED=<release>@@" if
+#                       none is).
 #   info                key=value lines: kernel version, module load orders.
 #
 # Cached: everything is rebuilt only when an input changes (this script, the
@@ -49,6 +53,8 @@ GUEST_DIR="${GUEST_DIR:-$REPO_ROOT/build/guest}"
 # virtio_iommu and vfio-pci: for the VMM's iommu=on functions (a guest
 # without a virtio-iommu loads them and they stay idle).
 INNER_MODULES="${INNER_MODULES:-virtio_blk pci-pf-stub button evdev virtio_iommu vfio-pci vfio_iommu_type1}"
+# The 7.x set: the same, plus Linux's vfio/virtio migration driver.
+INNER_MODULES_7="${INNER_MODULES_7:-virtio_blk pci-pf-stub button evdev virtio_iommu vfio-pci vfio_iommu_type1 virtio_vfio_pci}"
 OUTER_MODULES="${OUTER_MODULES:-kvm kvm-amd virtio_blk}"
 KERNEL_PACKAGE="${KERNEL_PACKAGE:-}"
 FORCE=0
@@ -178,10 +184,15 @@ fetch_kernel7() {
     rm -rf "$K7_DIR/deb" "$K7_DIR/x"
 }
 fetch_kernel7
+# virtio-vfio-pci for that kernel, and its modules package (cached).
+GUEST_DIR="$GUEST_DIR" bash "$REPO_ROOT/scripts/build-virtio-vfio-pci.sh" \
+    $( [ "$FORCE" = 1 ] && echo --force ) $( [ "$QUIET" = 1 ] && echo --quiet ) \
+    || die "building virtio-vfio-pci for Linux $(cat "$K7_DIR/release") failed"
+K7_STAMP="$(cat "$K7_DIR/vfio-mod/stamp")"
 
 # --- Cache check ---------------------------------------------------------------
 SCRIPT_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
-STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] outer=[$OUTER_MODULES]"
+STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] inner7=[$INNER_MODULES_7] k7=[$K7_STAMP] outer=[$OUTER_MODULES]"
 if [ "$FORCE" = 0 ] && [ -f "$GUEST_DIR/stamp" ] && [ "$(cat "$GUEST_DIR/stamp")" = "$STAMP" ] \
     && [ -f "$GUEST_DIR/bzImage" ] && [ -f "$GUEST_DIR/bzImage-7" ] && [ -f "$GUEST_DIR/inner-base.cpio.gz" ] && [ -f "$GUEST_DIR/outer-base.cpio.gz" ]; then
     log "up to date: $GUEST_DIR ($KERNEL_PACKAGE)"
@@ -311,14 +322,18 @@ install_busybox() {
     # Device nodes for before devtmpfs is mounted (cpio -R keeps them).
     echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
 }
+# install_modules ROOT LIST [SUBDIR]: the modules of LIST and their
+# dependencies into ROOT/lib/modules[/SUBDIR], with `order` (load order) and
+# `release` (the kernel they are for: $KREL).
 install_modules() {
-    local root="$1" list="$2" m
+    local root="$1" list="$2" dir="$1/lib/modules${3:+/$3}" m
+    mkdir -p "$dir"
     resolve_list "$list"
-    : >"$root/lib/modules/order"
-    echo "$KREL" >"$root/lib/modules/release"
+    : >"$dir/order"
+    echo "$KREL" >"$dir/release"
     for m in "${ORDER[@]}"; do
-        cp "$(module_ko "$m")" "$root/lib/modules/$m.ko"
-        echo "$m" >>"$root/lib/modules/order"
+        cp "$(module_ko "$m")" "$dir/$m.ko"
+        echo "$m" >>"$dir/order"
     done
     echo "${ORDER[*]}"
 }
@@ -338,16 +353,21 @@ mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm
 mount -t tmpfs tmpfs /tmp
 load_modules() {
-    # The modules are built for one kernel release; another kernel (the
-    # bzImage-7 guest) boots without them.
-    if [ "$(uname -r)" != "$(cat /lib/modules/release)" ]; then
+    # A module set is built for one kernel release: load the one whose
+    # release is that of the running kernel (6.12 in /lib/modules, 7.x in
+    # /lib/modules/7).
+    d=""
+    for s in /lib/modules /lib/modules/7; do
+        [ "$(uname -r)" = "$(cat $s/release 2>/dev/null)" ] && d=$s
+    done
+    if [ -z "$d" ]; then
         echo "@@CH-TEST:MODULES-SKIPPED=$(uname -r)@@"
         return 0
     fi
-    for m in $(cat /lib/modules/order); do
+    for m in $(cat $d/order); do
         # Parameters from /lib/modules/params ("module param=value ...").
         args="$(sed -n "s/^$m //p" /lib/modules/params 2>/dev/null)"
-        if ! insmod /lib/modules/$m.ko $args 2>/tmp/insmod.err; then
+        if ! insmod $d/$m.ko $args 2>/tmp/insmod.err; then
             # Already loaded (built in or loaded as a dependency) is fine.
             grep -q "File exists" /tmp/insmod.err || { echo "@@CH-TEST:MODULE-FAILED=$m@@"; cat /tmp/insmod.err; }
         fi
@@ -478,6 +498,24 @@ INNER_ORDER="$(install_modules "$WORK/inner" "$INNER_MODULES")"
 # The guest has no interrupt remapping: VFIO's type1 backend refuses to
 # attach a group unless told that MSIs cannot be isolated anyway.
 echo "vfio_iommu_type1 allow_unsafe_interrupts=1" >"$WORK/inner/lib/modules/params"
+# The 7.x set: the same functions over Debian's 7.x modules, with the
+# out-of-tree virtio-vfio-pci added to the index.
+KREL6="$KREL"
+KREL="$(cat "$K7_DIR/release")"
+MOD_PATH=()
+while IFS= read -r -d '' f; do
+    b="$(basename "$f")"
+    b="${b%.xz}"; b="${b%.zst}"; b="${b%.gz}"; b="${b%.ko}"
+    MOD_PATH["${b//-/_}"]="$f"
+done < <(find "$K7_DIR/modules-pkg/usr/lib/modules/$KREL" -name '*.ko*' -print0)
+MOD_PATH[virtio_vfio_pci]="$K7_DIR/vfio-mod/virtio-vfio-pci.ko"
+KO_CACHE6="$KO_CACHE"
+KO_CACHE="$GUEST_DIR/ko7/$KREL"
+rm -rf "$GUEST_DIR/ko7"
+mkdir -p "$KO_CACHE"
+INNER_ORDER_7="$(install_modules "$WORK/inner" "$INNER_MODULES_7" 7)"
+KREL="$KREL6"
+KO_CACHE="$KO_CACHE6"
 printf '%s' "$INNER_INIT" >"$WORK/inner/init"
 chmod 755 "$WORK/inner/init"
 make_cpio "$WORK/inner" "$GUEST_DIR/inner-base.cpio.gz"
@@ -504,9 +542,10 @@ kernel_version=$KERNEL_PKG_VERSION
 kernel_release=$KREL
 busybox_version=$BUSYBOX_VERSION
 inner_modules=$INNER_ORDER
+inner_modules_7=$INNER_ORDER_7
 outer_modules=$OUTER_ORDER
 EOF
 rm -rf "$WORK"
 echo "$STAMP" >"$GUEST_DIR/stamp"
-log "done: $GUEST_DIR (kernel $KREL; inner modules: $INNER_ORDER; outer modules: $OUTER_ORDER)"
+log "done: $GUEST_DIR (kernel $KREL; inner modules: $INNER_ORDER; 7.x inner modules: $INNER_ORDER_7; outer modules: $OUTER_ORDER)"
 echo "$GUEST_DIR"

@@ -16,6 +16,15 @@
 //!   entry seen, polling), for DEV_MODE_GET, LIST_QUERY, DEV_CTX_SIZE_GET
 //!   and DEV_WRITE_RECORD_CAP_QUERY; min, median, p99, max.
 //!
+//! * **the same member migration driven by Linux's own driver**: a second
+//!   boot, Debian's Linux 7.x with the PF in `admin=virtio-1.4` and behind
+//!   the virtio-iommu, VF1 and VF2 bound to `virtio_vfio_pci`; `vpfctl
+//!   blk-workload --vfio` (8 requests in flight through VFIO) moves its
+//!   member `CH_BENCH_RUNS` times between the VFs through VFIO's migration
+//!   interface (PRE_COPY, STOP_COPY; RESUMING on the other VF). Downtime is
+//!   the workload's figure: from the STOP_COPY request on the source to the
+//!   destination RUNNING. Printed next to the draft dialect's.
+//!
 //! Queues per VF: the only member type is virtio-blk with ONE request queue
 //! per VF, so the issue's "1, 4 and 16 queues per VF" reduces to the 1-queue
 //! figure; the context (and so the downtime) grows with the queue count by
@@ -64,6 +73,95 @@ while [ $i -le $RUNS ]; do
   i=$((i + 1))
 done
 "#;
+
+/// The VFIO-driven runs (Linux 7.x, virtio_vfio_pci): one workload on VF1,
+/// moved back and forth RUNS times; its MOVED lines are printed.
+const VFIO_SCRIPT: &str = r#"P=/sys/bus/pci/devices/0000:00:02.0
+echo 0 > $P/sriov_drivers_autoprobe
+echo 2 > $P/sriov_numvfs || echo "@@B:ERROR=sriov@@"
+for vf in 0000:00:03.0 0000:00:03.1; do
+  echo virtio_vfio_pci > /sys/bus/pci/devices/$vf/driver_override
+  echo $vf > /sys/bus/pci/drivers_probe
+done
+D=/tmp/wl; mkdir -p $D
+vpfctl --timeout-ms 60000 blk-workload --vfio --vf 0000:00:03.0 --log /tmp/wl.log --state-dir $D --inflight 8 > /tmp/wl.out 2>&1 &
+WL=$!
+n=0; while [ ! -e $D/ready ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+i=1
+while [ $i -le $RUNS ]; do
+  sleep 0.5
+  [ $((i % 2)) = 1 ] && TO=0000:00:03.1 || TO=0000:00:03.0
+  echo $TO > $D/moved; kill -USR1 $WL
+  n=0; while [ ! -e $D/moved.$i ] && [ $n -lt 600 ] && kill -0 $WL 2>/dev/null; do sleep 0.1; n=$((n + 1)); done
+  [ -e $D/moved.$i ] || echo "@@B:ERROR=move $i $(tail -3 /tmp/wl.out)@@"
+  i=$((i + 1))
+done
+sleep 0.5
+kill -TERM $WL; wait $WL || echo "@@B:ERROR=vfio workload $(tail -3 /tmp/wl.out)@@"
+grep -q '^END .*result=ok' /tmp/wl.log || echo "@@B:ERROR=vfio workload log@@"
+grep '^MOVED ' /tmp/wl.log | while read -r l; do echo "@@B:VMOVE=$l@@"; done
+"#;
+
+/// `key=value` of a workload log line.
+fn log_num(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The VFIO-driven migrations: returns their downtimes (us).
+fn vfio_runs(runs: usize) -> Vec<u64> {
+    let images = tests::host::guest_images().unwrap_or_else(|e| fail(&e.to_string()));
+    let scenario = Scenario::new("bench-virtio-pf-vfio")
+        .guest_kernel(&images.bzimage7)
+        .args([
+            "--cpus",
+            "boot=2",
+            "--device",
+            "virtio-pf,id=pf0,member=blk,total_vfs=2,disk=pf.img,vf_disk=vf.img,admin=virtio-1.4,iommu=on",
+        ])
+        .file("pf.img", vec![0u8; 4 * MIB])
+        .file("vf.img", vec![0u8; 8 * MIB])
+        .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
+        .script(&format!("RUNS={runs}\n{VFIO_SCRIPT}"))
+        .step("VFIO workload", "@@B:VMOVE=", Duration::from_secs(60 + 10 * runs as u64))
+        .script_limit(Duration::from_secs(30));
+    let out = tests::runner()
+        .run(&scenario)
+        .unwrap_or_else(|e| fail(&format!("the VFIO benchmark run failed: {e}")));
+    let errors = out.markers("B:ERROR");
+    if !errors.is_empty() || out.scenario_exit() != Some(0) || out.vmm_exit != 0 {
+        fail(&format!(
+            "the VFIO guest reported errors: {errors:?}\n{}",
+            out.summary()
+        ));
+    }
+    let moves = out.markers("B:VMOVE");
+    if moves.len() != runs {
+        fail(&format!(
+            "expected {runs} VFIO moves, got {}\n{}",
+            moves.len(),
+            out.summary()
+        ));
+    }
+    println!("member migration by Linux's virtio_vfio_pci through VFIO (admin=virtio-1.4, Linux 7.x in L1):");
+    let mut downtime = Vec::new();
+    for (i, m) in moves.iter().enumerate() {
+        let get =
+            |k| log_num(m, k).unwrap_or_else(|| fail(&format!("move {}: no {k}: {m}", i + 1)));
+        let d = get("downtime_us");
+        println!(
+            "  run {}: downtime {d:7} us   whole migration {:8} us   pre-copy {} bytes, stop-copy {} bytes, {} requests in flight",
+            i + 1,
+            get("total_us"),
+            get("precopy_bytes"),
+            get("stop_copy_bytes"),
+            get("inflight")
+        );
+        downtime.push(d);
+    }
+    downtime
+}
 
 fn json_num(json: &str, key: &str) -> Option<u64> {
     let pat = format!("\"{key}\":");
@@ -224,4 +322,19 @@ fn main() {
         println!("    {p:15} {:7} us", median(phases[k].clone()));
     }
     println!("  4 and 16 queues per VF: not measurable, no member type with more than one queue");
+
+    let vfio = vfio_runs(runs);
+    println!("downtime side by side ({runs} runs each, median / min / max):");
+    println!(
+        "  draft dialect, vpfctl migrate (Stop sent -> Active done):           {:7} / {:7} / {:7} us",
+        median(downtime.clone()),
+        downtime.iter().min().unwrap(),
+        downtime.iter().max().unwrap()
+    );
+    println!(
+        "  virtio 1.4, virtio_vfio_pci via VFIO (STOP_COPY asked -> RUNNING): {:7} / {:7} / {:7} us",
+        median(vfio.clone()),
+        vfio.iter().min().unwrap(),
+        vfio.iter().max().unwrap()
+    );
 }

@@ -576,58 +576,6 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
     let mut next_submit = Instant::now();
 
     loop {
-        // A move requested (signal or file)?
-        let mut check_move = MOVE_FLAG.swap(false, Ordering::SeqCst);
-        if last_poll_file.elapsed() > Duration::from_millis(10) {
-            last_poll_file = Instant::now();
-            check_move |= o
-                .state_dir
-                .as_ref()
-                .is_some_and(|d| d.join("moved").exists());
-        }
-        if check_move {
-            if let Some(d) = &o.state_dir {
-                let mf = d.join("moved");
-                // An empty file is one being written (`echo BDF > moved`
-                // creates it before it writes): look again at the next poll.
-                if let Some(s) = std::fs::read_to_string(&mf)
-                    .ok()
-                    .filter(|s| !s.trim().is_empty())
-                {
-                    let dest = pci::normalize_bdf(&s)
-                        .map_err(|m| Error::Usage(format!("{}: {m}", mf.display())))?;
-                    p.prepare(&dest, o.bind)?;
-                    let migration = match p.take_over(&sum.device, &dest) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            log.line(&format!(
-                                "ERROR t={} msg=\"migration to {dest}: {e}\"",
-                                mono_ns()
-                            ))?;
-                            log.flush()?;
-                            return Err(e);
-                        }
-                    };
-                    let (next, desc) = attach_moved(p, &dest, mem, &q)?;
-                    sum.moves += 1;
-                    let done = d.join(format!("moved.{}", sum.moves));
-                    std::fs::rename(&mf, &done).map_err(|e| Error::io("rename", &mf, e))?;
-                    log.line(&format!(
-                        "MOVED t={} from={} to={dest} inflight={} completed={} dest_desc={desc:#x} avail_idx={} used_idx={}{}",
-                        mono_ns(), sum.device, q.in_flight(), sum.completed, q.next_avail(), q.last_used(),
-                        migration.map(|m| format!(" {m}")).unwrap_or_default()
-                    ))?;
-                    cur = next;
-                    sum.device = dest;
-                    moved_at.get_or_insert(sum.completed);
-                    // Entries published after the destination went Active
-                    // were only notified to the source: kick once.
-                    cur.dev.notify(0, cur.notify_off);
-                    last_progress = Instant::now();
-                }
-            }
-        }
-
         let finishing = STOP_FLAG.load(Ordering::SeqCst)
             || (o.requests > 0 && sum.submitted >= o.requests)
             || (o.after_move > 0 && moved_at.is_some_and(|m| sum.completed >= m + o.after_move));
@@ -686,6 +634,60 @@ pub fn run_on(p: &dyn Platform, o: &WorkloadOpts) -> Result<Summary> {
                     write_file(&d.join("ready"), &format!("{}\n", o.vf))?;
                 }
                 ready_written = true;
+            }
+        }
+
+        // A move requested (signal or file)? Taken after this turn's
+        // submissions, before their completions are polled: requests are
+        // in flight when the member moves.
+        let mut check_move = MOVE_FLAG.swap(false, Ordering::SeqCst);
+        if last_poll_file.elapsed() > Duration::from_millis(10) {
+            last_poll_file = Instant::now();
+            check_move |= o
+                .state_dir
+                .as_ref()
+                .is_some_and(|d| d.join("moved").exists());
+        }
+        if check_move {
+            if let Some(d) = &o.state_dir {
+                let mf = d.join("moved");
+                // An empty file is one being written (`echo BDF > moved`
+                // creates it before it writes): look again at the next poll.
+                if let Some(s) = std::fs::read_to_string(&mf)
+                    .ok()
+                    .filter(|s| !s.trim().is_empty())
+                {
+                    let dest = pci::normalize_bdf(&s)
+                        .map_err(|m| Error::Usage(format!("{}: {m}", mf.display())))?;
+                    p.prepare(&dest, o.bind)?;
+                    let migration = match p.take_over(&sum.device, &dest) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            log.line(&format!(
+                                "ERROR t={} msg=\"migration to {dest}: {e}\"",
+                                mono_ns()
+                            ))?;
+                            log.flush()?;
+                            return Err(e);
+                        }
+                    };
+                    let (next, desc) = attach_moved(p, &dest, mem, &q)?;
+                    sum.moves += 1;
+                    let done = d.join(format!("moved.{}", sum.moves));
+                    std::fs::rename(&mf, &done).map_err(|e| Error::io("rename", &mf, e))?;
+                    log.line(&format!(
+                        "MOVED t={} from={} to={dest} inflight={} completed={} dest_desc={desc:#x} avail_idx={} used_idx={}{}",
+                        mono_ns(), sum.device, q.in_flight(), sum.completed, q.next_avail(), q.last_used(),
+                        migration.map(|m| format!(" {m}")).unwrap_or_default()
+                    ))?;
+                    cur = next;
+                    sum.device = dest;
+                    moved_at.get_or_insert(sum.completed);
+                    // Entries published after the destination went Active
+                    // were only notified to the source: kick once.
+                    cur.dev.notify(0, cur.notify_off);
+                    last_progress = Instant::now();
+                }
             }
         }
 
