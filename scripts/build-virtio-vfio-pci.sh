@@ -14,7 +14,8 @@
 #   $GUEST_DIR/kernel7/modules-pkg/                  linux-modules-<release>
 #   $GUEST_DIR/kernel7/vfio-mod/stamp                what they were built from
 # Cached: a rerun is a no-op until the 7.x package version or this script
-# changes. Nothing is installed system-wide; the kernel source is downloaded
+# changes. Nothing is installed system-wide but bookworm's libelf-dev
+# (objtool's headers) when missing; the kernel source is downloaded
 # (Debian's linux-source-7.N) and only the parts the build needs are
 # extracted, then deleted.
 #
@@ -138,9 +139,11 @@ dpkg-deb --fsys-tarfile "$(deb "linux-source-$MAJMIN")" \
 # --- 5. the configuration as gcc-12 sees it ----------------------------------------
 log "re-probing the compiler symbols of the configuration with gcc-12"
 cp "$K/.config" "$WORK/config.gcc12"
+# The pahole version Debian built with (only compared by Kconfig).
+PAHOLE_VERSION="$(sed -n 's/^CONFIG_PAHOLE_VERSION=//p' "$K/.config")"
 ( cd "$WORK" && env srctree="$S" ARCH=x86 SRCARCH=x86 SUBARCH=x86 KERNELVERSION="${KREL%%+*}" \
     CC=$CC12 HOSTCC=gcc-12 LD=x86_64-linux-gnu-ld NM=nm OBJCOPY=objcopy AR=ar \
-    CLANG_FLAGS= RUSTC=false BINDGEN=false PYTHON3=python3 PAHOLE_VERSION=130 \
+    CLANG_FLAGS= RUSTC=false BINDGEN=false PYTHON3=python3 PAHOLE_VERSION="$PAHOLE_VERSION" \
     CC_VERSION_TEXT="$($CC12 --version | head -n 1)" RUSTC_VERSION_TEXT= \
     KCONFIG_CONFIG=config.gcc12 \
     "$R/usr/lib/linux-kbuild-$KB/scripts/kconfig/conf" --olddefconfig "$S/Kconfig" >/dev/null ) \
@@ -209,7 +212,8 @@ case "$vermagic" in
     "$KREL "*) ;;
     *) die "virtio-vfio-pci.ko has vermagic '$vermagic', the kernel is $KREL" ;;
 esac
-cp "$M/virtio-vfio-pci.ko" "$OUT/virtio-vfio-pci.ko"
+# Without its debug information (2 MB -> a tenth of that in the initramfs).
+strip --strip-debug -o "$OUT/virtio-vfio-pci.ko" "$M/virtio-vfio-pci.ko" || die "strip of virtio-vfio-pci.ko failed"
 rm -rf "$WORK"
 echo "$STAMP" >"$OUT/stamp"
 log "done in $(( $(date +%s) - T0 )) s: $OUT/virtio-vfio-pci.ko (vermagic $vermagic)"

@@ -27,6 +27,20 @@ pub fn parse_archive(bytes: &[u8]) -> BTreeMap<String, String> {
     files
 }
 
+/// Guest shell code that archives `files` (in /tmp) onto the whole disk of
+/// the virtio-blk function `bdf` in the format [`parse_archive`] reads, and
+/// prints `@@T:ARCHIVE=<dd's exit status>@@`.
+pub fn archive_script(bdf: &str, files: &[&str]) -> String {
+    let mut s = format!("A=/tmp/archive\n: > $A\nfor f in {}; do\n", files.join(" "));
+    s.push_str("  [ -f /tmp/$f ] || continue\n");
+    s.push_str("  echo \"VPFFILE $f $(wc -c < /tmp/$f)\" >> $A\n  cat /tmp/$f >> $A\ndone\n");
+    s.push_str("echo VPFEND >> $A\n");
+    s.push_str(&format!(
+        "dd if=$A of=/dev/$(ls /sys/bus/pci/devices/{bdf}/virtio*/block) bs=65536 conv=fsync 2>/dev/null; echo \"@@T:ARCHIVE=$?@@\"\n"
+    ));
+    s
+}
+
 /// `key=value` of a log line.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()

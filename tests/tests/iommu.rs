@@ -151,12 +151,6 @@ vpfctl --bind --json blk-workload --vfio --vf 0000:00:04.0 --log /tmp/wl.log \
   --requests 400 --inflight 8 --blocks 64 --seed 9 > /tmp/wl.json 2> /tmp/wl.err
 echo "@@T:WORKLOAD=$? $(cat /tmp/wl.json) $(cat /tmp/wl.err)@@"
 echo "@@T:DRIVER=$(basename "$(readlink /sys/bus/pci/devices/0000:00:04.0/driver)")@@"
-LOGDISK=$(ls /sys/bus/pci/devices/0000:00:02.0/virtio*/block)
-A=/tmp/archive
-echo "VPFFILE wl.log $(wc -c < /tmp/wl.log)" > $A
-cat /tmp/wl.log >> $A
-echo VPFEND >> $A
-dd if=$A of=/dev/$LOGDISK bs=65536 conv=fsync 2>/dev/null; echo "@@T:ARCHIVE=$?@@"
 "#;
 
 #[test]
@@ -175,7 +169,10 @@ fn a_userspace_driver_runs_a_vf_through_vfio_and_the_iommu() {
         .file("pf.img", vec![0u8; MIB])
         .file("vf.img", vec![0u8; 4 * MIB])
         .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
-        .script(VFIO_SCRIPT);
+        .script(&format!(
+            "{VFIO_SCRIPT}{}",
+            tests::workload::archive_script("0000:00:02.0", &["wl.log"])
+        ));
     let out = boot(s);
     let sum = out.summary();
     assert_eq!(marker(&out, "ENABLE"), "0", "{sum}");

@@ -217,10 +217,11 @@ fn a_running_guest_migrates_with_its_memory_disk_io_and_vfs() {
 
 /// The guest owns the PF with vpfctl: a workload does block I/O on VF1
 /// (both VFs share one backing file) and `vpfctl migrate` moves it to VF2
-/// with a pre-copy of at least 50 s of guest time: two rounds, a wait
-/// (VF1 keeps working, recorded), one more round, then the stop-and-copy.
-/// The VMM migrates during that wait. Afterwards the guest archives the
-/// workload log and the migrate JSON onto the first disk for the host.
+/// with a pre-copy that lasts until the VMM has moved: two rounds, a wait
+/// (VF1 keeps working, recorded) until the host's MIGRATED flag appears
+/// in block 1 of the first disk, one more round, then the stop-and-copy.
+/// Afterwards the guest archives the workload log and the migrate JSON
+/// onto the first disk for the host.
 const MEMBER_GUEST: &str = r#"V=vpfctl
 W=/tmp/vpf; D=$W/wl; mkdir -p $W
 $V bind --dev 0000:00:03.0 > /dev/null && $V sriov --numvfs 2 --autoprobe off > /dev/null
@@ -230,8 +231,11 @@ $V --timeout-ms 120000 blk-workload --vf "$VF1" --log $W/wl.log --state-dir $D -
   --rate 200 --after-move 300 > $W/wl.out 2>&1 &
 WL=$!
 n=0; while [ ! -e $D/ready ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
-$V --json --timeout-ms 120000 migrate --from 1 --to 2 --rounds 2 --min-precopy-ms 50000 \
-  --workload-dir $D > $W/migrate.json 2> $W/migrate.err &
+( until dd if=/dev/vda bs=512 skip=1 count=1 iflag=direct 2>/dev/null | grep -q MIGRATED; do
+    sleep 0.2
+  done; touch /tmp/vmm-moved ) &
+$V --json --timeout-ms 240000 migrate --from 1 --to 2 --rounds 2 --min-precopy-ms 5000 \
+  --precopy-until /tmp/vmm-moved --workload-dir $D > $W/migrate.json 2> $W/migrate.err &
 M=$!
 sleep 3
 echo "@@T:PRECOPY-ON@@"
@@ -268,6 +272,9 @@ n=0; while [ ! -S mig.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 echo "@@T:SENDING@@"
 ch-remote --api-socket $S send-migration unix:$PWD/mig.sock; echo "@@T:SENT=$?@@"
 wait $R; echo "@@T:RECEIVED=$? $(cat recv.out)@@"
+# The guest's member migration waits for this (whether or not the VMM
+# moved: the test then fails on SENT).
+printf 'MIGRATED' | dd of=log.img bs=512 seek=1 conv=notrunc,sync 2> /dev/null
 wait $D; echo "@@T:DST-EXIT=$?@@"
 grep -i "error\|warn" dst.log
 "#;
@@ -361,4 +368,50 @@ fn a_member_migration_in_pre_copy_completes_after_the_vmm_moves() {
     // The backing file, read from the host after both VMMs ended.
     let disk = out.read_file(VF_DISK).expect("read back the VF disk");
     check_finals(log, &disk, VF_DISK);
+}
+
+/// The guest powers off while the VMM is still sending its memory (the
+/// receiver, `mig-cutoff`, would take everything up to the state): the
+/// migration fails (its pause finds no vCPU to park) and the VMM ends
+/// with the guest, status 0, instead of waiting for anything.
+#[test]
+fn a_guest_that_powers_off_during_a_migration_ends_the_vmm() {
+    const GUEST: &str = r#"printf 'GUEST-UP\n' > /tmp/up
+dd if=/tmp/up of=/dev/vda conv=fsync 2>/dev/null
+# The pre-copy of 512 MiB takes tens of seconds nested: power off in it.
+sleep 8
+echo "@@T:POWERING-OFF@@"
+"#;
+    const DURING: &str = r#"n=0
+until grep -q GUEST-UP up.img 2> /dev/null; do
+  n=$((n + 1)); [ $n -gt 900 ] && { echo "@@T:GUEST-SEEN=no@@"; exit 1; }; sleep 0.1
+done
+mig-cutoff $PWD/cut.sock state close > cut.out 2>&1 &
+n=0; while [ ! -S cut.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+ch-remote --api-socket api.sock send-migration unix:$PWD/cut.sock 2> e.err
+echo "@@T:SENT=$? $(cat e.err)@@"
+"#;
+    let scenario = Scenario::new("migration-poweroff")
+        .args([
+            "--cpus",
+            "boot=2",
+            "--disk",
+            "path=up.img",
+            "--api-socket",
+            "path=api.sock",
+        ])
+        .file("up.img", vec![0u8; MIB])
+        .script(GUEST)
+        .during(DURING)
+        .tool("mig-cutoff", env!("CARGO_BIN_EXE_mig-cutoff"))
+        .step(
+            "powering off",
+            "@@T:POWERING-OFF@@",
+            Duration::from_secs(60),
+        )
+        .step("VMM exit", "@@CH-TEST:VMM-EXIT=", Duration::from_secs(40));
+    let out = tests::run(shared_runner(), &scenario);
+    let sum = out.summary();
+    assert_eq!(out.vmm_exit, 0, "{sum}");
+    assert_eq!(out.scenario_exit(), Some(0), "{sum}");
 }

@@ -42,12 +42,6 @@ wait $WL; rc=$?
 echo "@@T:WORKLOAD=$rc $(cat /tmp/wl.json) $(cat /tmp/wl.err)@@"
 grep MOVED /tmp/wl.log | while read -r l; do echo "@@T:MOVED-LINE=$l@@"; done
 dmesg | grep -iE 'virtio|vfio' | tail -n 15 | while read -r l; do echo "@@T:LOG=$l@@"; done
-LOGDISK=$(ls /sys/bus/pci/devices/0000:00:02.0/virtio*/block)
-A=/tmp/archive
-echo "VPFFILE wl.log $(wc -c < /tmp/wl.log)" > $A
-cat /tmp/wl.log >> $A
-echo VPFEND >> $A
-dd if=$A of=/dev/$LOGDISK bs=65536 conv=fsync 2>/dev/null; echo "@@T:ARCHIVE=$?@@"
 "#;
 
 fn scenario(name: &str, admin: &str, after_move: u64) -> Scenario {
@@ -70,7 +64,10 @@ fn scenario(name: &str, admin: &str, after_move: u64) -> Scenario {
         .file("pf.img", vec![0u8; MIB])
         .file("vf.img", vec![0u8; 4 * MIB])
         .guest_file("bin/vpfctl", tests::guest_tools::vpfctl())
-        .script(&format!("AFTER_MOVE={after_move}\n{SCRIPT}"))
+        .script(&format!(
+            "AFTER_MOVE={after_move}\n{SCRIPT}{}",
+            tests::workload::archive_script("0000:00:02.0", &["wl.log"])
+        ))
 }
 
 fn common_checks(out: &RunOutput) {

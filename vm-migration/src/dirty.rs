@@ -223,6 +223,77 @@ impl PageBitmap {
             w.store(0, Ordering::Release);
         }
     }
+
+    /// Addresses of the set pages, page `i` being at `base + i * 4 KiB`,
+    /// ascending.
+    pub fn set_addresses(&self, base: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (wi, word) in self.words.iter().enumerate() {
+            let mut v = word.load(Ordering::Acquire);
+            while v != 0 {
+                let bit = v.trailing_zeros() as usize;
+                v &= v - 1;
+                out.push(base + (((wi << 6) + bit) as u64) * DIRTY_PAGE_SIZE);
+            }
+        }
+        out
+    }
+
+    /// Takes the set pages among `first..stop` (page `i` at `base + i *
+    /// 4 KiB`): appends to `out`, ascending and once each, the page of size
+    /// `p` anchored at `s` each falls in, until `out` holds `limit`, and
+    /// clears exactly the bits of the pages returned. `last` is the last
+    /// page appended (carried between calls of one READ). True when `out`
+    /// is full.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn take_grouped(
+        &self,
+        first: usize,
+        stop: usize,
+        base: u64,
+        s: u64,
+        p: u64,
+        limit: usize,
+        last: &mut Option<u64>,
+        out: &mut Vec<u64>,
+    ) -> bool {
+        let stop = stop.min(self.pages);
+        if first >= stop {
+            return false;
+        }
+        let lastp = stop - 1;
+        let (fw, lw) = (first >> 6, lastp >> 6);
+        for wi in fw..=lw {
+            let word = &self.words[wi];
+            let lob = if wi == fw { first & 63 } else { 0 };
+            let hib = if wi == lw { lastp & 63 } else { 63 };
+            let mut v = word.load(Ordering::Acquire) & word_mask(lob, hib);
+            let mut take = 0u64;
+            let mut full = false;
+            while v != 0 {
+                let bit = v.trailing_zeros() as usize;
+                let addr = base + (((wi << 6) + bit) as u64) * DIRTY_PAGE_SIZE;
+                let rp = s + (addr - s) / p * p;
+                if *last != Some(rp) {
+                    if out.len() >= limit {
+                        full = true;
+                        break;
+                    }
+                    out.push(rp);
+                    *last = Some(rp);
+                }
+                take |= 1 << bit;
+                v &= v - 1;
+            }
+            if take != 0 {
+                word.fetch_and(!take, Ordering::SeqCst);
+            }
+            if full {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// The record bits of one member for one guest memory region.
@@ -818,43 +889,11 @@ impl WriteRecorder {
             };
             let first = ((lo.max(r.start) - r.start) >> DIRTY_PAGE_SHIFT) as usize;
             let stop = ((hi.min(rend) - r.start).div_ceil(DIRTY_PAGE_SIZE)) as usize;
-            let stop = stop.min(words.rec.pages);
-            if first >= stop {
-                continue;
-            }
-            let lastp = stop - 1;
-            let (fw, lw) = (first >> 6, lastp >> 6);
-            for wi in fw..=lw {
-                let word = &words.rec.words[wi];
-                let lob = if wi == fw { first & 63 } else { 0 };
-                let hib = if wi == lw { lastp & 63 } else { 63 };
-                let mut v = word.load(Ordering::Acquire) & word_mask(lob, hib);
-                if v == 0 {
-                    continue;
-                }
-                let mut take = 0u64;
-                let mut full = false;
-                while v != 0 {
-                    let bit = v.trailing_zeros() as usize;
-                    let gpa = r.start + (((wi << 6) + bit) as u64) * DIRTY_PAGE_SIZE;
-                    let rp = s + (gpa - s) / p * p;
-                    if last != Some(rp) {
-                        if out.len() >= limit {
-                            full = true;
-                            break;
-                        }
-                        out.push(rp);
-                        last = Some(rp);
-                    }
-                    take |= 1 << bit;
-                    v &= v - 1;
-                }
-                if take != 0 {
-                    word.fetch_and(!take, Ordering::SeqCst);
-                }
-                if full {
-                    return true;
-                }
+            if words
+                .rec
+                .take_grouped(first, stop, r.start, s, p, limit, &mut last, out)
+            {
+                return true;
             }
         }
         false
@@ -871,14 +910,7 @@ impl WriteRecorder {
         let mut pages = Vec::new();
         for r in &self.regions {
             if let Some(w) = r.rec.words.get() {
-                for (wi, word) in w.rec.words.iter().enumerate() {
-                    let mut v = word.load(Ordering::Acquire);
-                    while v != 0 {
-                        let bit = v.trailing_zeros() as usize;
-                        pages.push(r.start + (((wi << 6) + bit) as u64) * DIRTY_PAGE_SIZE);
-                        v &= v - 1;
-                    }
-                }
+                pages.extend(w.rec.set_addresses(r.start));
             }
         }
         RecorderState {

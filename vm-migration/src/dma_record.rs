@@ -132,37 +132,10 @@ impl DmaRecords {
         for r in ranges.iter().filter(|r| r.end > lo && r.start < hi) {
             let first = ((lo.max(r.start) - r.start) >> DIRTY_PAGE_SHIFT) as usize;
             let stop = ((hi.min(r.end) - r.start).div_ceil(DIRTY_PAGE_SIZE)) as usize;
-            let stop = stop.min(r.bits.pages());
-            for wi in (first >> 6)..stop.div_ceil(64) {
-                let word = &r.bits.words()[wi];
-                let mut v = word.load(Ordering::Acquire);
-                let mut take = 0u64;
-                let mut full = false;
-                while v != 0 {
-                    let bit = v.trailing_zeros() as usize;
-                    v &= v - 1;
-                    let page = (wi << 6) + bit;
-                    if page < first || page >= stop {
-                        continue;
-                    }
-                    let addr = r.start + (page as u64) * DIRTY_PAGE_SIZE;
-                    let rp = s + (addr - s) / p * p;
-                    if last != Some(rp) {
-                        if out.len() >= limit {
-                            full = true;
-                            break;
-                        }
-                        out.push(rp);
-                        last = Some(rp);
-                    }
-                    take |= 1 << bit;
-                }
-                if take != 0 {
-                    word.fetch_and(!take, Ordering::SeqCst);
-                }
-                if full {
-                    return true;
-                }
+            if r.bits
+                .take_grouped(first, stop, r.start, s, p, limit, &mut last, out)
+            {
+                return true;
             }
         }
         false
@@ -170,17 +143,10 @@ impl DmaRecords {
 
     /// DMA addresses of the recorded 4 KiB pages, ascending.
     pub(crate) fn pages(&self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for r in self.ranges.load().iter() {
-            for (wi, word) in r.bits.words().iter().enumerate() {
-                let mut v = word.load(Ordering::Acquire);
-                while v != 0 {
-                    let bit = v.trailing_zeros() as usize;
-                    v &= v - 1;
-                    out.push(r.start + (((wi << 6) + bit) as u64) * DIRTY_PAGE_SIZE);
-                }
-            }
-        }
-        out
+        self.ranges
+            .load()
+            .iter()
+            .flat_map(|r| r.bits.set_addresses(r.start))
+            .collect()
     }
 }

@@ -239,6 +239,11 @@ enum Cmd {
         /// one more round.
         #[arg(long, default_value_t = 0)]
         min_precopy_ms: u64,
+        /// Also pre-copy until FILE exists (at most --timeout-ms), then one
+        /// more round: keeps the source working while something outside
+        /// happens (a test's VMM migration, say).
+        #[arg(long, value_name = "FILE")]
+        precopy_until: Option<PathBuf>,
         /// Write-record page size.
         #[arg(long, default_value_t = 4096, value_parser = wire::parse_u64)]
         page_size: u64,
@@ -740,6 +745,7 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
             to,
             rounds,
             min_precopy_ms,
+            precopy_until,
             page_size,
             ranges,
             range_file,
@@ -766,6 +772,8 @@ fn admin_cmd(cli: &Cli, pf: &str, a: &mut AdminDev) -> Result<Outcome> {
                 to: *to,
                 rounds: *rounds,
                 min_precopy_ms: *min_precopy_ms,
+                precopy_until: precopy_until.clone(),
+                precopy_until_limit: Duration::from_millis(cli.timeout_ms),
                 page_size: *page_size,
                 ranges: bytes,
                 read_chunk: *read_chunk,

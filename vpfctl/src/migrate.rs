@@ -27,6 +27,13 @@ pub struct MigrateOpts {
     /// owner pre-copies for as long as the dirty rate needs; a test needs
     /// the source to complete requests while it records.
     pub min_precopy_ms: u64,
+    /// Also pre-copy until this file exists (checked every 100 ms, for at
+    /// most `precopy_until_limit`), then run one more round: a test's way
+    /// to keep the source working and recording until something outside
+    /// happened.
+    pub precopy_until: Option<PathBuf>,
+    /// Longest wait for `precopy_until`.
+    pub precopy_until_limit: Duration,
     /// Recording page size.
     pub page_size: u64,
     /// Byte ranges `(start, len)` to record.
@@ -306,10 +313,29 @@ pub fn migrate(a: &mut AdminDev, pf: &str, o: &MigrateOpts) -> Result<Outcome> {
     let precopy = Instant::now();
     let min_precopy = Duration::from_millis(o.min_precopy_ms);
     let mut round = 0;
-    while round < o.rounds || precopy.elapsed() < min_precopy {
+    let waiting_for_file = |o: &MigrateOpts| o.precopy_until.as_ref().is_some_and(|f| !f.exists());
+    let mut file_seen = o.precopy_until.is_none();
+    while round < o.rounds || precopy.elapsed() < min_precopy || !file_seen {
         round += 1;
         if round > o.rounds {
             std::thread::sleep(min_precopy.saturating_sub(precopy.elapsed()));
+            let t = Instant::now();
+            while waiting_for_file(o) {
+                if t.elapsed() > o.precopy_until_limit {
+                    return Err(Error::Timeout {
+                        ms: o.precopy_until_limit.as_millis() as u64,
+                        what: format!(
+                            "{} to appear during the pre-copy",
+                            o.precopy_until
+                                .as_deref()
+                                .unwrap_or(Path::new(""))
+                                .display()
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            file_seen = true;
         }
         let t = Instant::now();
         let (ctx, reads) = a.ctx_read_all(from, o.read_chunk)?;

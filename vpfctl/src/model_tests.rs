@@ -550,6 +550,8 @@ fn migrate_moves_a_member_under_load() {
         to: 2,
         rounds: 2,
         min_precopy_ms: 0,
+        precopy_until: None,
+        precopy_until_limit: Duration::from_secs(10),
         page_size: 4096,
         // Two ranges with a one-page gap: still one READ window per drain.
         ranges: vec![
@@ -649,6 +651,8 @@ fn migrate_refuses_bad_requests_without_touching_the_source() {
         to: 7, // no such member: its Freeze fails in prepare, before Stop
         rounds: 1,
         min_precopy_ms: 0,
+        precopy_until: None,
+        precopy_until_limit: Duration::from_secs(10),
         page_size: 4096,
         ranges: vec![(DRIVER_BASE, 4096)],
         read_chunk: 4096,
@@ -805,9 +809,12 @@ fn workload_follows_its_member_through_migrate() {
         to: 2,
         // Long enough a pre-copy that the workload gets requests through
         // while VF1 records: two rounds, then the rest of 100 ms waited
-        // out and a third round.
+        // out, then until the `go` file appears (300 ms in), and a third
+        // round.
         rounds: 2,
         min_precopy_ms: 100,
+        precopy_until: Some(dir.join("go")),
+        precopy_until_limit: Duration::from_secs(10),
         page_size: 4096,
         ranges: migrate::read_ranges_file(&dir.join("ranges")).unwrap(),
         read_chunk: 4096,
@@ -816,8 +823,19 @@ fn workload_follows_its_member_through_migrate() {
         no_rollback: false,
         exit_after: None,
     };
+    let go = dir.join("go");
+    let go_at = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(&go, "").unwrap();
+        std::time::Instant::now()
+    });
     let out = migrate::migrate(&mut a, "pf", &o).unwrap();
+    let done = std::time::Instant::now();
     assert!(out.err.is_none(), "{:?}", out.err);
+    assert!(
+        go_at.join().unwrap() < done,
+        "the pre-copy ended before `go`"
+    );
     let Some(crate::json::Json::A(rounds)) = out.json.get("rounds") else {
         panic!("no rounds in {:?}", out.json)
     };

@@ -152,12 +152,19 @@ fn lock_queue(s: &OutputShared) -> MutexGuard<'_, OutputQueue> {
     s.queue.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How long the end of a partial console line is waited for before the
+/// part goes out on its own.
+const LINE_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// A partial line this long goes out without waiting for its end.
+const LINE_MAX: usize = 64 * 1024;
+
 /// Guest console output that never blocks the vCPU writing it: bytes go
 /// into a queue (at most [`OUTPUT_BUFFER`] of them; beyond that they are
 /// counted and dropped, and the count is written to the output as soon as
 /// there is room) and a writer thread writes and flushes them to the real
 /// output. A slow or stuck host terminal then delays only that thread, not
-/// the vCPU nor the other vCPUs waiting for the serial port's lock.
+/// the vCPU nor the other vCPUs waiting for the serial port's lock. The
+/// thread writes whole lines where it can (see [`LINE_WAIT`]).
 #[derive(Clone)]
 pub struct BufferedOutput {
     shared: Arc<OutputShared>,
@@ -192,7 +199,34 @@ impl BufferedOutput {
                     while q.bytes.is_empty() && q.dropped == 0 && !q.closed {
                         q = s.ready.wait(q).unwrap_or_else(|e| e.into_inner());
                     }
-                    let chunk: Vec<u8> = q.bytes.drain(..).collect();
+                    // Whole lines: one write of complete lines cannot be
+                    // interleaved with another writer of the same terminal
+                    // in mid-line. A partial line waits a moment for its
+                    // end, then goes out as it is.
+                    let deadline = std::time::Instant::now() + LINE_WAIT;
+                    while !q.closed
+                        && q.dropped == 0
+                        && q.bytes.len() < LINE_MAX
+                        && !q.bytes.contains(&b'\n')
+                    {
+                        let now = std::time::Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        q = match s.ready.wait_timeout(q, deadline - now) {
+                            Ok((g, _)) => g,
+                            Err(e) => e.into_inner().0,
+                        };
+                    }
+                    let take = if q.closed || q.dropped > 0 {
+                        q.bytes.len()
+                    } else {
+                        q.bytes
+                            .iter()
+                            .rposition(|&b| b == b'\n')
+                            .map_or(q.bytes.len(), |i| i + 1)
+                    };
+                    let chunk: Vec<u8> = q.bytes.drain(..take).collect();
                     (chunk, std::mem::take(&mut q.dropped), q.closed)
                 };
                 let mut ok = out.write_all(&chunk).is_ok();
@@ -398,5 +432,24 @@ mod tests {
         let t0 = Instant::now();
         assert!(!thread.finish(Duration::from_millis(200)));
         assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    /// A line the guest writes in pieces goes out in one write once its
+    /// end arrives; a partial line goes out on its own after LINE_WAIT.
+    #[test]
+    fn whole_lines_go_out_in_one_write() {
+        let open = Arc::new((Mutex::new(true), Condvar::new()));
+        let (tx, rx) = mpsc::channel();
+        let (mut w, thread) = BufferedOutput::spawn(Box::new(Gate { open, got: tx })).unwrap();
+        w.write_all(b"@@T:BE").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        w.write_all(b"AT=10 24.68@@\npar").unwrap();
+        let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first, b"@@T:BEAT=10 24.68@@\n");
+        let t0 = Instant::now();
+        let rest = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(rest, b"par");
+        assert!(t0.elapsed() >= LINE_WAIT / 2, "{:?}", t0.elapsed());
+        assert!(thread.finish(Duration::from_secs(5)));
     }
 }
