@@ -577,12 +577,11 @@ fn r_iommu_12_translated_block_io_reaches_the_mapped_pages_and_marks_them_dirty(
         d.read_mem(a, 1).unwrap()[0]
     };
 
-    // Write sector 3 from `iova`: the device reads `page` (0x5a), not the
-    // guest page whose address equals the IOVA (0x11).
-    r.drv.write_mem(page, &[0x5a; 512]).unwrap();
-    let (s, u) = bdrv
-        .request(
-            &mut dev,
+    // A write of sector 3 from `iova` (the guest page whose address
+    // equals the IOVA holds 0x11).
+    let write_from_iova = |bdrv: &mut TestDriver, dev: &mut VirtioPciDevice<Block>| {
+        bdrv.request(
+            dev,
             0,
             &[
                 Seg::Readable(hdr(1)),
@@ -591,7 +590,11 @@ fn r_iommu_12_translated_block_io_reaches_the_mapped_pages_and_marks_them_dirty(
             ],
             Layout::Direct,
         )
-        .unwrap();
+        .unwrap()
+    };
+    // The device reads `page` (0x5a), not the IOVA's namesake.
+    r.drv.write_mem(page, &[0x5a; 512]).unwrap();
+    let (s, u) = write_from_iova(&mut bdrv, &mut dev);
     assert!(u.is_some());
     assert_eq!(status_of(&bdrv, &s), 0, "VIRTIO_BLK_S_OK");
     assert_eq!(&disk.contents()[3 * 512..4 * 512], &[0x5a; 512][..]);
@@ -621,18 +624,7 @@ fn r_iommu_12_translated_block_io_reaches_the_mapped_pages_and_marks_them_dirty(
     // After UNMAP completes, the same request fails (IOERR) and faults.
     let events = r.event_buffers(1, 24);
     assert_eq!(r.unmap(1, iova, iova + 0xfff), status::OK);
-    let (s, _) = bdrv
-        .request(
-            &mut dev,
-            0,
-            &[
-                Seg::Readable(hdr(1)),
-                Seg::ReadableAt(iova, vec![0x11; 512]),
-                Seg::Writable(1),
-            ],
-            Layout::Direct,
-        )
-        .unwrap();
+    let (s, _) = write_from_iova(&mut bdrv, &mut dev);
     assert_eq!(status_of(&bdrv, &s), 1, "VIRTIO_BLK_S_IOERR");
     assert_eq!(&disk.contents()[3 * 512..4 * 512], &[0x5a; 512][..]);
     r.dev.complete_requests();
