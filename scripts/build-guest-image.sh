@@ -247,25 +247,37 @@ BUSYBOX="$GUEST_DIR/busybox-pkg/bin/busybox"
 [ -x "$BUSYBOX" ] || die "no static busybox in $BUSYBOX_DEB"
 
 # --- Modules -------------------------------------------------------------------
-# Index: module name with '-' as '_' -> compressed file.
+# One module set at a time: use_module_set RELEASE MODDIR CACHE sets the
+# index MOD_PATH (module name with '-' as '_' -> compressed file), the
+# decompression cache KO_CACHE and KREL, the release every module installed
+# from it must carry in its vermagic.
 declare -A MOD_PATH=()
-while IFS= read -r -d '' f; do
-    b="$(basename "$f")"
-    b="${b%.xz}"; b="${b%.zst}"; b="${b%.gz}"; b="${b%.ko}"
-    MOD_PATH["${b//-/_}"]="$f"
-done < <(find "$MODDIR" -name '*.ko*' -print0)
-[ "${#MOD_PATH[@]}" -gt 0 ] || die "no modules found under $MODDIR"
-
+use_module_set() {
+    local f b
+    KREL="$1"
+    MOD_PATH=()
+    while IFS= read -r -d '' f; do
+        b="$(basename "$f")"
+        b="${b%.xz}"; b="${b%.zst}"; b="${b%.gz}"; b="${b%.ko}"
+        MOD_PATH["${b//-/_}"]="$f"
+    done < <(find "$2" -name '*.ko*' -print0)
+    [ "${#MOD_PATH[@]}" -gt 0 ] || die "no modules found under $2"
+    KO_CACHE="$3"
+    mkdir -p "$KO_CACHE"
+}
 # Decompressed modules, per kernel package (older kernels' are dropped).
-KO_CACHE="$GUEST_DIR/ko/$(basename "$KERNEL_DEB" .deb)"
-mkdir -p "$KO_CACHE"
-find "$GUEST_DIR/ko" -mindepth 1 -maxdepth 1 ! -path "$KO_CACHE" -exec rm -rf {} +
+KO_CACHE6="$GUEST_DIR/ko/$(basename "$KERNEL_DEB" .deb)"
+find "$GUEST_DIR/ko" -mindepth 1 -maxdepth 1 ! -path "$KO_CACHE6" -exec rm -rf {} + 2>/dev/null || true
+KREL6="$KREL"
+use_module_set "$KREL6" "$MODDIR" "$KO_CACHE6"
 # Decompressed .ko for a module name (cached).
 module_ko() {
     local name="${1//-/_}" src out
     src="${MOD_PATH[$name]:-}"
     [ -n "$src" ] || die "module '$1' is not in $KERNEL_PACKAGE (is it built in? then drop it from the list)"
     out="$KO_CACHE/$name.ko"
+    # A cached module of another release is dropped and decompressed again.
+    if [ -f "$out" ] && [ "$(ko_vermagic "$out")" != "$KREL" ]; then rm -f "$out"; fi
     if [ ! -f "$out" ]; then
         case "$src" in
             *.ko.xz) xz -dc "$src" >"$out.tmp" ;;
@@ -274,9 +286,19 @@ module_ko() {
             *.ko) cp "$src" "$out.tmp" ;;
             *) die "unknown module compression: $src" ;;
         esac
+        # A module of another release would fail to load in the guest
+        # ("invalid module format"): refuse it here instead.
+        [ "$(ko_vermagic "$out.tmp")" = "$KREL" ] \
+            || die "$src is built for '$(ko_vermagic "$out.tmp")', not for $KREL"
         mv "$out.tmp" "$out"
     fi
     echo "$out"
+}
+# The kernel release in a module's vermagic (its first word).
+ko_vermagic() {
+    local v
+    v="$(tr '\0' '\n' <"$1" | sed -n 's/^vermagic=//p' | head -n 1)"
+    echo "${v%% *}"
 }
 # The `depends=` field of a module, read from its .modinfo section: modinfo(8)
 # when kmod is installed, else the NUL-separated strings of the .ko itself.
@@ -326,13 +348,14 @@ install_busybox() {
 # dependencies into ROOT/lib/modules[/SUBDIR], with `order` (load order) and
 # `release` (the kernel they are for: $KREL).
 install_modules() {
-    local root="$1" list="$2" dir="$1/lib/modules${3:+/$3}" m
+    local root="$1" list="$2" dir="$1/lib/modules${3:+/$3}" m ko
     mkdir -p "$dir"
     resolve_list "$list"
     : >"$dir/order"
     echo "$KREL" >"$dir/release"
     for m in "${ORDER[@]}"; do
-        cp "$(module_ko "$m")" "$dir/$m.ko"
+        ko="$(module_ko "$m")"
+        cp "$ko" "$dir/$m.ko"
         echo "$m" >>"$dir/order"
     done
     echo "${ORDER[*]}"
@@ -500,22 +523,12 @@ INNER_ORDER="$(install_modules "$WORK/inner" "$INNER_MODULES")"
 echo "vfio_iommu_type1 allow_unsafe_interrupts=1" >"$WORK/inner/lib/modules/params"
 # The 7.x set: the same functions over Debian's 7.x modules, with the
 # out-of-tree virtio-vfio-pci added to the index.
-KREL6="$KREL"
-KREL="$(cat "$K7_DIR/release")"
-MOD_PATH=()
-while IFS= read -r -d '' f; do
-    b="$(basename "$f")"
-    b="${b%.xz}"; b="${b%.zst}"; b="${b%.gz}"; b="${b%.ko}"
-    MOD_PATH["${b//-/_}"]="$f"
-done < <(find "$K7_DIR/modules-pkg/usr/lib/modules/$KREL" -name '*.ko*' -print0)
-MOD_PATH[virtio_vfio_pci]="$K7_DIR/vfio-mod/virtio-vfio-pci.ko"
-KO_CACHE6="$KO_CACHE"
-KO_CACHE="$GUEST_DIR/ko7/$KREL"
+KREL7="$(cat "$K7_DIR/release")"
 rm -rf "$GUEST_DIR/ko7"
-mkdir -p "$KO_CACHE"
+use_module_set "$KREL7" "$K7_DIR/modules-pkg/usr/lib/modules/$KREL7" "$GUEST_DIR/ko7/$KREL7"
+MOD_PATH[virtio_vfio_pci]="$K7_DIR/vfio-mod/virtio-vfio-pci.ko"
 INNER_ORDER_7="$(install_modules "$WORK/inner" "$INNER_MODULES_7" 7)"
-KREL="$KREL6"
-KO_CACHE="$KO_CACHE6"
+use_module_set "$KREL6" "$MODDIR" "$KO_CACHE6"
 printf '%s' "$INNER_INIT" >"$WORK/inner/init"
 chmod 755 "$WORK/inner/init"
 make_cpio "$WORK/inner" "$GUEST_DIR/inner-base.cpio.gz"
