@@ -75,7 +75,7 @@ pub const OUTER_QEMU_ARGS: &[&str] = &[
     "-no-reboot",
 ];
 /// The outer VM's kernel command line.
-pub const OUTER_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+pub const OUTER_CMDLINE: &str = "console=ttyS0 quiet loglevel=5 panic=-1";
 /// Every run writes its output, with host timestamps, to this file of the
 /// scenario directory.
 pub const OUTPUT_LOG: &str = "output.log";
