@@ -266,15 +266,15 @@ use_module_set() {
     mkdir -p "$KO_CACHE"
 }
 # Decompressed modules, per kernel package (older kernels' are dropped).
-KO_CACHE6="$GUEST_DIR/ko/$(basename "$KERNEL_DEB" .deb)"
-find "$GUEST_DIR/ko" -mindepth 1 -maxdepth 1 ! -path "$KO_CACHE6" -exec rm -rf {} + 2>/dev/null || true
 KREL6="$KREL"
+KO_CACHE6="$GUEST_DIR/ko/$(basename "$KERNEL_DEB" .deb)"
 use_module_set "$KREL6" "$MODDIR" "$KO_CACHE6"
+find "$GUEST_DIR/ko" -mindepth 1 -maxdepth 1 ! -path "$KO_CACHE6" -exec rm -rf {} +
 # Decompressed .ko for a module name (cached).
 module_ko() {
     local name="${1//-/_}" src out
     src="${MOD_PATH[$name]:-}"
-    [ -n "$src" ] || die "module '$1' is not in $KERNEL_PACKAGE (is it built in? then drop it from the list)"
+    [ -n "$src" ] || die "module '$1' is not among Linux $KREL's modules (is it built in? then drop it from the list)"
     out="$KO_CACHE/$name.ko"
     # A cached module of another release is dropped and decompressed again.
     if [ -f "$out" ] && [ "$(ko_vermagic "$out")" != "$KREL" ]; then rm -f "$out"; fi
@@ -348,14 +348,13 @@ install_busybox() {
 # dependencies into ROOT/lib/modules[/SUBDIR], with `order` (load order) and
 # `release` (the kernel they are for: $KREL).
 install_modules() {
-    local root="$1" list="$2" dir="$1/lib/modules${3:+/$3}" m ko
+    local root="$1" list="$2" dir="$1/lib/modules${3:+/$3}" m
     mkdir -p "$dir"
     resolve_list "$list"
     : >"$dir/order"
     echo "$KREL" >"$dir/release"
     for m in "${ORDER[@]}"; do
-        ko="$(module_ko "$m")"
-        cp "$ko" "$dir/$m.ko"
+        cp "$(module_ko "$m")" "$dir/$m.ko"
         echo "$m" >>"$dir/order"
     done
     echo "${ORDER[*]}"
