@@ -23,7 +23,12 @@
 #                       scripts/build-virtio-vfio-pci.sh builds out of tree);
 #                       /init loads the set whose release is the running
 #                       kernel's ("@@CH-TEST:MODULES-SKIPPED=<release>@@" if
-#                       none is).
+#                       none is). /lib/modules/7/opt/ holds modules /init
+#                       does not load (INNER_OPT_MODULES_7: KVM, for an L1
+#                       that runs its own hypervisor), in the same layout.
+#   l2-base.cpio.gz     the nested migration scenario's L2 initramfs base:
+#                       busybox, virtio_blk (6.12) and the inner /init
+#                       (L2_MODULES; the test appends the workload).
 #   info                key=value lines: kernel version, module load orders.
 #
 # Cached: everything is rebuilt only when an input changes (this script, the
@@ -55,6 +60,11 @@ GUEST_DIR="${GUEST_DIR:-$REPO_ROOT/build/guest}"
 INNER_MODULES="${INNER_MODULES:-virtio_blk pci-pf-stub button evdev virtio_iommu vfio-pci vfio_iommu_type1}"
 # The 7.x set: the same, plus Linux's vfio/virtio migration driver.
 INNER_MODULES_7="${INNER_MODULES_7:-virtio_blk pci-pf-stub button evdev virtio_iommu vfio-pci vfio_iommu_type1 virtio_vfio_pci}"
+# The nested scenario's L2 (Debian's 6.12 under QEMU TCG inside L1, where
+# every module costs seconds): its disk's driver only.
+L2_MODULES="${L2_MODULES:-virtio_blk}"
+# The 7.x modules an L1 loads only when it runs a hypervisor of its own.
+INNER_OPT_MODULES_7="${INNER_OPT_MODULES_7:-kvm-amd}"
 OUTER_MODULES="${OUTER_MODULES:-kvm kvm-amd virtio_blk}"
 KERNEL_PACKAGE="${KERNEL_PACKAGE:-}"
 FORCE=0
@@ -192,9 +202,10 @@ K7_STAMP="$(cat "$K7_DIR/vfio-mod/stamp")"
 
 # --- Cache check ---------------------------------------------------------------
 SCRIPT_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
-STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] inner7=[$INNER_MODULES_7] k7=[$K7_STAMP] outer=[$OUTER_MODULES]"
+STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] inner7=[$INNER_MODULES_7] opt7=[$INNER_OPT_MODULES_7] l2=[$L2_MODULES] k7=[$K7_STAMP] outer=[$OUTER_MODULES]"
 if [ "$FORCE" = 0 ] && [ -f "$GUEST_DIR/stamp" ] && [ "$(cat "$GUEST_DIR/stamp")" = "$STAMP" ] \
-    && [ -f "$GUEST_DIR/bzImage" ] && [ -f "$GUEST_DIR/bzImage-7" ] && [ -f "$GUEST_DIR/inner-base.cpio.gz" ] && [ -f "$GUEST_DIR/outer-base.cpio.gz" ]; then
+    && [ -f "$GUEST_DIR/bzImage" ] && [ -f "$GUEST_DIR/bzImage-7" ] && [ -f "$GUEST_DIR/inner-base.cpio.gz" ] \
+    && [ -f "$GUEST_DIR/outer-base.cpio.gz" ] && [ -f "$GUEST_DIR/l2-base.cpio.gz" ]; then
     log "up to date: $GUEST_DIR ($KERNEL_PACKAGE)"
     echo "$GUEST_DIR"
     exit 0
@@ -527,10 +538,21 @@ rm -rf "$GUEST_DIR/ko7"
 use_module_set "$KREL7" "$K7_DIR/modules-pkg/usr/lib/modules/$KREL7" "$GUEST_DIR/ko7/$KREL7"
 MOD_PATH[virtio_vfio_pci]="$K7_DIR/vfio-mod/virtio-vfio-pci.ko"
 INNER_ORDER_7="$(install_modules "$WORK/inner" "$INNER_MODULES_7" 7)"
+# Not loaded by /init: KVM for an L1 that runs its own hypervisor (the
+# nested migration scenario loads /lib/modules/7/opt/order itself).
+INNER_OPT_7="$(install_modules "$WORK/inner" "$INNER_OPT_MODULES_7" 7/opt)"
 use_module_set "$KREL6" "$MODDIR" "$KO_CACHE6"
 printf '%s' "$INNER_INIT" >"$WORK/inner/init"
 chmod 755 "$WORK/inner/init"
 make_cpio "$WORK/inner" "$GUEST_DIR/inner-base.cpio.gz"
+
+log "building L2 initramfs (modules: $L2_MODULES)"
+mkdir -p "$WORK/l2"
+install_busybox "$WORK/l2"
+L2_ORDER="$(install_modules "$WORK/l2" "$L2_MODULES")"
+printf '%s' "$INNER_INIT" >"$WORK/l2/init"
+chmod 755 "$WORK/l2/init"
+make_cpio "$WORK/l2" "$GUEST_DIR/l2-base.cpio.gz"
 
 log "building outer initramfs (modules: $OUTER_MODULES)"
 install_busybox "$WORK/outer"
@@ -555,6 +577,8 @@ kernel_release=$KREL
 busybox_version=$BUSYBOX_VERSION
 inner_modules=$INNER_ORDER
 inner_modules_7=$INNER_ORDER_7
+inner_opt_modules_7=$INNER_OPT_7
+l2_modules=$L2_ORDER
 outer_modules=$OUTER_ORDER
 EOF
 rm -rf "$WORK"

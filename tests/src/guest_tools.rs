@@ -33,11 +33,16 @@ pub fn guest_target_dir() -> PathBuf {
 /// Panics with the build's output when the build fails or the result is not
 /// a static executable (a test cannot go on without it).
 pub fn vpfctl() -> Vec<u8> {
+    let p = vpfctl_path();
+    std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("cannot read the guest vpfctl {}: {e}", p.display()))
+}
+
+/// The path of the static `vpfctl` for the guest (built as [`vpfctl`]).
+pub fn vpfctl_path() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let path = BIN.get_or_init(build_vpfctl).clone();
-    match path {
-        Ok(p) => std::fs::read(&p)
-            .unwrap_or_else(|e| panic!("cannot read the guest vpfctl {}: {e}", p.display())),
+    match BIN.get_or_init(build_vpfctl).clone() {
+        Ok(p) => p,
         Err(why) => panic!("cannot build vpfctl for the guest: {why}"),
     }
 }

@@ -151,6 +151,9 @@ pub struct GuestImages {
     pub bzimage7: PathBuf,
     pub inner_base: PathBuf,
     pub outer_base: PathBuf,
+    /// The nested scenario's L2 initramfs base (busybox, virtio_blk, the
+    /// inner /init).
+    pub l2_base: PathBuf,
 }
 
 impl GuestImages {
@@ -160,6 +163,7 @@ impl GuestImages {
             bzimage7: dir.join("bzImage-7"),
             inner_base: dir.join("inner-base.cpio.gz"),
             outer_base: dir.join("outer-base.cpio.gz"),
+            l2_base: dir.join("l2-base.cpio.gz"),
             dir,
         };
         for f in [
@@ -167,6 +171,7 @@ impl GuestImages {
             &images.bzimage7,
             &images.inner_base,
             &images.outer_base,
+            &images.l2_base,
         ] {
             if !f.is_file() {
                 return Err(Error::MissingImage(f.clone()));
@@ -228,6 +233,79 @@ fn build_guest_images() -> Result<GuestImages> {
         .map(|l| PathBuf::from(l.trim()))
         .unwrap_or_else(|| repo_root().join("build/guest"));
     GuestImages::at(dir)
+}
+
+/// The L1 QEMU archive of scripts/build-l1-qemu.sh (Debian's QEMU, its
+/// libraries and firmware, to append to an L1 guest's initramfs).
+pub fn l1_qemu_archive() -> Result<PathBuf> {
+    static ARCHIVE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    archive_of(&ARCHIVE, "build-l1-qemu.sh", "l1-qemu/l1-qemu.cpio.gz", &[])
+}
+
+/// The archive of scripts/build-l2-state.sh: the nested scenario's L2,
+/// booted once on the host and saved (kernel, initramfs, QEMU machine
+/// arguments and the saved VM), to append to L1's initramfs; L2 runs
+/// `vpfctl`, the static one at `vpfctl`.
+pub fn l2_state_archive(vpfctl: &Path) -> Result<PathBuf> {
+    static ARCHIVE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    archive_of(
+        &ARCHIVE,
+        "build-l2-state.sh",
+        "l2-state/l2-state.cpio.gz",
+        &[("VPFCTL", vpfctl)],
+    )
+}
+
+/// The archive a script of scripts/ builds: `$CH_GUEST_DIR/REL` if
+/// `$CH_GUEST_DIR` is set (used as is), else the script is run once per
+/// process (it returns at once when its cache is up to date) and prints
+/// the archive's path last.
+fn archive_of(
+    cell: &OnceLock<std::result::Result<PathBuf, String>>,
+    script: &str,
+    rel: &str,
+    env: &[(&str, &Path)],
+) -> Result<PathBuf> {
+    let script = repo_root().join("scripts").join(script);
+    cell.get_or_init(|| run_archive_script(&script, rel, env).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|why| Error::ImageBuild {
+            script,
+            status: "see below".into(),
+            output: why,
+        })
+}
+
+fn run_archive_script(script: &Path, rel: &str, env: &[(&str, &Path)]) -> Result<PathBuf> {
+    let path = if let Some(dir) = std::env::var_os("CH_GUEST_DIR") {
+        PathBuf::from(dir).join(rel)
+    } else {
+        let mut cmd = Command::new("bash");
+        cmd.arg(script).arg("--quiet");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (status, output) = run_captured(&mut cmd).map_err(|source| Error::Spawn {
+            program: script.display().to_string(),
+            source,
+        })?;
+        if !status.success() {
+            return Err(Error::ImageBuild {
+                script: script.to_path_buf(),
+                status: status.to_string(),
+                output: tail_of(&output, 40),
+            });
+        }
+        output
+            .lines()
+            .last()
+            .map(|l| PathBuf::from(l.trim()))
+            .unwrap_or_default()
+    };
+    if !path.is_file() {
+        return Err(Error::MissingImage(path));
+    }
+    Ok(path)
 }
 
 /// The VMM binary: `$CH_BINARY` if set, else `cargo build --release -p vmm`

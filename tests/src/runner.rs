@@ -253,7 +253,10 @@ impl Runner {
             .unwrap_or(&self.images.bzimage);
         std::fs::copy(source, &kernel)
             .map_err(|e| Error::io("copying guest kernel", &kernel, e))?;
-        let base = read(&self.images.inner_base)?;
+        let mut base = read(&self.images.inner_base)?;
+        for part in &scenario.initramfs_parts {
+            base = concat(&base, part);
+        }
         let mut extra = CpioWriter::new();
         extra.file("scenario.sh", 0o755, scenario.script.as_bytes());
         for (path, data) in &scenario.guest_files {
@@ -890,12 +893,18 @@ fn capture_with(
         }
         write_log(lines, steps);
     };
+    // The log as it grows (a long run can be followed with `tail -f`);
+    // rewritten whole, with the step times, at the end.
+    let mut live = log.and_then(|p| std::fs::File::create(p).ok());
     let status = loop {
         while let Ok((at, text)) = rx.try_recv() {
             if echo {
                 println!("{text}");
             }
             let at = at.duration_since(start);
+            if let Some(f) = live.as_mut() {
+                let _ = writeln!(f, "[{:9.3}] {text}", at.as_secs_f64());
+            }
             watch.steps.line(at, &text);
             lines.push(Line { at, text });
         }

@@ -70,6 +70,9 @@ pub struct Scenario {
     /// The guest's kernel, when not the image's (see
     /// [`Scenario::guest_kernel`]).
     pub guest_kernel: Option<PathBuf>,
+    /// Archives appended to the guest's initramfs after the image's (see
+    /// [`Scenario::initramfs_part`]).
+    pub initramfs_parts: Vec<Vec<u8>>,
 }
 
 /// A sparse disk file of `capacity` bytes alone on a tmpfs of `room` bytes,
@@ -134,6 +137,7 @@ impl Scenario {
             outer_memory_mib: None,
             launcher: None,
             guest_kernel: None,
+            initramfs_parts: Vec::new(),
         }
     }
 
@@ -255,6 +259,16 @@ impl Scenario {
     /// initramfs stays the image's: its modules load only on that kernel).
     pub fn guest_kernel(mut self, bzimage: impl Into<PathBuf>) -> Self {
         self.guest_kernel = Some(bzimage.into());
+        self
+    }
+
+    /// A whole archive (newc cpio, plain or compressed as the guest kernel
+    /// can unpack it) appended to the guest's initramfs after the image's
+    /// and before the scenario's own files: for a tree too large to go
+    /// file by file ([`Scenario::guest_file`]), such as the L1 QEMU of
+    /// scripts/build-l1-qemu.sh.
+    pub fn initramfs_part(mut self, archive: Vec<u8>) -> Self {
+        self.initramfs_parts.push(archive);
         self
     }
 

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod cmd;
+pub mod disk;
 pub mod dma;
 pub mod error;
 pub mod garbage;

@@ -312,6 +312,23 @@ enum Cmd {
         #[arg(long)]
         check_member: Option<u64>,
     },
+    /// Write-and-verify workload on a block device through the kernel's
+    /// driver (one block at a time, O_DIRECT; a log line per step on
+    /// stdout): for a guest whose disk is a VF passed through to it.
+    DiskPattern {
+        /// The block device.
+        #[arg(long)]
+        dev: PathBuf,
+        /// Blocks used, from the start of the device.
+        #[arg(long, default_value_t = 32)]
+        blocks: u64,
+        /// Bytes per block (multiple of 512).
+        #[arg(long, default_value_t = 4096)]
+        block_size: usize,
+        /// Writes to do (0: until killed).
+        #[arg(long, default_value_t = 0)]
+        writes: u64,
+    },
     /// Userspace virtio-blk write-and-verify workload on one VF.
     BlkWorkload {
         /// The VF to start on.
@@ -586,6 +603,28 @@ fn run(cli: &Cli) -> Result<Outcome> {
             o.json.set("pf", pf.as_str()).set("sriov", sriov);
             Ok(o)
         }
+        Cmd::DiskPattern {
+            dev,
+            blocks,
+            block_size,
+            writes,
+        } => {
+            let o = vpfctl::disk::PatternOpts {
+                blocks: *blocks,
+                block_size: *block_size,
+                writes: *writes,
+                direct: true,
+            };
+            let ok = vpfctl::disk::run(dev, &o, &mut std::io::stdout().lock())?;
+            let text = format!("{ok} writes read back intact");
+            Ok(Outcome::ok(
+                Json::obj()
+                    .with("command", "disk-pattern")
+                    .with("dev", dev.display().to_string())
+                    .with("ok", ok),
+                text,
+            ))
+        }
         Cmd::BlkWorkload {
             vf,
             log,
@@ -688,6 +727,7 @@ fn cmd_name(c: &Cmd) -> &'static str {
         Cmd::Migrate { .. } => "migrate",
         Cmd::Bench { .. } => "bench",
         Cmd::Garbage { .. } => "garbage",
+        Cmd::DiskPattern { .. } => "disk-pattern",
         Cmd::BlkWorkload { .. } => "blk-workload",
     }
 }
