@@ -7,7 +7,8 @@
 #
 # Set before this script: AFTER (OK lines L2 logs on the
 # destination before the end), DOWNTIME_MS (QEMU's downtime-limit), and the
-# limits of L1's own waits in seconds: WAIT_BOOT, WAIT_RUN, WAIT_MIGRATE,
+# limits of L1's own waits in seconds: WAIT_BOOT (the state loads),
+# WAIT_PLUG (L2 finds the hot-plugged VF), WAIT_RUN, WAIT_MIGRATE,
 # WAIT_AFTER (each shorter than the L0 test's step limit, so that L1 says
 # what it was waiting for).
 #
@@ -126,7 +127,7 @@ echo "@@T:L2-LOADED=$(t)@@"
 qmp 4444 "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"vfio-pci\",\"host\":\"$VF1\",\"bus\":\"rp0\",\"id\":\"vf\",\"enable-migration\":\"on\",\"x-msix-relocation\":\"bar2\"}}" '{"execute":"cont"}' >/tmp/q \
     || fail "device_add vfio-pci $VF1: $(grep error /tmp/q)"
 echo "@@T:VF-ADDED=$(t)@@"
-wait_for "$WAIT_BOOT" "$src_pid" grep -q '^L2 DISK' /tmp/src.serial || fail "L2 found no disk after the hot-plug"
+wait_for "$WAIT_PLUG" "$src_pid" grep -q '^L2 DISK' /tmp/src.serial || fail "L2 found no disk after the hot-plug"
 echo "@@T:L2-INIT=$(t) $(grep -a '^L2 DISK' /tmp/src.serial | tr -d "$CR")@@"
 wait_for "$WAIT_RUN" "$src_pid" oks_at_least /tmp/src.serial 10 || fail "L2 logged no 10 read-backs"
 echo "@@T:L2-RUNNING=$(t) ok=$(oks /tmp/src.serial)@@"
@@ -135,9 +136,9 @@ l2 dst 4446 -device vfio-pci,host=$VF2,bus=rp0,id=vf,enable-migration=on,x-msix-
 wait_for 120 "$dst_pid" qmp 4446 '{"execute":"query-status"}' >/tmp/q 2>/dev/null || fail "destination QEMU answers no QMP: $(cat /tmp/dst.err)"
 echo "@@T:DEST-READY=$(t) $(grep '"return"' /tmp/q | tail -n 1)@@"
 
-# Every page QEMU maps for VFIO reads as dirty on every pass (type1 has no
-# dirty tracking of its own and the device none QEMU uses): the switch-over
-# comes once a whole pass fits the downtime limit.
+# Every page QEMU maps for VFIO reads as dirty on every pass (type1 cannot
+# see the device's writes, and the device offers QEMU no dirty tracking of
+# its own): the switch-over comes once a whole pass fits the downtime limit.
 qmp 4444 "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"downtime-limit\":$DOWNTIME_MS,\"max-bandwidth\":4294967296}}" >/tmp/q \
     || fail "migrate-set-parameters: $(cat /tmp/q)"
 before=$(last_ok /tmp/src.serial)
