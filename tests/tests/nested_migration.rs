@@ -116,50 +116,91 @@ struct Write {
     side: &'static str,
 }
 
-/// L2's log (source console, then destination console) as writes by
-/// sequence number; panics on a repeated, out-of-order, corrupted or
-/// failed one.
+/// L2's log as writes by sequence number; panics on a repeated,
+/// out-of-order, corrupted or failed one. The two consoles are one byte
+/// stream cut where the source stopped (a line may start on one and end
+/// on the other), so they are joined; a line belongs to the side it ends
+/// on.
 fn writes(src: &str, dst: &str) -> BTreeMap<u64, Write> {
+    let stream = format!("{src}{dst}");
     let mut out: BTreeMap<u64, Write> = BTreeMap::new();
     let mut next = 0u64;
-    for (side, text) in [("source", src), ("destination", dst)] {
-        for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            match f.as_slice() {
-                ["W", seq, blk, _sum] => {
-                    let seq: u64 = seq.parse().expect("seq");
-                    let blk: u64 = blk.parse().expect("blk");
-                    assert_eq!(
-                        seq, next,
-                        "write {seq} out of order (expected {next}) on the {side}: {line}"
-                    );
-                    assert_eq!(blk, seq % BLOCKS, "{line}");
-                    out.insert(
-                        seq,
-                        Write {
-                            blk,
-                            ok: false,
-                            side,
-                        },
-                    );
-                    next = seq + 1;
-                }
-                ["OK", seq] => {
-                    let seq: u64 = seq.parse().expect("seq");
-                    let w = out.get_mut(&seq).unwrap_or_else(|| {
-                        panic!("read-back of write {seq} never started: {line}")
-                    });
-                    assert!(!w.ok, "write {seq} read back twice ({side}): {line}");
-                    assert_eq!(seq + 1, next, "read-back of {seq} after write {}", next - 1);
-                    w.ok = true;
-                    w.side = side;
-                }
-                ["BAD", ..] | ["ERR", ..] => panic!("L2 on the {side}: {line}"),
-                _ => {}
+    let mut end = 0;
+    for line in stream.split_inclusive('\n') {
+        end += line.len();
+        let side = if end <= src.len() {
+            "source"
+        } else {
+            "destination"
+        };
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["W", seq, blk, _sum] => {
+                let seq: u64 = seq.parse().expect("seq");
+                let blk: u64 = blk.parse().expect("blk");
+                assert_eq!(
+                    seq, next,
+                    "write {seq} out of order (expected {next}) on the {side}: {line}"
+                );
+                assert_eq!(blk, seq % BLOCKS, "{line}");
+                out.insert(
+                    seq,
+                    Write {
+                        blk,
+                        ok: false,
+                        side,
+                    },
+                );
+                next = seq + 1;
             }
+            ["OK", seq] => {
+                let seq: u64 = seq.parse().expect("seq");
+                let w = out
+                    .get_mut(&seq)
+                    .unwrap_or_else(|| panic!("read-back of write {seq} never started: {line}"));
+                assert!(!w.ok, "write {seq} read back twice ({side}): {line}");
+                assert_eq!(seq + 1, next, "read-back of {seq} after write {}", next - 1);
+                w.ok = true;
+                w.side = side;
+            }
+            ["BAD", ..] | ["ERR", ..] => panic!("L2 on the {side}: {line}"),
+            _ => {}
         }
     }
     out
+}
+
+#[test]
+fn the_two_consoles_are_one_stream_cut_anywhere() {
+    let all = "L2 DISK /dev/vda\nW 0 0 aa\nOK 0\nW 1 1 bb\nOK 1\nW 2 2 cc\nOK 2\n";
+    for cut in 0..=all.len() {
+        let ws = writes(&all[..cut], &all[cut..]);
+        assert_eq!(ws.len(), 3, "cut at {cut}");
+        assert!(ws.values().all(|w| w.ok), "cut at {cut}");
+        // Read-backs whose line ends after the cut were on the destination.
+        let mut at = 0;
+        let mut want = 0;
+        for line in all.split_inclusive('\n') {
+            at += line.len();
+            if line.starts_with("OK") && at > cut {
+                want += 1;
+            }
+        }
+        let got = ws.values().filter(|w| w.side == "destination").count();
+        assert_eq!(got, want, "cut at {cut}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "out of order")]
+fn a_write_logged_twice_fails() {
+    writes("W 0 0 aa\nOK 0\nW 1 1 bb\n", "W 1 1 bb\nOK 1\n");
+}
+
+#[test]
+#[should_panic(expected = "L2 on the destination")]
+fn a_bad_read_back_fails() {
+    writes("W 0 0 aa\nOK 0\n", "W 1 1 bb\nBAD 1 1 cc\n");
 }
 
 /// Block `blk` as write `seq` left it.
