@@ -81,33 +81,34 @@ install -m 755 "$VPFCTL" "$WORK/x/bin/vpfctl"
 (cd "$WORK/x" && printf '%s\n' scenario.sh bin/vpfctl | cpio -o -H newc --quiet -R 0:0) >>"$L2/initrd"
 
 mapfile -t MACHINE <"$ARGS"
-# A free local port for QMP.
-PORT=""
-for p in $(seq 47000 47100); do
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then PORT=$p; break; fi
-done
-[ -n "$PORT" ] || die "no free TCP port in 47000..47100 for QMP"
+# QMP over a pair of FIFOs (QEMU's pipe: chardev reads NAME.in and writes
+# NAME.out): no TCP port to pick, so builds in other trees cannot meet it.
+mkfifo "$WORK/qmp.in" "$WORK/qmp.out"
 log "booting L2 under $("${Q[@]}" --version | head -n 1) (TCG)"
 (cd "$L2" && exec "${Q[@]}" "${MACHINE[@]}" -serial "file:$WORK/boot.serial" \
-    -qmp "tcp:127.0.0.1:$PORT,server=on,wait=off" </dev/null >"$WORK/qemu.err" 2>&1) &
+    -qmp "pipe:$WORK/qmp" </dev/null >"$WORK/qemu.err" 2>&1) &
 QPID=$!
 trap 'kill $QPID 2>/dev/null || true' EXIT
-
-# qmp COMMAND...: each QMP command's reply line ("return" or "error").
+# Read-write opens of a FIFO do not wait for the other end.
+exec 7<>"$WORK/qmp.in" 6<>"$WORK/qmp.out"
+# qmp_reply: the next "return" or "error" line from QEMU.
+qmp_reply() {
+    local l
+    while read -r -t 300 l <&6; do
+        case "$l" in *'"return"'* | *'"error"'*) echo "$l"; return 0 ;; esac
+    done
+    return 1
+}
+# qmp COMMAND...: each command's reply line.
 qmp() {
-    local c l
-    exec 7<>"/dev/tcp/127.0.0.1/$PORT" || return 1
-    read -r -t 30 l <&7 || return 1
-    echo '{"execute":"qmp_capabilities"}' >&7
-    while read -r -t 30 l <&7; do case "$l" in *'"return"'* | *'"error"'*) break ;; esac; done
+    local c
     for c in "$@"; do
         echo "$c" >&7
-        while read -r -t 300 l <&7; do
-            case "$l" in *'"return"'* | *'"error"'*) echo "$l"; break ;; esac
-        done
+        qmp_reply || return 1
     done
-    exec 7>&-
 }
+read -r -t 120 greeting <&6 || die "no QMP greeting from L2's QEMU: $(cat "$WORK/qemu.err")"
+qmp '{"execute":"qmp_capabilities"}' >/dev/null || die "QMP: no answer to qmp_capabilities"
 
 n=0
 until grep -q 'L2 WAITING-FOR-DISK' "$WORK/boot.serial" 2>/dev/null; do
@@ -132,6 +133,7 @@ while :; do
 done
 qmp '{"execute":"quit"}' >/dev/null || true
 wait $QPID || true
+exec 6<&- 7>&-
 trap - EXIT
 [ -s "$L2/l2.state" ] || die "no state saved"
 
