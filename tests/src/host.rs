@@ -296,11 +296,19 @@ fn run_archive_script(script: &Path, rel: &str, env: &[(&str, &Path)]) -> Result
                 output: tail_of(&output, 40),
             });
         }
-        output
+        let path = output
             .lines()
             .last()
             .map(|l| PathBuf::from(l.trim()))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if !path.is_file() {
+            return Err(Error::ImageBuild {
+                script: script.to_path_buf(),
+                status: format!("{status}, but its last line names no file"),
+                output: tail_of(&output, 40),
+            });
+        }
+        path
     };
     if !path.is_file() {
         return Err(Error::MissingImage(path));
