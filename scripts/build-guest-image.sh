@@ -23,9 +23,7 @@
 #                       scripts/build-virtio-vfio-pci.sh builds out of tree);
 #                       /init loads the set whose release is the running
 #                       kernel's ("@@CH-TEST:MODULES-SKIPPED=<release>@@" if
-#                       none is). /lib/modules/7/opt/ holds modules /init
-#                       does not load (INNER_OPT_MODULES_7: KVM, for an L1
-#                       that runs its own hypervisor), in the same layout.
+#                       none is).
 #   l2-base.cpio.gz     the nested migration scenario's L2 initramfs base:
 #                       busybox, virtio_blk (6.12) and the inner /init
 #                       (L2_MODULES; the test appends the workload).
@@ -63,8 +61,6 @@ INNER_MODULES_7="${INNER_MODULES_7:-virtio_blk pci-pf-stub button evdev virtio_i
 # The nested scenario's L2 (Debian's 6.12 under QEMU TCG inside L1, where
 # every module costs seconds): its disk's driver only.
 L2_MODULES="${L2_MODULES:-virtio_blk}"
-# The 7.x modules an L1 loads only when it runs a hypervisor of its own.
-INNER_OPT_MODULES_7="${INNER_OPT_MODULES_7:-kvm-amd}"
 OUTER_MODULES="${OUTER_MODULES:-kvm kvm-amd virtio_blk}"
 KERNEL_PACKAGE="${KERNEL_PACKAGE:-}"
 FORCE=0
@@ -202,7 +198,7 @@ K7_STAMP="$(cat "$K7_DIR/vfio-mod/stamp")"
 
 # --- Cache check ---------------------------------------------------------------
 SCRIPT_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
-STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] inner7=[$INNER_MODULES_7] opt7=[$INNER_OPT_MODULES_7] l2=[$L2_MODULES] k7=[$K7_STAMP] outer=[$OUTER_MODULES]"
+STAMP="script=$SCRIPT_HASH kernel=$KERNEL_PACKAGE=$KERNEL_PKG_VERSION busybox=$BUSYBOX_VERSION inner=[$INNER_MODULES] inner7=[$INNER_MODULES_7] l2=[$L2_MODULES] k7=[$K7_STAMP] outer=[$OUTER_MODULES]"
 if [ "$FORCE" = 0 ] && [ -f "$GUEST_DIR/stamp" ] && [ "$(cat "$GUEST_DIR/stamp")" = "$STAMP" ] \
     && [ -f "$GUEST_DIR/bzImage" ] && [ -f "$GUEST_DIR/bzImage-7" ] && [ -f "$GUEST_DIR/inner-base.cpio.gz" ] \
     && [ -f "$GUEST_DIR/outer-base.cpio.gz" ] && [ -f "$GUEST_DIR/l2-base.cpio.gz" ]; then
@@ -538,9 +534,6 @@ rm -rf "$GUEST_DIR/ko7"
 use_module_set "$KREL7" "$K7_DIR/modules-pkg/usr/lib/modules/$KREL7" "$GUEST_DIR/ko7/$KREL7"
 MOD_PATH[virtio_vfio_pci]="$K7_DIR/vfio-mod/virtio-vfio-pci.ko"
 INNER_ORDER_7="$(install_modules "$WORK/inner" "$INNER_MODULES_7" 7)"
-# Not loaded by /init: KVM for an L1 that runs its own hypervisor (the
-# nested migration scenario loads /lib/modules/7/opt/order itself).
-INNER_OPT_7="$(install_modules "$WORK/inner" "$INNER_OPT_MODULES_7" 7/opt)"
 use_module_set "$KREL6" "$MODDIR" "$KO_CACHE6"
 printf '%s' "$INNER_INIT" >"$WORK/inner/init"
 chmod 755 "$WORK/inner/init"
@@ -577,7 +570,6 @@ kernel_release=$KREL
 busybox_version=$BUSYBOX_VERSION
 inner_modules=$INNER_ORDER
 inner_modules_7=$INNER_ORDER_7
-inner_opt_modules_7=$INNER_OPT_7
 l2_modules=$L2_ORDER
 outer_modules=$OUTER_ORDER
 EOF

@@ -213,26 +213,32 @@ fn build_guest_images() -> Result<GuestImages> {
         return GuestImages::at(PathBuf::from(dir));
     }
     let script = repo_root().join("scripts/build-guest-image.sh");
-    let (status, output) =
-        run_captured(Command::new("bash").arg(&script).arg("--quiet")).map_err(|source| {
-            Error::Spawn {
-                program: script.display().to_string(),
-                source,
-            }
-        })?;
+    let dir = run_script(&script, &[])?
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("build/guest"));
+    GuestImages::at(dir)
+}
+
+/// Runs `bash SCRIPT --quiet` with `env` added; its last output line
+/// (trimmed), which the image scripts make the path of what they built.
+fn run_script(script: &Path, env: &[(&str, &Path)]) -> Result<Option<String>> {
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).arg("--quiet");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (status, output) = run_captured(&mut cmd).map_err(|source| Error::Spawn {
+        program: script.display().to_string(),
+        source,
+    })?;
     if !status.success() {
         return Err(Error::ImageBuild {
-            script,
+            script: script.to_path_buf(),
             status: status.to_string(),
             output: tail_of(&output, 40),
         });
     }
-    let dir = output
-        .lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .unwrap_or_else(|| repo_root().join("build/guest"));
-    GuestImages::at(dir)
+    Ok(output.lines().last().map(|l| l.trim().to_string()))
 }
 
 /// The L1 QEMU archive of scripts/build-l1-qemu.sh (Debian's QEMU, its
@@ -280,32 +286,14 @@ fn run_archive_script(script: &Path, rel: &str, env: &[(&str, &Path)]) -> Result
     let path = if let Some(dir) = std::env::var_os("CH_GUEST_DIR") {
         PathBuf::from(dir).join(rel)
     } else {
-        let mut cmd = Command::new("bash");
-        cmd.arg(script).arg("--quiet");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let (status, output) = run_captured(&mut cmd).map_err(|source| Error::Spawn {
-            program: script.display().to_string(),
-            source,
-        })?;
-        if !status.success() {
-            return Err(Error::ImageBuild {
-                script: script.to_path_buf(),
-                status: status.to_string(),
-                output: tail_of(&output, 40),
-            });
-        }
-        let path = output
-            .lines()
-            .last()
-            .map(|l| PathBuf::from(l.trim()))
+        let path = run_script(script, env)?
+            .map(PathBuf::from)
             .unwrap_or_default();
         if !path.is_file() {
             return Err(Error::ImageBuild {
                 script: script.to_path_buf(),
-                status: format!("{status}, but its last line names no file"),
-                output: tail_of(&output, 40),
+                status: format!("exit status 0, but its last line {path:?} names no file"),
+                output: String::new(),
             });
         }
         path
